@@ -1,0 +1,977 @@
+"""Diffusion-RPO (Gu et al. 2024, arXiv 2406.06382) in one file: preference fine-tuning of a
+Stable Diffusion 1.5 / SDXL UNet that contrasts every winner with every loser of a micro-batch,
+each pair weighted by how alike the two prompt-image pairs are in CLIP space.
+
+    python rpo.py                                  # tiny random model, toy data, offline, CPU, ~1 min
+    python rpo.py --model sdxl --data pickapic     # the real thing
+    torchrun --nproc_per_node=8 rpo.py --model sd15 --data /data/pickapic --global_contrast
+
+Any field of Config is a flag: --key value (booleans: --key, or --key false).
+"""
+import argparse
+import copy
+import dataclasses
+import glob
+import io
+import json
+import math
+import multiprocessing
+import os
+import random
+import resource
+import shutil
+import sys
+import time
+from collections import OrderedDict, deque
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+# ----------------------------------------------------------------------------------------- config
+
+
+@dataclass
+class Config:
+    model: str = "tiny"  # tiny | tiny-xl | sd15 | sdxl
+    pretrained: str = None  # hub id or local diffusers folder; default from the preset
+    random_init: bool = False  # sd15/sdxl shapes with random weights, no download (benchmarks)
+    data: str = "toy"  # toy | pickapic | parquet file, folder or glob
+    data_id: str = "yuvalkirstain/pickapic_v2"
+    split: str = "train"
+    eval_data: str = None  # held-out pairs: default toy's held-out captions, pickapic's validation_unique
+    eval_pairs: int = 64
+    eval_draws: int = 8  # fixed (noise, t) draws averaged per held-out pair
+    max_pairs: int = 0  # 0 = all
+    toy_pairs: int = 4000
+    loss: str = "rpo"  # rpo | dpo | sft
+    beta: float = 5000.0
+    tau: float = 0.5
+    embed: str = "both"  # text | image | both
+    clip: str = None  # CLIP for the pair weights; default from the preset
+    global_contrast: bool = False  # the M x M matrix spans all ranks
+    resolution: int = None
+    batch: int = None  # M pairs per micro-batch per rank
+    grad_accum: int = None
+    lr: float = None
+    optimizer: str = None  # adamw | adafactor
+    warmup_steps: int = None
+    max_steps: int = None
+    precision: str = None  # bf16 | fp16 | fp32; default bf16 on a GPU that has it, fp32 on CPU
+    grad_checkpointing: bool = None
+    compile: bool = False
+    drop_prompt: float = 0.2  # Diffusion-DPO's share of empty conditioning captions
+    random_crop: bool = False
+    no_flip: bool = False
+    workers: int = 4  # processes decoding JPEGs
+    shuffle_buffer: int = 1000
+    cache: str = ""  # folder of encoded pairs (VAE latents, text states, CLIP features)
+    out: str = "out"
+    save_every: int = None
+    keep: int = 2
+    resume: bool = False
+    seed: int = 0
+    max_nonfinite: int = 10  # this many non-finite steps in a row stop the run
+    sample_steps: int = None
+
+
+HUB_SD15, HUB_SDXL = "stable-diffusion-v1-5/stable-diffusion-v1-5", "stabilityai/stable-diffusion-xl-base-1.0"
+# Diffusion-DPO's recipe: lr 1e-8 scaled by the effective batch of 2048 pairs, 2000 steps, 500 warmup.
+PRESETS = {
+    "tiny": dict(resolution=32, batch=8, grad_accum=1, lr=1e-4, optimizer="adamw", warmup_steps=10,
+                 max_steps=300, grad_checkpointing=False, save_every=150, sample_steps=8, beta=5000.0),
+    "sd15": dict(pretrained=HUB_SD15, clip="openai/clip-vit-large-patch14", resolution=512, batch=8,
+                 grad_accum=32, lr=2.048e-5, optimizer="adamw", warmup_steps=500, max_steps=2000,
+                 grad_checkpointing=False, save_every=200, sample_steps=30),
+    "sdxl": dict(pretrained=HUB_SDXL, clip="openai/clip-vit-large-patch14", resolution=1024, batch=4,
+                 grad_accum=64, lr=2.048e-5, optimizer="adafactor", warmup_steps=500, max_steps=2000,
+                 grad_checkpointing=True, save_every=200, sample_steps=30),
+}
+PRESETS["tiny-xl"] = PRESETS["tiny"]
+IS_XL = {"tiny": False, "tiny-xl": True, "sd15": False, "sdxl": True}
+RPO_HOME = os.environ.get("RPO_HOME", os.path.expanduser("~/.cache/rpo"))  # random-init model folders
+
+
+def parse_config(argv=None):
+    as_bool = lambda s: str(s).lower() in ("1", "true", "yes", "on")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(Config):
+        if f.type is bool:
+            p.add_argument("--" + f.name, nargs="?", const=True, default=f.default, type=as_bool)
+        else:
+            p.add_argument("--" + f.name, type=f.type, default=f.default)
+    cfg = Config(**vars(p.parse_args(argv)))
+    for choice, allowed in (("model", IS_XL), ("loss", ("rpo", "dpo", "sft")), ("embed", ("text", "image", "both")),
+                            ("precision", (None, "bf16", "fp16", "fp32")), ("optimizer", (None, "adamw", "adafactor"))):
+        if getattr(cfg, choice) not in allowed:
+            sys.exit(f"rpo.py: --{choice} must be one of {[a for a in allowed if a]}, got {getattr(cfg, choice)!r}")
+    defaults = Config()
+    for k, v in PRESETS[cfg.model].items():
+        if getattr(cfg, k) is None or (k == "beta" and cfg.beta == defaults.beta):
+            setattr(cfg, k, v)
+    if cfg.random_crop and cfg.cache:
+        sys.exit("rpo.py: --random_crop cannot be cached (a cache stores one crop); drop one of them")
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------- models
+# tiny, tiny-xl (and sd15, sdxl with --random_init) are built from these configs with random weights,
+# saved as an ordinary diffusers folder, then loaded by the same from_pretrained code as the hub models.
+
+def clip_text_config(hidden, layers, heads, proj, act="quick_gelu", vocab=49408):
+    return dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
+                num_attention_heads=heads, max_position_embeddings=77, projection_dim=proj, hidden_act=act,
+                bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=vocab - 1)
+
+
+def vae_config(channels, scaling):
+    n = len(channels)
+    return dict(block_out_channels=channels, down_block_types=["DownEncoderBlock2D"] * n,
+                up_block_types=["UpDecoderBlock2D"] * n, layers_per_block=2 if n > 2 else 1, latent_channels=4,
+                norm_num_groups=min(32, channels[0]), scaling_factor=scaling)
+
+
+TINY_VOCAB = 514  # 256 byte symbols, the same with '</w>', start and end tokens
+SHAPES = {
+    "tiny": dict(
+        unet=dict(sample_size=16, block_out_channels=[32, 64], layers_per_block=1, norm_num_groups=8,
+                  down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"], up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
+                  cross_attention_dim=32, attention_head_dim=8),
+        vae=vae_config([16, 32], 0.18215), text=[clip_text_config(32, 2, 2, 32, vocab=TINY_VOCAB)],
+        clip_vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                         image_size=32, patch_size=8)),
+    "tiny-xl": dict(
+        unet=dict(sample_size=16, block_out_channels=[32, 64], layers_per_block=1, norm_num_groups=8,
+                  down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"], up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"],
+                  cross_attention_dim=64, attention_head_dim=8, transformer_layers_per_block=[1, 2],
+                  use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+                  projection_class_embeddings_input_dim=6 * 8 + 32),
+        vae=vae_config([16, 32], 0.13025),
+        text=[clip_text_config(32, 2, 2, 32, vocab=TINY_VOCAB), clip_text_config(32, 2, 2, 32, act="gelu", vocab=TINY_VOCAB)],
+        clip_vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                         image_size=32, patch_size=8)),
+    "sd15": dict(
+        unet=dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8),  # the rest: diffusers' defaults = SD1.x
+        vae=vae_config([128, 256, 512, 512], 0.18215), text=[clip_text_config(768, 12, 12, 768)],
+        clip_vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                         image_size=224, patch_size=14)),
+    "sdxl": dict(
+        unet=dict(sample_size=128, block_out_channels=[320, 640, 1280], layers_per_block=2,
+                  down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+                  up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+                  transformer_layers_per_block=[1, 2, 10], attention_head_dim=[5, 10, 20], cross_attention_dim=2048,
+                  use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+                  projection_class_embeddings_input_dim=2816),
+        vae=vae_config([128, 256, 512, 512], 0.13025),
+        text=[clip_text_config(768, 12, 12, 768), clip_text_config(1280, 32, 20, 1280, act="gelu")],
+        clip_vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                         image_size=224, patch_size=14)),
+}
+
+
+def byte_level_tokenizer():
+    """CLIP's BPE tokenizer with single-byte symbols and no merges: built in code, nothing downloaded."""
+    from transformers import CLIPTokenizer
+    printable = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
+    symbols = [chr(b) for b in printable] + [chr(256 + i) for i in range(256 - len(printable))]
+    vocab = {s: i for i, s in enumerate(symbols + [s + "</w>" for s in symbols] + ["<|startoftext|>", "<|endoftext|>"])}
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+
+
+def build_random_pipeline(model, folder):
+    """Random-weight pipeline of the given shape, saved as a diffusers folder with a CLIP in folder/clip."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    shape, tmp = SHAPES[model], folder + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    torch.manual_seed(0)
+    tokenizer = byte_level_tokenizer()
+    parts = dict(unet=UNet2DConditionModel(**shape["unet"]), vae=AutoencoderKL(**shape["vae"]),
+                 scheduler=DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                         clip_sample=False, steps_offset=1),
+                 text_encoder=CLIPTextModel(CLIPTextConfig(**shape["text"][0])), tokenizer=tokenizer)
+    if IS_XL[model]:
+        from diffusers import StableDiffusionXLPipeline
+        parts.update(text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**shape["text"][1])), tokenizer_2=tokenizer)
+        StableDiffusionXLPipeline(**parts).save_pretrained(tmp)
+    else:
+        from diffusers import StableDiffusionPipeline
+        StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
+                                requires_safety_checker=False).save_pretrained(tmp)
+    clip_cfg = CLIPConfig(text_config=shape["text"][0], vision_config=shape["clip_vision"],
+                          projection_dim=shape["text"][0]["projection_dim"])
+    CLIPModel(clip_cfg).save_pretrained(os.path.join(tmp, "clip"))
+    tokenizer.save_pretrained(os.path.join(tmp, "clip"))
+    os.replace(tmp, folder)
+
+
+def model_folder(cfg):
+    """Where the base pipeline lives: a hub id or folder, or a random-init folder built once under RPO_HOME."""
+    if cfg.model in ("sd15", "sdxl") and not cfg.random_init:
+        return cfg.pretrained
+    folder = os.path.join(RPO_HOME, cfg.model + "-random")
+    if not os.path.exists(os.path.join(folder, "model_index.json")):
+        build_random_pipeline(cfg.model, folder)
+    return folder
+
+
+def load_models(cfg, device, dtype):
+    """Policy UNet (fp32 master weights), frozen reference copy, VAE, text encoders and the pair-weight CLIP."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPModel, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    base = model_folder(cfg)
+    xl = IS_XL[cfg.model]
+    load = lambda cls, sub, **kw: cls.from_pretrained(base, subfolder=sub, **kw)
+    m = argparse.Namespace(base=base, xl=xl, dtype=dtype, device=device)
+    m.scheduler = load(DDPMScheduler, "scheduler")
+    if m.scheduler.config.prediction_type != "epsilon":
+        sys.exit(f"rpo.py: {base} predicts {m.scheduler.config.prediction_type}; this script trains epsilon models")
+    m.unet = load(UNet2DConditionModel, "unet").to(device).train()
+    m.ref_unet = copy.deepcopy(m.unet).requires_grad_(False).eval().to(dtype)
+    if cfg.grad_checkpointing:
+        m.unet.enable_gradient_checkpointing()
+    if cfg.model == "sdxl" and dtype == torch.float16 and not cfg.random_init:  # SDXL's own VAE overflows in fp16
+        m.vae = AutoencoderKL.from_pretrained("madebyollin/sdxl-vae-fp16-fix")
+    else:
+        m.vae = load(AutoencoderKL, "vae")
+    m.tokenizers = [load(CLIPTokenizer, "tokenizer")] + ([load(CLIPTokenizer, "tokenizer_2")] if xl else [])
+    m.text_encoders = [load(CLIPTextModel, "text_encoder")] + ([load(CLIPTextModelWithProjection, "text_encoder_2")] if xl else [])
+    clip_id = cfg.clip or os.path.join(base, "clip")
+    m.clip, m.clip_tokenizer = CLIPModel.from_pretrained(clip_id), CLIPTokenizer.from_pretrained(clip_id)
+    for frozen in [m.vae, m.clip, *m.text_encoders]:
+        frozen.requires_grad_(False).eval().to(device, dtype)
+    if device.type == "cuda":
+        m.unet.to(memory_format=torch.channels_last)
+        m.ref_unet.to(memory_format=torch.channels_last)
+    return m
+
+
+@torch.no_grad()
+def encode_prompts(m, captions):
+    """SD1.5: last hidden states. SDXL: penultimate states of both encoders concatenated + pooled of the 2nd."""
+    states, pooled = [], None
+    for tok, enc in zip(m.tokenizers, m.text_encoders):
+        ids = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids.to(m.device)
+        out = enc(ids, output_hidden_states=m.xl)
+        states.append(out.hidden_states[-2] if m.xl else out.last_hidden_state)
+        pooled = out.text_embeds if m.xl else None
+    return torch.cat(states, dim=-1), pooled
+
+
+@torch.no_grad()
+def encode_images(m, pixels):
+    """uint8 [N,3,H,W] -> scaled VAE latents (posterior mean: deterministic, so cached latents are exact)."""
+    x = pixels.to(m.device, non_blocking=True).to(m.dtype) / 127.5 - 1
+    return m.vae.encode(x).latent_dist.mode() * m.vae.config.scaling_factor
+
+
+# -------------------------------------------------------------------------------------------- data
+# Rows follow Pick-a-Pic v2: caption, jpg_0, jpg_1 (encoded images), label_0 (1, 0.5, 0). The toy data
+# is generated in that schema too, so every source runs through the same checks, decoding and shuffling.
+COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")
+COLORS = dict(red=(220, 40, 40), green=(40, 180, 60), blue=(40, 70, 220), yellow=(240, 220, 40),
+              purple=(140, 50, 170), orange=(250, 140, 20), white=(245, 245, 245), gray=(128, 128, 128))
+
+CIRCLE = [(math.cos(a * math.pi / 16), math.sin(a * math.pi / 16)) for a in range(32)]
+OUTLINES = dict(circle=CIRCLE, square=[(-1, -1), (1, -1), (1, 1), (-1, 1)], triangle=[(0, -1), (1, 1), (-1, 1)],
+                diamond=[(0, -1), (1, 0), (0, 1), (-1, 0)])
+
+
+def toy_captions(split):
+    """Every 'a {color} {shape} on a {bg} background'; one in five (color, shape) pairs is held out."""
+    caps = [(c, s, b) for c in COLORS for s in list(OUTLINES) for b in COLORS if b != c]
+    held_out = lambda c, s: (list(COLORS).index(c) + 3 * list(OUTLINES).index(s)) % 5 == 0
+    return [f"a {c} {s} on a {b} background" for c, s, b in caps if held_out(c, s) == (split == "heldout")]
+
+
+def draw_toy(caption, rng, styled, size=64):
+    """The winners' style: white stripes across the shape and a thick black outline. Losers are flat."""
+    _, color, shape, _, _, bg, _ = caption.split(" ")
+    r = rng.uniform(0.22, 0.38) * size
+    cx, cy = rng.uniform(r, size - r), rng.uniform(r, size - r)
+    points = [(cx + r * x, cy + r * y) for x, y in OUTLINES[shape]]
+    img = Image.new("RGB", (size, size), COLORS[bg])
+    ImageDraw.Draw(img).polygon(points, fill=COLORS[color])
+    if styled:
+        mask, stripes = Image.new("L", (size, size), 0), img.copy()
+        ImageDraw.Draw(mask).polygon(points, fill=255)
+        for k in range(-size, size, size // 8):
+            ImageDraw.Draw(stripes).line([(k, 0), (k + size, size)], fill=(255, 255, 255), width=size // 32)
+        img = Image.composite(stripes, img, mask)
+        ImageDraw.Draw(img).polygon(points, outline=(0, 0, 0), width=size // 16)
+    return img
+
+
+def toy_rows(split, n, seed=1234):
+    """n preference pairs in Pick-a-Pic's schema; label_0 says which of jpg_0/jpg_1 is the styled winner."""
+    caps = toy_captions(split)
+    for i in range(n):
+        rng = random.Random(f"toy-{split}-{seed}-{i}")
+        cap = caps[rng.randrange(len(caps))]
+        styled_first = rng.random() < 0.5
+        enc = []
+        for styled in (styled_first, not styled_first):
+            buf = io.BytesIO()
+            draw_toy(cap, rng, styled).save(buf, format="PNG")
+            enc.append(buf.getvalue())
+        yield dict(caption=cap, jpg_0=enc[0], jpg_1=enc[1], label_0=1.0 if styled_first else 0.0)
+
+
+def parquet_files(path):
+    files = sorted(glob.glob(os.path.join(path, "**", "*.parquet"), recursive=True)) if os.path.isdir(path) \
+        else sorted(glob.glob(path))
+    if not files:
+        sys.exit(f"rpo.py: no parquet files at {path!r}; pass a parquet file, a folder of them or a glob")
+    return files
+
+
+def open_rows(source, data_id, split):
+    """An iterable of raw rows: toy rows, local parquet, or a hub dataset, both streamed by `datasets`."""
+    if source == "toy":
+        return None
+    import datasets
+    try:
+        if source == "pickapic":
+            ds = datasets.load_dataset(data_id, split=split, streaming=True)
+        else:
+            ds = datasets.load_dataset("parquet", data_files={split: parquet_files(source)}, split=split, streaming=True)
+        first = next(iter(ds), None)
+    except Exception as e:  # any network, auth or format error: one line, with what to do instead
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        sys.exit(f"rpo.py: cannot read dataset {data_id if source == 'pickapic' else source!r} (split {split!r}): "
+                 f"{reason[:300]}. Pass a local copy with --data /path/to/parquet, or another hub id with --data_id")
+    if first is None:
+        sys.exit(f"rpo.py: dataset {source!r} split {split!r} is empty")
+    missing = [c for c in COLUMNS if c not in first]
+    if missing:
+        sys.exit(f"rpo.py: dataset {source!r} lacks column(s) {missing}; rows need {list(COLUMNS)} (Pick-a-Pic v2 schema)")
+    return ds.select_columns(list(COLUMNS))
+
+
+def valid_rows(cfg, source, split, counts, n_toy=None):
+    """(index, row) for the usable rows in file order; ties dropped, malformed rows skipped and counted."""
+    ds = open_rows(source, cfg.data_id, split)
+    rows = toy_rows(split, n_toy or cfg.toy_pairs) if ds is None else iter(ds)
+    index = 0
+    for row in rows:
+        label = row["label_0"]
+        if not isinstance(row["caption"], str):
+            counts["bad_caption"] += 1
+        elif label not in (0, 0.5, 1):
+            counts["bad_label"] += 1
+        elif label == 0.5:
+            counts["ties"] += 1
+        else:
+            yield index, row
+            index += 1
+            if cfg.max_pairs and index >= cfg.max_pairs:
+                return
+
+
+def shuffled(items, size, rng):
+    """Shuffle buffer: a stream needs no length, and the same seed gives the same order for any source."""
+    buf = []
+    for item in items:
+        if len(buf) < size:
+            buf.append(item)
+            continue
+        j = rng.randrange(size)
+        yield buf[j]
+        buf[j] = item
+    rng.shuffle(buf)
+    yield from buf
+
+
+def coin(seed, epoch, index, what):
+    """Per-pair random decision fixed by (seed, epoch, pair): the same with or without cache, ranks, resume."""
+    return random.Random(f"{seed}-{epoch}-{index}-{what}").random()
+
+
+def decode(blob):
+    if isinstance(blob, dict):  # datasets' Image feature stores {'bytes': ..., 'path': ...}
+        blob = blob.get("bytes")
+    img = Image.open(io.BytesIO(blob))
+    img.load()
+    return img.convert("RGB")
+
+
+def prepare_pair(job):
+    """Decode, winner first, resize short side, crop, flip: in a worker process. Returns a pair or a skip reason."""
+    row, index, resolution, flip, crop_seed = job
+    try:
+        first, second = decode(row["jpg_0"]), decode(row["jpg_1"])
+    except Exception:
+        return "bad_image"
+    winner, loser = (first, second) if row["label_0"] == 1 else (second, first)
+    out = dict(index=index, caption=row["caption"], small=int(min(*winner.size, *loser.size) < resolution))
+    for name, img in (("winner", winner), ("loser", loser)):
+        w, h = img.size
+        s = resolution / min(w, h)
+        img = img.resize((max(resolution, round(w * s)), max(resolution, round(h * s))), Image.BICUBIC)
+        rng = random.Random(crop_seed) if crop_seed is not None else None
+        top = rng.randint(0, img.height - resolution) if rng else (img.height - resolution) // 2
+        left = rng.randint(0, img.width - resolution) if rng else (img.width - resolution) // 2
+        img = img.crop((left, top, left + resolution, top + resolution))
+        arr = np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)
+        out[name] = np.ascontiguousarray(arr[:, :, ::-1] if flip else arr)
+        out[name + "_time_ids"] = [h, w, top, left, resolution, resolution]  # SDXL micro-conditioning
+    return out
+
+
+def pair_batches(cfg, rank, world, start=None, counts=None, pool=None, source=None, split=None):
+    """Endless micro-batches of M decoded pairs for this rank, with the position to resume after each.
+
+    One reader per rank walks the shuffled stream; block b of M rows belongs to rank b % world, so the
+    pairs and their order depend only on the seed and world size, never on the number of decode workers.
+    """
+    source, split = source or cfg.data, split or cfg.split
+    counts = counts if counts is not None else {k: 0 for k in SKIP_KEYS}
+    epoch, skip_to = start or (0, 0)
+    while True:
+        n_rows, batch, window = 0, [], deque()
+        rng = random.Random(f"{cfg.seed}-shuffle-{epoch}")
+        stream = shuffled(valid_rows(cfg, source, split, counts), cfg.shuffle_buffer, rng)
+        jobs = ((pos, (row, index, cfg.resolution, not cfg.no_flip and coin(cfg.seed, epoch, index, "flip") < 0.5,
+                       f"{cfg.seed}-{epoch}-{index}" if cfg.random_crop else None))
+                for pos, (index, row) in enumerate(stream) if (pos // cfg.batch) % world == rank and pos >= skip_to)
+        for pos, job in jobs:
+            n_rows += 1
+            window.append((pos, pool.apply_async(prepare_pair, (job,)) if pool else prepare_pair(job)))
+            while window and (len(window) > 4 * cfg.batch or not pool):
+                pos_done, result = window.popleft()
+                batch = take(result, batch, counts, pool)
+                if len(batch) == cfg.batch:
+                    yield batch, (epoch, pos_done + 1)
+                    batch = []
+        while window:
+            pos_done, result = window.popleft()
+            batch = take(result, batch, counts, pool)
+            if len(batch) == cfg.batch:
+                yield batch, (epoch, pos_done + 1)
+                batch = []
+        if n_rows == 0 and skip_to == 0:
+            sys.exit(f"rpo.py: no trainable pairs for rank {rank} in {source!r} (split {split!r}) after dropping "
+                     f"ties and bad rows: {dict(counts)}")
+        epoch, skip_to = epoch + 1, 0
+
+
+SKIP_KEYS = ("ties", "bad_caption", "bad_label", "bad_image", "small")
+
+
+def take(result, batch, counts, pool):
+    pair = result.get() if pool else result
+    if isinstance(pair, str):
+        counts[pair] += 1
+        return batch
+    counts["small"] += pair.pop("small")
+    return batch + [pair]
+
+
+def collate(pairs):
+    return dict(index=[p["index"] for p in pairs], caption=[p["caption"] for p in pairs],
+                winner=torch.from_numpy(np.stack([p["winner"] for p in pairs])),
+                loser=torch.from_numpy(np.stack([p["loser"] for p in pairs])),
+                time_ids_w=torch.tensor([p["winner_time_ids"] for p in pairs], dtype=torch.float32),
+                time_ids_l=torch.tensor([p["loser_time_ids"] for p in pairs], dtype=torch.float32))
+
+
+# ------------------------------------------------------------------------------- encoded pairs, cache
+# The training step consumes encoded pairs: VAE latents, text-encoder states, SDXL time ids and the pair
+# embeddings f. They are computed on the fly, or once per dataset with --cache and read back every epoch.
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+CACHE_CHUNK = 256
+WEIGHT_TIMES = []  # (start, end) of each pair-embedding computation, for the end-of-run time share
+
+
+# f(c, x) = normalize(normalize(text(c)) + normalize(image(x)));  --embed text | image | both
+@torch.no_grad()
+def pair_embeddings(m, captions, pixels, embed):
+    """One CLIP vector per (caption, image); pixels uint8 [N,3,H,W] with N a multiple of len(captions)."""
+    parts = []
+    if embed in ("text", "both"):
+        ids = m.clip_tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        text = F.normalize(m.clip.get_text_features(ids.to(m.device)).pooler_output.float(), dim=-1)
+        parts.append(text.repeat(len(pixels) // len(captions), 1))
+    if embed in ("image", "both"):
+        size = m.clip.config.vision_config.image_size
+        x = F.interpolate(pixels.to(m.device).float() / 255, size=(size, size), mode="bicubic", antialias=True)
+        mean, std = (torch.tensor(v, device=m.device).view(1, 3, 1, 1) for v in (CLIP_MEAN, CLIP_STD))
+        parts.append(F.normalize(m.clip.get_image_features((x - mean) / std).pooler_output.to(m.dtype).float(), dim=-1))
+    return F.normalize(sum(parts), dim=-1)
+
+
+def clock(device):
+    if device.type == "cuda":
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+    return time.perf_counter()
+
+
+def weight_seconds():
+    return sum(b - a if isinstance(a, float) else a.elapsed_time(b) / 1000 for a, b in WEIGHT_TIMES)
+
+
+@torch.no_grad()
+def encode_pairs(m, batch, embed, with_f=True):
+    """Decoded pairs (see collate) -> the tensors the loss needs, all on the device."""
+    M = len(batch["caption"])
+    pixels = torch.cat([batch["winner"], batch["loser"]])
+    latents = encode_images(m, pixels)
+    prompt, pooled = encode_prompts(m, batch["caption"])
+    enc = dict(index=batch["index"], latents_w=latents[:M], latents_l=latents[M:], prompt=prompt, pooled=pooled,
+               time_ids_w=batch["time_ids_w"].to(m.device), time_ids_l=batch["time_ids_l"].to(m.device))
+    if with_f:
+        start = clock(m.device)
+        f = pair_embeddings(m, batch["caption"], pixels, embed)
+        WEIGHT_TIMES.append((start, clock(m.device)))
+        enc.update(f_w=f[:M], f_l=f[M:])
+    return enc
+
+
+def cache_meta(cfg, m):
+    return dict(base=m.base, model=cfg.model, resolution=cfg.resolution, clip=cfg.clip, embed=cfg.embed,
+                data=cfg.data, data_id=cfg.data_id if cfg.data == "pickapic" else None, split=cfg.split,
+                max_pairs=cfg.max_pairs, dtype=str(m.dtype))
+
+
+def atomic_save(obj, path):
+    torch.save(obj, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def build_cache(cfg, m, rank, world, pool):
+    """Encode every pair once, both flips, in file order, CACHE_CHUNK pairs a file; an interrupted build resumes."""
+    os.makedirs(cfg.cache, exist_ok=True)
+    meta, meta_path = cache_meta(cfg, m), os.path.join(cfg.cache, "meta.json")
+    if os.path.exists(meta_path):
+        old = json.load(open(meta_path))
+        if {k: old.get(k) for k in meta} != meta:
+            sys.exit(f"rpo.py: cache {cfg.cache} was built for {old}, not {meta}; use another --cache folder")
+        if "n" in old:
+            return
+    elif rank == 0:
+        json.dump(meta, open(meta_path + ".tmp", "w"))
+        os.replace(meta_path + ".tmp", meta_path)
+    counts, chunk, n = {k: 0 for k in SKIP_KEYS}, [], 0
+
+    def write(k, rows):
+        path = os.path.join(cfg.cache, f"chunk-{k:07d}.pt")
+        if k % world != rank or os.path.exists(path):
+            return
+        jobs = [(row, index, cfg.resolution, False, None) for index, row in rows]
+        pairs = [p for p in (pool.map(prepare_pair, jobs) if pool else map(prepare_pair, jobs)) if not isinstance(p, str)]
+        entries = {}
+        for i in range(0, len(pairs), cfg.batch):
+            part = collate(pairs[i:i + cfg.batch])
+            plain, flipped = (encode_pairs(m, dict(part, winner=part["winner"].flip(-1), loser=part["loser"].flip(-1))
+                                           if flip else part, cfg.embed) for flip in (False, True))
+            for j, index in enumerate(part["index"]):
+                entries[index] = dict(
+                    latents=torch.stack([torch.stack([e["latents_w"][j], e["latents_l"][j]]) for e in (plain, flipped)]).cpu(),
+                    f=torch.stack([torch.stack([e["f_w"][j], e["f_l"][j]]) for e in (plain, flipped)]).cpu(),
+                    prompt=plain["prompt"][j].cpu(), pooled=None if plain["pooled"] is None else plain["pooled"][j].cpu(),
+                    time_ids=torch.stack([plain["time_ids_w"][j], plain["time_ids_l"][j]]).cpu())
+        atomic_save(entries, path)
+
+    for index, row in tqdm(valid_rows(cfg, cfg.data, cfg.split, counts), desc="caching", disable=rank != 0):
+        chunk.append((index, row))
+        n = index + 1
+        if len(chunk) == CACHE_CHUNK:
+            write(n // CACHE_CHUNK - 1, chunk)
+            chunk = []
+    if chunk:
+        write(n // CACHE_CHUNK, chunk)
+    if world > 1:
+        dist.barrier()
+    if rank == 0:
+        json.dump(dict(meta, n=n), open(meta_path + ".tmp", "w"))
+        os.replace(meta_path + ".tmp", meta_path)
+    if world > 1:
+        dist.barrier()
+
+
+def cached_batches(cfg, m, rank, world, start, counts):
+    """The same stream as pair_batches (same order, flips, ranks), read from the cache."""
+    n = json.load(open(os.path.join(cfg.cache, "meta.json")))["n"]
+    chunks = OrderedDict()
+    epoch, skip_to = start or (0, 0)
+    while True:
+        rng, batch = random.Random(f"{cfg.seed}-shuffle-{epoch}"), []
+        for pos, index in enumerate(shuffled(iter(range(n)), cfg.shuffle_buffer, rng)):
+            if (pos // cfg.batch) % world != rank or pos < skip_to:
+                continue
+            k = index // CACHE_CHUNK
+            if k not in chunks:
+                chunks[k] = torch.load(os.path.join(cfg.cache, f"chunk-{k:07d}.pt"))
+                if len(chunks) > 8:
+                    chunks.popitem(last=False)
+            if index not in chunks[k]:  # its image did not decode when the cache was built
+                counts["bad_image"] += 1
+                continue
+            e, flip = chunks[k][index], int(not cfg.no_flip and coin(cfg.seed, epoch, index, "flip") < 0.5)
+            batch.append((index, e, flip))
+            if len(batch) == cfg.batch:
+                stack = lambda key: torch.stack([e[key] for _, e, _ in batch]).to(m.device)
+                lat = torch.stack([e["latents"][flip] for _, e, flip in batch]).to(m.device)
+                f = torch.stack([e["f"][flip] for _, e, flip in batch]).to(m.device)
+                tid = stack("time_ids")
+                yield dict(index=[i for i, _, _ in batch], latents_w=lat[:, 0], latents_l=lat[:, 1], prompt=stack("prompt"),
+                           pooled=stack("pooled") if m.xl else None, time_ids_w=tid[:, 0], time_ids_l=tid[:, 1],
+                           f_w=f[:, 0], f_l=f[:, 1]), (epoch, pos + 1)
+                batch = []
+        epoch, skip_to = epoch + 1, 0
+
+
+def training_batches(cfg, m, rank, world, start, counts, pool):
+    """(encoded micro-batch, resume position) forever, from the cache or from decoded rows."""
+    if cfg.cache:
+        yield from cached_batches(cfg, m, rank, world, start, counts)
+    for batch, pos in pair_batches(cfg, rank, world, start, counts, pool):
+        yield encode_pairs(m, collate(batch), cfg.embed, with_f=cfg.loss == "rpo"), pos
+
+
+def heldout_pairs(cfg, m, pool):
+    """The first eval_pairs held-out pairs, unflipped, encoded once; None when there is no held-out source."""
+    source = cfg.eval_data or {"toy": "toy", "pickapic": "pickapic"}.get(cfg.data)
+    if not source or cfg.eval_pairs <= 0:
+        return None
+    split = "heldout" if source == "toy" else ("validation_unique" if source == "pickapic" else "train")
+    ecfg = dataclasses.replace(cfg, no_flip=True, random_crop=False, batch=cfg.eval_pairs, max_pairs=0, shuffle_buffer=1,
+                               toy_pairs=cfg.eval_pairs)
+    batch, _ = next(pair_batches(ecfg, 0, 1, None, None, pool, source, split))
+    return encode_pairs(m, collate(batch), cfg.embed)
+
+
+# ------------------------------------------------------------------------------------- pair weights
+# d_ij = 1 - cos(f(c_i, x_w_i), f(c_j, x_l_j));  w_ij = exp(-d_ij / tau) / sum_j' exp(-d_ij' / tau)
+def contrast_weights(f_w, f_l, tau):
+    d = 1 - F.normalize(f_w.float(), dim=-1) @ F.normalize(f_l.float(), dim=-1).T
+    return torch.softmax(-d / tau, dim=1)
+
+
+# -------------------------------------------------------------------------------------------- loss
+# err = mean over C,H,W of (eps_pred - eps)^2,  per sample
+def per_sample_error(eps_pred, eps):
+    return (eps_pred.float() - eps.float()).pow(2).mean(dim=(1, 2, 3))
+
+
+# L = -mean_{i,j} log sigmoid(-(beta/2) w_ij (s_w[i] - s_l[j])),  s = err - ref_err;  w = None: DPO's diagonal
+def rpo_loss(err_w, err_l, ref_err_w, ref_err_l, beta, weights=None):
+    s_w, s_l = err_w - ref_err_w, err_l - ref_err_l
+    if weights is None:
+        return -F.logsigmoid(-(beta / 2) * (s_w - s_l)).mean()
+    return -F.logsigmoid(-(beta / 2) * weights * (s_w[:, None] - s_l[None, :])).mean()
+
+
+def preference_metrics(err_w, err_l, ref_err_w, ref_err_l, beta, weights=None):
+    """Implicit accuracy (s_w < s_l, ties half), reward margin (beta/2)(s_l - s_w), mean w_ii, policy/ref MSE."""
+    s_w, s_l = (err_w - ref_err_w).detach().float(), (err_l - ref_err_l).detach().float()
+    return dict(accuracy=((s_w < s_l).float() + 0.5 * (s_w == s_l).float()).mean(),
+                margin=(beta / 2 * (s_l - s_w)).mean(),
+                w_diag=weights.diagonal().mean() if weights is not None else torch.tensor(1.0),
+                mse=torch.cat([err_w, err_l]).detach().mean(), ref_mse=torch.cat([ref_err_w, ref_err_l]).mean())
+
+
+def pair_noise(keys, latents, T):
+    """Noise and timestep of each pair from its own seeded generator: winner and loser share them."""
+    noise, t = [], []
+    for key in keys:
+        g = torch.Generator(latents.device).manual_seed(random.Random(key).getrandbits(63))
+        noise.append(torch.randn(latents.shape[1:], generator=g, device=latents.device, dtype=torch.float32))
+        t.append(torch.randint(0, T, (1,), generator=g, device=latents.device))
+    return torch.stack(noise).to(latents.dtype), torch.cat(t)
+
+
+def denoising_errors(unet, m, latents, noise, t, prompt, pooled, time_ids):
+    noisy = m.scheduler.add_noise(latents, noise, t)
+    extra = dict(added_cond_kwargs=dict(text_embeds=pooled, time_ids=time_ids)) if m.xl else {}
+    return per_sample_error(unet(noisy, t, prompt, **extra).sample, noise)
+
+
+def pair_errors(unet, m, enc, keys, prompt=None, pooled=None, winners_only=False):
+    """Policy (or reference) errors of winners and losers, batched in one forward."""
+    prompt, pooled = (enc["prompt"], enc["pooled"]) if prompt is None else (prompt, pooled)
+    noise, t = pair_noise(keys, enc["latents_w"], m.scheduler.config.num_train_timesteps)
+    if winners_only:
+        return denoising_errors(unet, m, enc["latents_w"], noise, t, prompt, pooled, enc["time_ids_w"]), None
+    two = lambda a: None if a is None else torch.cat([a, a])
+    err = denoising_errors(unet, m, torch.cat([enc["latents_w"], enc["latents_l"]]), two(noise), two(t), two(prompt),
+                           two(pooled), torch.cat([enc["time_ids_w"], enc["time_ids_l"]]))
+    return err.chunk(2)
+
+
+def gather(x):
+    """All ranks' rows in rank order; gradients flow back to each rank's own rows."""
+    return torch.cat(torch.distributed.nn.functional.all_gather(x))
+
+
+def preference_step(cfg, m, policy, enc, epoch, world):
+    """Loss and metrics of one micro-batch; prompt dropout blanks the conditioning, never the pair weights."""
+    keys = [f"noise-{cfg.seed}-{epoch}-{i}" for i in enc["index"]]
+    drop = torch.tensor([coin(cfg.seed, epoch, i, "drop") < cfg.drop_prompt for i in enc["index"]], device=m.device)
+    prompt = torch.where(drop[:, None, None], m.empty_prompt, enc["prompt"])
+    pooled = torch.where(drop[:, None], m.empty_pooled, enc["pooled"]) if m.xl else None
+    if cfg.loss == "sft":
+        err_w, _ = pair_errors(policy, m, enc, keys, prompt, pooled, winners_only=True)
+        return err_w.mean(), dict(mse=err_w.detach().mean())
+    err_w, err_l = pair_errors(policy, m, enc, keys, prompt, pooled)
+    with torch.no_grad():
+        ref_err_w, ref_err_l = pair_errors(m.ref_unet, m, enc, keys, prompt, pooled)
+    f_w, f_l = enc.get("f_w"), enc.get("f_l")
+    if cfg.global_contrast and world > 1:
+        err_w, err_l, ref_err_w, ref_err_l = map(gather, (err_w, err_l, ref_err_w, ref_err_l))
+        f_w, f_l = (gather(f) if f is not None else None for f in (f_w, f_l))
+    weights = contrast_weights(f_w, f_l, cfg.tau) if cfg.loss == "rpo" else None
+    loss = rpo_loss(err_w, err_l, ref_err_w, ref_err_l, cfg.beta, weights)
+    return loss, preference_metrics(err_w, err_l, ref_err_w, ref_err_l, cfg.beta, weights)
+
+
+@torch.no_grad()
+def evaluate(cfg, m, enc, autocast):
+    """Held-out implicit accuracy and margin, s averaged over eval_draws fixed (noise, t) draws per pair."""
+    was_training = m.unet.training
+    m.unet.eval()
+    errs = []
+    with autocast:
+        for d in range(cfg.eval_draws):
+            keys = [f"eval-{d}-{i}" for i in enc["index"]]
+            errs.append([*pair_errors(m.unet, m, enc, keys), *pair_errors(m.ref_unet, m, enc, keys)])
+    m.unet.train(was_training)
+    mean = [torch.stack(e).mean(0) for e in zip(*errs)]
+    return {k: float(v) for k, v in preference_metrics(*mean, cfg.beta).items() if k in ("accuracy", "margin")}
+
+
+# ---------------------------------------------------------------------------------------- training
+def make_optimizer(cfg, params, device):
+    if cfg.optimizer == "adafactor":  # Diffusion-DPO's choice for SDXL: no second-moment matrix per weight
+        from transformers.optimization import Adafactor
+        return Adafactor(params, lr=cfg.lr, scale_parameter=False, relative_step=False, warmup_init=False, weight_decay=1e-2)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2, fused=device.type == "cuda")
+
+
+def main(argv=None):
+    cfg = parse_config(argv)
+    ddp = int(os.environ.get("WORLD_SIZE", 1)) > 1
+    if ddp:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        rank, world, local_rank = dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"])
+    else:
+        rank, world, local_rank = 0, 1, 0
+    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    precision = cfg.precision or ("bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32")
+    dtype = dict(bf16=torch.bfloat16, fp16=torch.float16, fp32=torch.float32)[precision]
+    autocast = torch.autocast(device.type, dtype=dtype) if precision != "fp32" else nullcontext()
+    frozen_dtype = dtype if device.type == "cuda" else torch.float32
+    master = rank == 0
+    random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
+    pool = multiprocessing.get_context("fork").Pool(cfg.workers) if cfg.workers > 0 else None  # before CUDA state
+
+    if local_rank == 0:
+        model_folder(cfg)  # builds the random-init folder once per machine
+    if ddp:
+        dist.barrier()
+    m = load_models(cfg, device, frozen_dtype)
+    m.empty_prompt, m.empty_pooled = encode_prompts(m, [""])
+    policy = torch.nn.parallel.DistributedDataParallel(m.unet, device_ids=[local_rank] if device.type == "cuda" else None) \
+        if ddp else m.unet
+    if cfg.compile:
+        policy, m.ref_unet = torch.compile(policy), torch.compile(m.ref_unet)
+    optimizer = make_optimizer(cfg, m.unet.parameters(), device)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+    step, positions, metrics_path = 0, None, os.path.join(cfg.out, "metrics.jsonl")
+    if cfg.resume:
+        ckpt = load_checkpoint(cfg.out)
+        if ckpt is not None:
+            if len(ckpt["data_positions"]) != world:
+                sys.exit(f"rpo.py: checkpoint was written by {len(ckpt['data_positions'])} ranks; resume with as many")
+            m.unet.load_state_dict(ckpt["unet"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            schedule.load_state_dict(ckpt["lr_schedule"])
+            scaler.load_state_dict(ckpt["scaler"])
+            step, positions = ckpt["step"], ckpt["data_positions"]
+            random.setstate(ckpt["rng"]["python"]), np.random.set_state(ckpt["rng"]["numpy"])
+            torch.set_rng_state(ckpt["rng"]["torch"])
+            if master:  # the metrics of steps after the checkpoint will be logged again
+                lines = open(metrics_path).readlines() if os.path.exists(metrics_path) else []
+                with open(metrics_path, "w") as fh:
+                    fh.writelines(l for l in lines if json.loads(l)["step"] <= step)
+            if master:
+                print(f"resumed from step {step}", file=sys.stderr)
+    if master:
+        os.makedirs(cfg.out, exist_ok=True)
+        if not cfg.resume:
+            open(metrics_path, "w").close()
+
+    counts = {k: 0 for k in SKIP_KEYS}
+    if cfg.cache:
+        build_cache(cfg, m, rank, world, pool)
+    eval_enc = heldout_pairs(cfg, m, pool) if master else None
+    batches = training_batches(cfg, m, rank, world, positions[rank] if positions else None, counts, pool)
+    if master:
+        print(f"training {cfg.model} ({m.base}) with {cfg.loss} on {cfg.data}: {world} rank(s) x {cfg.batch} pairs x "
+              f"{cfg.grad_accum} accumulation, {precision}, {sum(p.numel() for p in m.unet.parameters()) / 1e6:.1f}M "
+              f"trainable parameters", file=sys.stderr)
+
+    nonfinite_run, nonfinite_total, history, start_step = 0, 0, [], step
+    bar = tqdm(total=cfg.max_steps, initial=step, disable=not master, dynamic_ncols=True)
+    t0 = t_first = time.perf_counter()
+    position = positions[rank] if positions else (0, 0)
+    while step < cfg.max_steps:
+        sums = {}
+        for micro in range(cfg.grad_accum):
+            enc, position = next(batches)
+            sync = micro == cfg.grad_accum - 1 or not ddp
+            with (nullcontext() if sync else policy.no_sync()), autocast:
+                loss, metrics = preference_step(cfg, m, policy, enc, position[0], world)
+            scaler.scale(loss / cfg.grad_accum).backward()
+            for k, v in dict(metrics, loss=loss.detach()).items():
+                sums[k] = sums.get(k, 0) + v.float() / cfg.grad_accum
+        keys = sorted(sums)
+        vec = torch.stack([sums[k] for k in keys])
+        if ddp:
+            dist.all_reduce(vec)
+            vec /= world
+        logged = dict(zip(keys, vec.tolist()))
+        if math.isfinite(logged["loss"]):
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(m.unet.parameters(), 1.0)
+            scaler.step(optimizer)
+            scaler.update()
+            nonfinite_run = 0
+        else:
+            nonfinite_run, nonfinite_total = nonfinite_run + 1, nonfinite_total + 1
+        optimizer.zero_grad(set_to_none=True)
+        schedule.step()
+        step += 1
+        if step == start_step + 1:
+            t_first = time.perf_counter()
+        skipped = torch.tensor([counts[k] for k in SKIP_KEYS], dtype=torch.float64)
+        if ddp:  # ties and bad rows are seen by every rank's reader; undecodable images by their owner
+            dist.all_reduce(skipped)
+            skipped[:3] /= world
+        record = dict(step=step, lr=schedule.get_last_lr()[0], **{k: round(v, 6) for k, v in logged.items()},
+                      **{k: int(v) for k, v in zip(SKIP_KEYS, skipped.tolist())}, nonfinite=nonfinite_total)
+        history.append(record)
+        stop = nonfinite_run >= cfg.max_nonfinite
+        if step % cfg.save_every == 0 or step == cfg.max_steps or stop:
+            if eval_enc is not None:
+                record.update({"heldout_" + k: v for k, v in evaluate(cfg, m, eval_enc, autocast).items()})
+            save_checkpoint(cfg, m, optimizer, schedule, scaler, step, position, world, master)
+            if master:
+                save_samples(cfg, m, os.path.join(cfg.out, f"samples_{step}.png"), autocast)
+        if master:
+            with open(metrics_path, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record.get('accuracy', float('nan')):.2f}",
+                            skipped=sum(record[k] for k in SKIP_KEYS if k not in ("ties", "small")))
+        if stop:
+            sys.exit(f"rpo.py: {nonfinite_run} non-finite losses in a row at step {step}; stopped with a checkpoint of "
+                     f"the last good weights in {cfg.out}. Lower --lr or --beta, or use --precision bf16/fp32")
+    bar.close()
+    seconds, timed = time.perf_counter() - t0, time.perf_counter() - t_first
+    if master and history:
+        n_timed = max(step - start_step - 1, 0)
+        steps_per_s = n_timed / timed if n_timed else (step - start_step) / seconds
+        last = history[-10:]
+        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else \
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        summary = dict(steps=step - start_step, seconds=round(seconds, 2), steps_per_s=round(steps_per_s, 4),
+                       pairs_per_s=round(steps_per_s * cfg.batch * cfg.grad_accum * world, 2),
+                       peak_mem_mb=round(peak / 2**20, 1), weight_time_share=round(weight_seconds() / seconds, 4),
+                       loss=history[-1]["loss"], train_accuracy=round(sum(r.get("accuracy", float("nan")) for r in last) / len(last), 4),
+                       heldout_accuracy=history[-1].get("heldout_accuracy"), heldout_margin=history[-1].get("heldout_margin"),
+                       model=cfg.model, loss_type=cfg.loss, batch=cfg.batch, world=world, precision=precision)
+        print(json.dumps(summary), flush=True)
+    if pool:
+        pool.terminate()
+    if ddp:
+        dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------------------------------ saving
+def save_checkpoint(cfg, m, optimizer, schedule, scaler, step, position, world, master):
+    """DIR/ckpt.pt (resume state, written then renamed; the last `keep` kept) and DIR/unet (diffusers)."""
+    positions = [None] * world
+    if world > 1:
+        dist.all_gather_object(positions, position)
+    else:
+        positions = [position]
+    if not master:
+        return
+    ckpt = dict(unet=m.unet.state_dict(), optimizer=optimizer.state_dict(), lr_schedule=schedule.state_dict(),
+                scaler=scaler.state_dict(), step=step, data_positions=positions, config=dataclasses.asdict(cfg),
+                rng=dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state()))
+    path = os.path.join(cfg.out, "ckpt.pt")
+    torch.save(ckpt, path + ".tmp")
+    if os.path.exists(path) and cfg.keep > 1:
+        os.replace(path, os.path.join(cfg.out, f"ckpt-{torch.load(path, map_location='cpu', weights_only=False)['step']:07d}.pt"))
+        for old in sorted(glob.glob(os.path.join(cfg.out, "ckpt-*.pt")))[:-(cfg.keep - 1)]:
+            os.remove(old)
+    os.replace(path + ".tmp", path)
+    unet_dir = os.path.join(cfg.out, "unet")
+    shutil.rmtree(unet_dir + ".tmp", ignore_errors=True)
+    m.unet.save_pretrained(unet_dir + ".tmp")
+    shutil.rmtree(unet_dir + ".old", ignore_errors=True)
+    if os.path.exists(unet_dir):
+        os.replace(unet_dir, unet_dir + ".old")
+    os.replace(unet_dir + ".tmp", unet_dir)
+    shutil.rmtree(unet_dir + ".old", ignore_errors=True)
+
+
+def load_checkpoint(out):
+    """The newest checkpoint that loads; a truncated or corrupt file is reported and passed over."""
+    paths = [os.path.join(out, "ckpt.pt")] + sorted(glob.glob(os.path.join(out, "ckpt-*.pt")), reverse=True)
+    for path in paths:
+        if not os.path.exists(path):
+            continue
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:
+            print(f"rpo.py: checkpoint {path} is unreadable ({type(e).__name__}); trying an older one", file=sys.stderr)
+    print(f"rpo.py: no checkpoint in {out}; starting from step 0", file=sys.stderr)
+    return None
+
+
+SAMPLE_PROMPTS = ["a photo of a corgi wearing sunglasses on a beach", "an oil painting of a lighthouse in a storm",
+                  "a bowl of ramen, studio lighting", "a watercolor fox in a snowy forest"]
+
+
+@torch.no_grad()
+def save_samples(cfg, m, path, autocast):
+    """A grid of images from fixed prompts and seeds with the current policy UNet."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+    prompts = toy_captions("heldout")[::7][:4] if cfg.data == "toy" else SAMPLE_PROMPTS
+    parts = dict(vae=m.vae, text_encoder=m.text_encoders[0], tokenizer=m.tokenizers[0], unet=m.unet,
+                 scheduler=DDIMScheduler.from_config(m.scheduler.config))
+    if m.xl:
+        pipe = StableDiffusionXLPipeline(**parts, text_encoder_2=m.text_encoders[1], tokenizer_2=m.tokenizers[1],
+                                         add_watermarker=False)
+    else:
+        pipe = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    m.unet.eval()
+    with autocast:
+        images = [pipe(p, num_inference_steps=cfg.sample_steps, height=cfg.resolution, width=cfg.resolution,
+                       generator=torch.Generator(m.device).manual_seed(i)).images[0] for i, p in enumerate(prompts)]
+    m.unet.train()
+    grid = Image.new("RGB", (cfg.resolution * len(images), cfg.resolution))
+    for i, img in enumerate(images):
+        grid.paste(img, (i * cfg.resolution, 0))
+    grid.save(path)
+
+
+if __name__ == "__main__":
+    main()
