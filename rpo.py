@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import glob
 import io
+import itertools
 import json
 import math
 import multiprocessing
@@ -26,8 +27,10 @@ from collections import OrderedDict, deque
 from contextlib import nullcontext
 from dataclasses import dataclass
 
+import diffusers
 import numpy as np
 import torch
+import transformers
 import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
@@ -41,6 +44,7 @@ class Config:
     model: str = "tiny"  # tiny | tiny-xl | sd15 | sdxl
     pretrained: str = None  # hub id or local diffusers folder; default from the preset
     random_init: bool = False  # sd15/sdxl shapes with random weights, no download (benchmarks)
+    init_unet: str = None  # start policy and reference from this UNet folder (e.g. an SFT run's DIR/unet)
     data: str = "toy"  # toy | pickapic | parquet file, folder or glob
     data_id: str = "yuvalkirstain/pickapic_v2"
     split: str = "train"
@@ -83,7 +87,7 @@ class Config:
 HUB_SD15, HUB_SDXL = "stable-diffusion-v1-5/stable-diffusion-v1-5", "stabilityai/stable-diffusion-xl-base-1.0"
 # Diffusion-DPO's recipe: lr 1e-8 scaled by the effective batch of 2048 pairs, 2000 steps, 500 warmup.
 PRESETS = {
-    "tiny": dict(resolution=32, batch=8, grad_accum=1, lr=1e-4, optimizer="adamw", warmup_steps=10,
+    "tiny": dict(resolution=32, batch=8, grad_accum=1, lr=1e-5, optimizer="adamw", warmup_steps=10,
                  max_steps=300, grad_checkpointing=False, save_every=150, sample_steps=8, beta=5000.0),
     "sd15": dict(pretrained=HUB_SD15, clip="openai/clip-vit-large-patch14", resolution=512, batch=8,
                  grad_accum=32, lr=2.048e-5, optimizer="adamw", warmup_steps=500, max_steps=2000,
@@ -94,6 +98,9 @@ PRESETS = {
 }
 PRESETS["tiny-xl"] = PRESETS["tiny"]
 IS_XL = {"tiny": False, "tiny-xl": True, "sd15": False, "sdxl": True}
+for lib in (diffusers, transformers):  # their load-time chatter would bury the training log
+    lib.utils.logging.set_verbosity_error()
+    lib.utils.logging.disable_progress_bar()
 RPO_HOME = os.environ.get("RPO_HOME", os.path.expanduser("~/.cache/rpo"))  # random-init model folders
 
 
@@ -140,7 +147,7 @@ TINY_VOCAB = 514  # 256 byte symbols, the same with '</w>', start and end tokens
 SHAPES = {
     "tiny": dict(
         unet=dict(sample_size=16, block_out_channels=[32, 64], layers_per_block=1, norm_num_groups=8,
-                  down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"], up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
+                  down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"], up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"],
                   cross_attention_dim=32, attention_head_dim=8),
         vae=vae_config([16, 32], 0.18215), text=[clip_text_config(32, 2, 2, 32, vocab=TINY_VOCAB)],
         clip_vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
@@ -191,7 +198,12 @@ def build_random_pipeline(model, folder):
     shutil.rmtree(tmp, ignore_errors=True)
     torch.manual_seed(0)
     tokenizer = byte_level_tokenizer()
-    parts = dict(unet=UNet2DConditionModel(**shape["unet"]), vae=AutoencoderKL(**shape["vae"]),
+    vae = AutoencoderKL(**shape["vae"])
+    if model.startswith("tiny"):  # as SD chose 0.18215: unit-variance latents, else x_t is noise at every t
+        pixels = torch.stack([torch.from_numpy(prepare_pair((row, 0, 32, False, None))["winner"]) for row in toy_rows("train", 64)])
+        with torch.no_grad():
+            vae.register_to_config(scaling_factor=1 / vae.encode(pixels / 127.5 - 1).latent_dist.mode().std().item())
+    parts = dict(unet=UNet2DConditionModel(**shape["unet"]), vae=vae,
                  scheduler=DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                          clip_sample=False, steps_offset=1),
                  text_encoder=CLIPTextModel(CLIPTextConfig(**shape["text"][0])), tokenizer=tokenizer)
@@ -231,7 +243,8 @@ def load_models(cfg, device, dtype):
     m.scheduler = load(DDPMScheduler, "scheduler")
     if m.scheduler.config.prediction_type != "epsilon":
         sys.exit(f"rpo.py: {base} predicts {m.scheduler.config.prediction_type}; this script trains epsilon models")
-    m.unet = load(UNet2DConditionModel, "unet").to(device).train()
+    m.unet = (UNet2DConditionModel.from_pretrained(cfg.init_unet) if cfg.init_unet else load(UNet2DConditionModel, "unet"))
+    m.unet.to(device).train()
     m.ref_unet = copy.deepcopy(m.unet).requires_grad_(False).eval().to(dtype)
     if cfg.grad_checkpointing:
         m.unet.enable_gradient_checkpointing()
@@ -248,20 +261,20 @@ def load_models(cfg, device, dtype):
     if device.type == "cuda":
         m.unet.to(memory_format=torch.channels_last)
         m.ref_unet.to(memory_format=torch.channels_last)
+    m.empty_prompt, m.empty_pooled = encode_prompts(m, [""])  # what prompt dropout conditions on
     return m
 
 
 @torch.no_grad()
 def encode_prompts(m, captions):
     """SD1.5: last hidden states. SDXL: penultimate states of both encoders concatenated + pooled of the 2nd."""
-    states, pooled = [], None
+    states = []
     for tok, enc in zip(m.tokenizers, m.text_encoders):
         ids = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
                   return_tensors="pt").input_ids.to(m.device)
         out = enc(ids, output_hidden_states=m.xl)
         states.append(out.hidden_states[-2] if m.xl else out.last_hidden_state)
-        pooled = out.text_embeds if m.xl else None
-    return torch.cat(states, dim=-1), pooled
+    return torch.cat(states, dim=-1), out.text_embeds if m.xl else None
 
 
 @torch.no_grad()
@@ -354,10 +367,11 @@ def open_rows(source, data_id, split):
     return ds.select_columns(list(COLUMNS))
 
 
-def valid_rows(cfg, source, split, counts, n_toy=None):
+def valid_rows(cfg, source, split, counts, max_pairs=None):
     """(index, row) for the usable rows in file order; ties dropped, malformed rows skipped and counted."""
+    max_pairs = cfg.max_pairs if max_pairs is None else max_pairs
     ds = open_rows(source, cfg.data_id, split)
-    rows = toy_rows(split, n_toy or cfg.toy_pairs) if ds is None else iter(ds)
+    rows = toy_rows(split, max_pairs or cfg.toy_pairs) if ds is None else iter(ds)
     index = 0
     for row in rows:
         label = row["label_0"]
@@ -370,7 +384,7 @@ def valid_rows(cfg, source, split, counts, n_toy=None):
         else:
             yield index, row
             index += 1
-            if cfg.max_pairs and index >= cfg.max_pairs:
+            if max_pairs and index >= max_pairs:
                 return
 
 
@@ -455,9 +469,9 @@ def pair_batches(cfg, rank, world, start=None, counts=None, pool=None, source=No
             if len(batch) == cfg.batch:
                 yield batch, (epoch, pos_done + 1)
                 batch = []
-        if n_rows == 0 and skip_to == 0:
-            sys.exit(f"rpo.py: no trainable pairs for rank {rank} in {source!r} (split {split!r}) after dropping "
-                     f"ties and bad rows: {dict(counts)}")
+        if n_rows < cfg.batch and skip_to == 0:
+            sys.exit(f"rpo.py: {n_rows} trainable pairs for rank {rank} in {source!r} (split {split!r}), fewer than "
+                     f"--batch {cfg.batch}, after dropping ties and bad rows: {dict(counts)}")
         epoch, skip_to = epoch + 1, 0
 
 
@@ -637,16 +651,17 @@ def training_batches(cfg, m, rank, world, start, counts, pool):
         yield encode_pairs(m, collate(batch), cfg.embed, with_f=cfg.loss == "rpo"), pos
 
 
-def heldout_pairs(cfg, m, pool):
-    """The first eval_pairs held-out pairs, unflipped, encoded once; None when there is no held-out source."""
+def heldout_pairs(cfg, m):
+    """Up to eval_pairs held-out pairs in file order, unflipped, encoded once; None without a held-out source."""
     source = cfg.eval_data or {"toy": "toy", "pickapic": "pickapic"}.get(cfg.data)
     if not source or cfg.eval_pairs <= 0:
         return None
     split = "heldout" if source == "toy" else ("validation_unique" if source == "pickapic" else "train")
-    ecfg = dataclasses.replace(cfg, no_flip=True, random_crop=False, batch=cfg.eval_pairs, max_pairs=0, shuffle_buffer=1,
-                               toy_pairs=cfg.eval_pairs)
-    batch, _ = next(pair_batches(ecfg, 0, 1, None, None, pool, source, split))
-    return encode_pairs(m, collate(batch), cfg.embed)
+    rows = itertools.islice(valid_rows(cfg, source, split, {k: 0 for k in SKIP_KEYS}, cfg.eval_pairs), cfg.eval_pairs)
+    pairs = [p for p in (prepare_pair((row, i, cfg.resolution, False, None)) for i, row in rows) if not isinstance(p, str)]
+    if not pairs:
+        sys.exit(f"rpo.py: no usable held-out pairs in {source!r} (split {split!r})")
+    return encode_pairs(m, collate(pairs), cfg.embed)
 
 
 # ------------------------------------------------------------------------------------- pair weights
@@ -708,11 +723,19 @@ def pair_errors(unet, m, enc, keys, prompt=None, pooled=None, winners_only=False
 
 
 def gather(x):
-    """All ranks' rows in rank order; gradients flow back to each rank's own rows."""
-    return torch.cat(torch.distributed.nn.functional.all_gather(x))
+    """All ranks' rows in rank order. Each rank computes the same global loss and DDP averages the ranks'
+    gradients, so a rank's own rows take world x their gradient: the sum over the world copies of the loss."""
+    world = dist.get_world_size()
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x.detach().contiguous())
+    own = x.view_as(x)
+    if own.requires_grad:
+        own.register_hook(lambda grad: grad * world)
+    parts[dist.get_rank()] = own
+    return torch.cat(parts)
 
 
-def preference_step(cfg, m, policy, enc, epoch, world):
+def preference_step(cfg, m, policy, enc, epoch):
     """Loss and metrics of one micro-batch; prompt dropout blanks the conditioning, never the pair weights."""
     keys = [f"noise-{cfg.seed}-{epoch}-{i}" for i in enc["index"]]
     drop = torch.tensor([coin(cfg.seed, epoch, i, "drop") < cfg.drop_prompt for i in enc["index"]], device=m.device)
@@ -725,7 +748,7 @@ def preference_step(cfg, m, policy, enc, epoch, world):
     with torch.no_grad():
         ref_err_w, ref_err_l = pair_errors(m.ref_unet, m, enc, keys, prompt, pooled)
     f_w, f_l = enc.get("f_w"), enc.get("f_l")
-    if cfg.global_contrast and world > 1:
+    if cfg.global_contrast and dist.is_initialized():
         err_w, err_l, ref_err_w, ref_err_l = map(gather, (err_w, err_l, ref_err_w, ref_err_l))
         f_w, f_l = (gather(f) if f is not None else None for f in (f_w, f_l))
     weights = contrast_weights(f_w, f_l, cfg.tau) if cfg.loss == "rpo" else None
@@ -781,7 +804,6 @@ def main(argv=None):
     if ddp:
         dist.barrier()
     m = load_models(cfg, device, frozen_dtype)
-    m.empty_prompt, m.empty_pooled = encode_prompts(m, [""])
     policy = torch.nn.parallel.DistributedDataParallel(m.unet, device_ids=[local_rank] if device.type == "cuda" else None) \
         if ddp else m.unet
     if cfg.compile:
@@ -817,7 +839,7 @@ def main(argv=None):
     counts = {k: 0 for k in SKIP_KEYS}
     if cfg.cache:
         build_cache(cfg, m, rank, world, pool)
-    eval_enc = heldout_pairs(cfg, m, pool) if master else None
+    eval_enc = heldout_pairs(cfg, m) if master else None
     batches = training_batches(cfg, m, rank, world, positions[rank] if positions else None, counts, pool)
     if master:
         print(f"training {cfg.model} ({m.base}) with {cfg.loss} on {cfg.data}: {world} rank(s) x {cfg.batch} pairs x "
@@ -834,7 +856,7 @@ def main(argv=None):
             enc, position = next(batches)
             sync = micro == cfg.grad_accum - 1 or not ddp
             with (nullcontext() if sync else policy.no_sync()), autocast:
-                loss, metrics = preference_step(cfg, m, policy, enc, position[0], world)
+                loss, metrics = preference_step(cfg, m, policy, enc, position[0])
             scaler.scale(loss / cfg.grad_accum).backward()
             for k, v in dict(metrics, loss=loss.detach()).items():
                 sums[k] = sums.get(k, 0) + v.float() / cfg.grad_accum
@@ -849,11 +871,11 @@ def main(argv=None):
             torch.nn.utils.clip_grad_norm_(m.unet.parameters(), 1.0)
             scaler.step(optimizer)
             scaler.update()
+            schedule.step()
             nonfinite_run = 0
         else:
             nonfinite_run, nonfinite_total = nonfinite_run + 1, nonfinite_total + 1
         optimizer.zero_grad(set_to_none=True)
-        schedule.step()
         step += 1
         if step == start_step + 1:
             t_first = time.perf_counter()
@@ -861,7 +883,7 @@ def main(argv=None):
         if ddp:  # ties and bad rows are seen by every rank's reader; undecodable images by their owner
             dist.all_reduce(skipped)
             skipped[:3] /= world
-        record = dict(step=step, lr=schedule.get_last_lr()[0], **{k: round(v, 6) for k, v in logged.items()},
+        record = dict(step=step, lr=schedule.get_last_lr()[0], **logged,
                       **{k: int(v) for k, v in zip(SKIP_KEYS, skipped.tolist())}, nonfinite=nonfinite_total)
         history.append(record)
         stop = nonfinite_run >= cfg.max_nonfinite
