@@ -81,7 +81,7 @@ class Config:
     resume: bool = False
     seed: int = 0
     max_nonfinite: int = 10  # this many non-finite steps in a row stop the run
-    sample_steps: int = None
+    sample_steps: int = None  # denoising steps of the sample grid saved with each checkpoint; 0 = none
 
 
 HUB_SD15, HUB_SDXL = "stable-diffusion-v1-5/stable-diffusion-v1-5", "stabilityai/stable-diffusion-xl-base-1.0"
@@ -891,7 +891,7 @@ def main(argv=None):
             if eval_enc is not None:
                 record.update({"heldout_" + k: v for k, v in evaluate(cfg, m, eval_enc, autocast).items()})
             save_checkpoint(cfg, m, optimizer, schedule, scaler, step, position, world, master)
-            if master:
+            if master and cfg.sample_steps:
                 save_samples(cfg, m, os.path.join(cfg.out, f"samples_{step}.png"), autocast)
         if master:
             with open(metrics_path, "a") as fh:
