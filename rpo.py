@@ -88,7 +88,7 @@ HUB_SD15, HUB_SDXL = "stable-diffusion-v1-5/stable-diffusion-v1-5", "stabilityai
 # Diffusion-DPO's recipe: lr 1e-8 scaled by the effective batch of 2048 pairs, 2000 steps, 500 warmup.
 PRESETS = {
     "tiny": dict(resolution=32, batch=8, grad_accum=1, lr=1e-5, optimizer="adamw", warmup_steps=10,
-                 max_steps=300, grad_checkpointing=False, save_every=150, sample_steps=8, beta=5000.0),
+                 max_steps=300, grad_checkpointing=False, save_every=150, sample_steps=8),
     "sd15": dict(pretrained=HUB_SD15, clip="openai/clip-vit-large-patch14", resolution=512, batch=8,
                  grad_accum=32, lr=2.048e-5, optimizer="adamw", warmup_steps=500, max_steps=2000,
                  grad_checkpointing=False, save_every=200, sample_steps=30),
@@ -117,9 +117,10 @@ def parse_config(argv=None):
                             ("precision", (None, "bf16", "fp16", "fp32")), ("optimizer", (None, "adamw", "adafactor"))):
         if getattr(cfg, choice) not in allowed:
             sys.exit(f"rpo.py: --{choice} must be one of {[a for a in allowed if a]}, got {getattr(cfg, choice)!r}")
-    defaults = Config()
     for k, v in PRESETS[cfg.model].items():
-        if getattr(cfg, k) is None or (k == "beta" and cfg.beta == defaults.beta):
+        if cfg.random_init and k in ("pretrained", "clip"):  # random weights: the CLIP too comes from the built folder
+            continue
+        if getattr(cfg, k) is None:
             setattr(cfg, k, v)
     if cfg.random_crop and cfg.cache:
         sys.exit("rpo.py: --random_crop cannot be cached (a cache stores one crop); drop one of them")
