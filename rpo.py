@@ -849,7 +849,9 @@ def main(argv=None):
 
     nonfinite_run, nonfinite_total, history, start_step = 0, 0, [], step
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not master, dynamic_ncols=True)
+    WEIGHT_TIMES.clear()  # count only the training loop's pair embeddings
     t0 = t_first = time.perf_counter()
+    saving = 0.0  # seconds spent on evaluation, checkpoints and samples, kept out of the throughput
     position = positions[rank] if positions else (0, 0)
     while step < cfg.max_steps:
         sums = {}
@@ -889,11 +891,13 @@ def main(argv=None):
         history.append(record)
         stop = nonfinite_run >= cfg.max_nonfinite
         if step % cfg.save_every == 0 or step == cfg.max_steps or stop:
+            t_save = time.perf_counter()
             if eval_enc is not None:
                 record.update({"heldout_" + k: v for k, v in evaluate(cfg, m, eval_enc, autocast).items()})
             save_checkpoint(cfg, m, optimizer, schedule, scaler, step, position, world, master)
             if master and cfg.sample_steps:
                 save_samples(cfg, m, os.path.join(cfg.out, f"samples_{step}.png"), autocast)
+            saving += time.perf_counter() - t_save
         if master:
             with open(metrics_path, "a") as fh:
                 fh.write(json.dumps(record) + "\n")
@@ -904,7 +908,7 @@ def main(argv=None):
             sys.exit(f"rpo.py: {nonfinite_run} non-finite losses in a row at step {step}; stopped with a checkpoint of "
                      f"the last good weights in {cfg.out}. Lower --lr or --beta, or use --precision bf16/fp32")
     bar.close()
-    seconds, timed = time.perf_counter() - t0, time.perf_counter() - t_first
+    seconds, timed = time.perf_counter() - t0, time.perf_counter() - t_first - saving
     if master and history:
         n_timed = max(step - start_step - 1, 0)
         steps_per_s = n_timed / timed if n_timed else (step - start_step) / seconds
@@ -913,7 +917,7 @@ def main(argv=None):
             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         summary = dict(steps=step - start_step, seconds=round(seconds, 2), steps_per_s=round(steps_per_s, 4),
                        pairs_per_s=round(steps_per_s * cfg.batch * cfg.grad_accum * world, 2),
-                       peak_mem_mb=round(peak / 2**20, 1), weight_time_share=round(weight_seconds() / seconds, 4),
+                       peak_mem_mb=round(peak / 2**20, 1), weight_time_share=round(weight_seconds() / (seconds - saving), 4),
                        loss=history[-1]["loss"], train_accuracy=round(sum(r.get("accuracy", float("nan")) for r in last) / len(last), 4),
                        heldout_accuracy=history[-1].get("heldout_accuracy"), heldout_margin=history[-1].get("heldout_margin"),
                        model=cfg.model, loss_type=cfg.loss, batch=cfg.batch, world=world, precision=precision)
@@ -926,7 +930,8 @@ def main(argv=None):
 
 # ------------------------------------------------------------------------------------------ saving
 def save_checkpoint(cfg, m, optimizer, schedule, scaler, step, position, world, master):
-    """DIR/ckpt.pt (resume state, written then renamed; the last `keep` kept) and DIR/unet (diffusers)."""
+    """DIR/ckpt-STEP.pt (resume state, written then renamed; the last `keep` kept, ckpt.pt links the newest)
+    and DIR/unet (diffusers)."""
     positions = [None] * world
     if world > 1:
         dist.all_gather_object(positions, position)
@@ -937,13 +942,14 @@ def save_checkpoint(cfg, m, optimizer, schedule, scaler, step, position, world, 
     ckpt = dict(unet=m.unet.state_dict(), optimizer=optimizer.state_dict(), lr_schedule=schedule.state_dict(),
                 scaler=scaler.state_dict(), step=step, data_positions=positions, config=dataclasses.asdict(cfg),
                 rng=dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state()))
-    path = os.path.join(cfg.out, "ckpt.pt")
-    torch.save(ckpt, path + ".tmp")
-    if os.path.exists(path) and cfg.keep > 1:
-        os.replace(path, os.path.join(cfg.out, f"ckpt-{torch.load(path, map_location='cpu', weights_only=False)['step']:07d}.pt"))
-        for old in sorted(glob.glob(os.path.join(cfg.out, "ckpt-*.pt")))[:-(cfg.keep - 1)]:
-            os.remove(old)
-    os.replace(path + ".tmp", path)
+    path, link = os.path.join(cfg.out, f"ckpt-{step:07d}.pt"), os.path.join(cfg.out, "ckpt.pt")
+    atomic_save(ckpt, path)
+    if os.path.lexists(link + ".tmp"):
+        os.remove(link + ".tmp")
+    os.symlink(os.path.basename(path), link + ".tmp")
+    os.replace(link + ".tmp", link)  # ckpt.pt always names the newest complete checkpoint
+    for old in sorted(glob.glob(os.path.join(cfg.out, "ckpt-*.pt")))[:-cfg.keep]:
+        os.remove(old)
     unet_dir = os.path.join(cfg.out, "unet")
     shutil.rmtree(unet_dir + ".tmp", ignore_errors=True)
     m.unet.save_pretrained(unet_dir + ".tmp")
@@ -956,10 +962,7 @@ def save_checkpoint(cfg, m, optimizer, schedule, scaler, step, position, world, 
 
 def load_checkpoint(out):
     """The newest checkpoint that loads; a truncated or corrupt file is reported and passed over."""
-    paths = [os.path.join(out, "ckpt.pt")] + sorted(glob.glob(os.path.join(out, "ckpt-*.pt")), reverse=True)
-    for path in paths:
-        if not os.path.exists(path):
-            continue
+    for path in sorted(glob.glob(os.path.join(out, "ckpt-*.pt")), reverse=True):
         try:
             return torch.load(path, map_location="cpu", weights_only=False)
         except Exception as e:
