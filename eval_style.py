@@ -100,13 +100,6 @@ def clip_stats(clip, images, batch):
 
 
 # ---------------------------------------------------------------------------------------- helpers
-def load(cls, name, **kw):
-    try:
-        return cls.from_pretrained(name, **kw)
-    except (OSError, ValueError) as e:  # offline, wrong id or not a diffusers/transformers folder
-        fail(f"cannot load {cls.__name__} from {name!r}: {str(e).strip().splitlines()[0][:300]}")
-
-
 def device_dtype():
     cuda = torch.cuda.is_available()
     return torch.device("cuda" if cuda else "cpu"), torch.float16 if cuda else torch.float32
@@ -184,7 +177,7 @@ def make_data(args, cfg):
         fail(f"unknown style {args.style!r} (known: {', '.join(STYLES)}); pass --instruction \"make it ...\"")
     device, dtype = device_dtype()
     editor = args.editor or (tiny_editor() if args.model.startswith("tiny") else IP2P)
-    pipe = load(StableDiffusionInstructPix2PixPipeline, editor, dtype=dtype, safety_checker=None,
+    pipe = rpo.pretrained(StableDiffusionInstructPix2PixPipeline, editor, dtype=dtype, safety_checker=None,
                 requires_safety_checker=False).to(device)
     pipe.set_progress_bar_config(disable=True)
     schema = pa.schema([("caption", pa.string()), ("jpg_0", pa.binary()), ("jpg_1", pa.binary()), ("label_0", pa.float64())])
@@ -257,13 +250,13 @@ def score(args, cfg):
             fail(f"--prompts {args.prompts!r} has no captions")
         captions = captions[:args.n or None]
         xl = rpo.IS_XL[args.model]
-        pipe = load(StableDiffusionXLPipeline, base, dtype=dtype, add_watermarker=False) if xl else \
-            load(StableDiffusionPipeline, base, dtype=dtype, safety_checker=None, requires_safety_checker=False)
+        pipe = rpo.pretrained(StableDiffusionXLPipeline, base, dtype=dtype, add_watermarker=False) if xl else \
+            rpo.pretrained(StableDiffusionPipeline, base, dtype=dtype, safety_checker=None, requires_safety_checker=False)
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)  # as rpo.py's samples
         pipe.to(device).set_progress_bar_config(disable=True)
         sets["base"] = generate(pipe, captions, args, device)
         if unet_dir:
-            pipe.unet = load(UNet2DConditionModel, unet_dir, dtype=dtype).to(device)
+            pipe.unet = rpo.pretrained(UNet2DConditionModel, unet_dir, dtype=dtype).to(device)
             sets["tuned"] = generate(pipe, captions, args, device)
         del pipe
     if args.save:
@@ -272,7 +265,7 @@ def score(args, cfg):
             for k, img in enumerate(images):
                 img.save(os.path.join(args.save, name, f"{k:05d}.png"))
     clip_id = args.clip or cfg.clip or os.path.join(base, "clip")
-    clip, tok = load(CLIPModel, clip_id).to(device).eval(), load(CLIPTokenizer, clip_id)
+    clip, tok = rpo.pretrained(CLIPModel, clip_id).to(device).eval(), rpo.pretrained(CLIPTokenizer, clip_id)
     with torch.no_grad():
         ids = tok([phrase], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
         text = clip.get_text_features(input_ids=ids.to(device)).pooler_output.float().cpu()

@@ -30,9 +30,9 @@ from dataclasses import dataclass
 import diffusers
 import numpy as np
 import torch
-import transformers
 import torch.distributed as dist
 import torch.nn.functional as F
+import transformers
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
@@ -145,29 +145,22 @@ def vae_config(channels, scaling):
 
 
 TINY_VOCAB = 514  # 256 byte symbols, the same with '</w>', start and end tokens
+TINY_UNET = dict(sample_size=16, block_out_channels=[32, 64], layers_per_block=1, norm_num_groups=8, attention_head_dim=8,
+                 down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"], up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"])
+TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8)
+VIT_L14 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, image_size=224,
+               patch_size=14)
 SHAPES = {
-    "tiny": dict(
-        unet=dict(sample_size=16, block_out_channels=[32, 64], layers_per_block=1, norm_num_groups=8,
-                  down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"], up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"],
-                  cross_attention_dim=32, attention_head_dim=8),
-        vae=vae_config([16, 32], 0.18215), text=[clip_text_config(32, 2, 2, 32, vocab=TINY_VOCAB)],
-        clip_vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                         image_size=32, patch_size=8)),
+    "tiny": dict(unet=dict(TINY_UNET, cross_attention_dim=32), vae=vae_config([16, 32], 0.18215),
+                 text=[clip_text_config(32, 2, 2, 32, vocab=TINY_VOCAB)], clip_vision=TINY_VISION),
     "tiny-xl": dict(
-        unet=dict(sample_size=16, block_out_channels=[32, 64], layers_per_block=1, norm_num_groups=8,
-                  down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"], up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"],
-                  cross_attention_dim=64, attention_head_dim=8, transformer_layers_per_block=[1, 2],
-                  use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
-                  projection_class_embeddings_input_dim=6 * 8 + 32),
-        vae=vae_config([16, 32], 0.13025),
-        text=[clip_text_config(32, 2, 2, 32, vocab=TINY_VOCAB), clip_text_config(32, 2, 2, 32, act="gelu", vocab=TINY_VOCAB)],
-        clip_vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                         image_size=32, patch_size=8)),
+        unet=dict(TINY_UNET, cross_attention_dim=64, transformer_layers_per_block=[1, 2], use_linear_projection=True,
+                  addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 32),
+        vae=vae_config([16, 32], 0.13025), clip_vision=TINY_VISION,
+        text=[clip_text_config(32, 2, 2, 32, vocab=TINY_VOCAB), clip_text_config(32, 2, 2, 32, act="gelu", vocab=TINY_VOCAB)]),
     "sd15": dict(
         unet=dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8),  # the rest: diffusers' defaults = SD1.x
-        vae=vae_config([128, 256, 512, 512], 0.18215), text=[clip_text_config(768, 12, 12, 768)],
-        clip_vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                         image_size=224, patch_size=14)),
+        vae=vae_config([128, 256, 512, 512], 0.18215), text=[clip_text_config(768, 12, 12, 768)], clip_vision=VIT_L14),
     "sdxl": dict(
         unet=dict(sample_size=128, block_out_channels=[320, 640, 1280], layers_per_block=2,
                   down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
@@ -176,9 +169,7 @@ SHAPES = {
                   use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
                   projection_class_embeddings_input_dim=2816),
         vae=vae_config([128, 256, 512, 512], 0.13025),
-        text=[clip_text_config(768, 12, 12, 768), clip_text_config(1280, 32, 20, 1280, act="gelu")],
-        clip_vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                         image_size=224, patch_size=14)),
+        text=[clip_text_config(768, 12, 12, 768), clip_text_config(1280, 32, 20, 1280, act="gelu")], clip_vision=VIT_L14),
 }
 
 
@@ -201,7 +192,8 @@ def build_random_pipeline(model, folder):
     tokenizer = byte_level_tokenizer()
     vae = AutoencoderKL(**shape["vae"])
     if model.startswith("tiny"):  # as SD chose 0.18215: unit-variance latents, else x_t is noise at every t
-        pixels = torch.stack([torch.from_numpy(prepare_pair((row, 0, 32, False, None))["winner"]) for row in toy_rows("train", 64)])
+        pixels = torch.stack([torch.from_numpy(prepare_pair((row, 0, PRESETS["tiny"]["resolution"], False, None))["winner"])
+                              for row in toy_rows("train", 64)])
         with torch.no_grad():
             vae.register_to_config(scaling_factor=1 / vae.encode(pixels / 127.5 - 1).latent_dist.mode().std().item())
     parts = dict(unet=UNet2DConditionModel(**shape["unet"]), vae=vae,
@@ -225,12 +217,21 @@ def build_random_pipeline(model, folder):
 
 def model_folder(cfg):
     """Where the base pipeline lives: a hub id or folder, or a random-init folder built once under RPO_HOME."""
-    if cfg.model in ("sd15", "sdxl") and not cfg.random_init:
+    if cfg.pretrained:
         return cfg.pretrained
     folder = os.path.join(RPO_HOME, cfg.model + "-random")
     if not os.path.exists(os.path.join(folder, "model_index.json")):
         build_random_pipeline(cfg.model, folder)
     return folder
+
+
+def pretrained(cls, name, **kw):
+    """cls.from_pretrained, with one line instead of a traceback when the id or folder cannot be loaded."""
+    try:
+        return cls.from_pretrained(name, **kw)
+    except (OSError, ValueError) as e:  # offline, a wrong id, a gated repo, not a diffusers/transformers folder
+        sys.exit(f"rpo.py: cannot load {cls.__name__} from {name!r}{' / ' + kw['subfolder'] if 'subfolder' in kw else ''}: "
+                 f"{(str(e).strip().splitlines() or [type(e).__name__])[0][:300]}")
 
 
 def load_models(cfg, device, dtype):
@@ -239,24 +240,24 @@ def load_models(cfg, device, dtype):
     from transformers import CLIPModel, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
     base = model_folder(cfg)
     xl = IS_XL[cfg.model]
-    load = lambda cls, sub, **kw: cls.from_pretrained(base, subfolder=sub, **kw)
+    load = lambda cls, sub: pretrained(cls, base, subfolder=sub)
     m = argparse.Namespace(base=base, xl=xl, dtype=dtype, device=device)
     m.scheduler = load(DDPMScheduler, "scheduler")
     if m.scheduler.config.prediction_type != "epsilon":
         sys.exit(f"rpo.py: {base} predicts {m.scheduler.config.prediction_type}; this script trains epsilon models")
-    m.unet = (UNet2DConditionModel.from_pretrained(cfg.init_unet) if cfg.init_unet else load(UNet2DConditionModel, "unet"))
+    m.unet = pretrained(UNet2DConditionModel, cfg.init_unet) if cfg.init_unet else load(UNet2DConditionModel, "unet")
     m.unet.to(device).train()
     m.ref_unet = copy.deepcopy(m.unet).requires_grad_(False).eval().to(dtype)
     if cfg.grad_checkpointing:
         m.unet.enable_gradient_checkpointing()
     if cfg.model == "sdxl" and dtype == torch.float16 and not cfg.random_init:  # SDXL's own VAE overflows in fp16
-        m.vae = AutoencoderKL.from_pretrained("madebyollin/sdxl-vae-fp16-fix")
+        m.vae = pretrained(AutoencoderKL, "madebyollin/sdxl-vae-fp16-fix")
     else:
         m.vae = load(AutoencoderKL, "vae")
     m.tokenizers = [load(CLIPTokenizer, "tokenizer")] + ([load(CLIPTokenizer, "tokenizer_2")] if xl else [])
     m.text_encoders = [load(CLIPTextModel, "text_encoder")] + ([load(CLIPTextModelWithProjection, "text_encoder_2")] if xl else [])
     clip_id = cfg.clip or os.path.join(base, "clip")
-    m.clip, m.clip_tokenizer = CLIPModel.from_pretrained(clip_id), CLIPTokenizer.from_pretrained(clip_id)
+    m.clip, m.clip_tokenizer = pretrained(CLIPModel, clip_id), pretrained(CLIPTokenizer, clip_id)
     for frozen in [m.vae, m.clip, *m.text_encoders]:
         frozen.requires_grad_(False).eval().to(device, dtype)
     if device.type == "cuda":
