@@ -456,21 +456,16 @@ def pair_batches(cfg, rank, world, start=None, counts=None, pool=None, source=No
         jobs = ((pos, (row, index, cfg.resolution, not cfg.no_flip and coin(cfg.seed, epoch, index, "flip") < 0.5,
                        f"{cfg.seed}-{epoch}-{index}" if cfg.random_crop else None))
                 for pos, (index, row) in enumerate(stream) if (pos // cfg.batch) % world == rank and pos >= skip_to)
-        for pos, job in jobs:
-            n_rows += 1
-            window.append((pos, pool.apply_async(prepare_pair, (job,)) if pool else prepare_pair(job)))
-            while window and (len(window) > 4 * cfg.batch or not pool):
+        for pos, job in itertools.chain(jobs, [(None, None)]):  # a last None drains the window
+            if job is not None:
+                n_rows += 1
+                window.append((pos, pool.apply_async(prepare_pair, (job,)) if pool else prepare_pair(job)))
+            while window and (job is None or len(window) > 4 * cfg.batch or not pool):
                 pos_done, result = window.popleft()
                 batch = take(result, batch, counts, pool)
                 if len(batch) == cfg.batch:
                     yield batch, (epoch, pos_done + 1)
                     batch = []
-        while window:
-            pos_done, result = window.popleft()
-            batch = take(result, batch, counts, pool)
-            if len(batch) == cfg.batch:
-                yield batch, (epoch, pos_done + 1)
-                batch = []
         if n_rows < cfg.batch and skip_to == 0:
             sys.exit(f"rpo.py: {n_rows} trainable pairs for rank {rank} in {source!r} (split {split!r}), fewer than "
                      f"--batch {cfg.batch}, after dropping ties and bad rows: {dict(counts)}")
@@ -783,6 +778,8 @@ def make_optimizer(cfg, params, device):
 
 def main(argv=None):
     cfg = parse_config(argv)
+    # JPEG decoders are forked first, before a process group or CUDA state exists
+    pool = multiprocessing.get_context("fork").Pool(cfg.workers) if cfg.workers > 0 else None
     ddp = int(os.environ.get("WORLD_SIZE", 1)) > 1
     if ddp:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
@@ -799,7 +796,6 @@ def main(argv=None):
     frozen_dtype = dtype if device.type == "cuda" else torch.float32
     master = rank == 0
     random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
-    pool = multiprocessing.get_context("fork").Pool(cfg.workers) if cfg.workers > 0 else None  # before CUDA state
 
     if local_rank == 0:
         model_folder(cfg)  # builds the random-init folder once per machine
@@ -827,16 +823,13 @@ def main(argv=None):
             step, positions = ckpt["step"], ckpt["data_positions"]
             random.setstate(ckpt["rng"]["python"]), np.random.set_state(ckpt["rng"]["numpy"])
             torch.set_rng_state(ckpt["rng"]["torch"])
-            if master:  # the metrics of steps after the checkpoint will be logged again
-                lines = open(metrics_path).readlines() if os.path.exists(metrics_path) else []
-                with open(metrics_path, "w") as fh:
-                    fh.writelines(l for l in lines if json.loads(l)["step"] <= step)
-            if master:
-                print(f"resumed from step {step}", file=sys.stderr)
-    if master:
+    if master:  # metrics of steps after the checkpoint (all of them, from step 0) will be logged again
         os.makedirs(cfg.out, exist_ok=True)
-        if not cfg.resume:
-            open(metrics_path, "w").close()
+        lines = open(metrics_path).readlines() if os.path.exists(metrics_path) else []
+        with open(metrics_path, "w") as fh:
+            fh.writelines(l for l in lines if json.loads(l)["step"] <= step)
+        if step:
+            print(f"resumed from step {step}", file=sys.stderr)
 
     counts = {k: 0 for k in SKIP_KEYS}
     if cfg.cache:
