@@ -232,6 +232,16 @@ def test_pair_order_does_not_depend_on_the_number_of_decode_workers(tmp_path):
     assert serial == parallel
 
 
+def test_tiny_xl_trains_from_local_pickapic_shards_counting_the_corrupt_row(tmp_path):
+    rows = pickapic_rows(24)
+    rows[0]["jpg_0"] = b"\xff\xd8 truncated jpeg"
+    folder = write_shards(tmp_path / "shards", rows, 2)
+    summary, metrics = train(tmp_path / "out", "--model", "tiny-xl", "--data", folder, "--batch", 4, "--max_steps", 3,
+                             "--save_every", 100, "--sample_steps", 0, "--eval_data", folder)
+    assert summary["steps"] == 3 and all(math.isfinite(r["loss"]) for r in metrics)
+    assert metrics[-1]["bad_image"] == 1 and metrics[-1]["ties"] >= 4 and 0 <= summary["heldout_accuracy"] <= 1
+
+
 def test_sdxl_time_ids_record_each_images_own_size_and_crop():
     row = dict(caption="c", jpg_0=png((1, 2, 3), (80, 48)), jpg_1=png((3, 2, 1), (40, 64)), label_0=1.0)
     pair = rpo.prepare_pair((row, 0, 32, False, None))
