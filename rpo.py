@@ -186,8 +186,7 @@ def build_random_pipeline(model, folder):
     """Random-weight pipeline of the given shape, saved as a diffusers folder with a CLIP in folder/clip."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-    shape, tmp = SHAPES[model], folder + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    shape, tmp = SHAPES[model], f"{folder}.tmp{os.getpid()}"  # runs started together each build their own
     torch.manual_seed(0)
     tokenizer = byte_level_tokenizer()
     vae = AutoencoderKL(**shape["vae"])
@@ -212,7 +211,10 @@ def build_random_pipeline(model, folder):
                           projection_dim=shape["text"][0]["projection_dim"])
     CLIPModel(clip_cfg).save_pretrained(os.path.join(tmp, "clip"))
     tokenizer.save_pretrained(os.path.join(tmp, "clip"))
-    os.replace(tmp, folder)
+    try:
+        os.rename(tmp, folder)
+    except OSError:  # another process finished first; its folder is the same model (seed 0)
+        shutil.rmtree(tmp)
 
 
 def model_folder(cfg):
@@ -578,18 +580,18 @@ def build_cache(cfg, m, rank, world, pool):
             return
         jobs = [(row, index, cfg.resolution, False, None) for index, row in rows]
         pairs = [p for p in (pool.map(prepare_pair, jobs) if pool else map(prepare_pair, jobs)) if not isinstance(p, str)]
-        entries = {}
+        parts = []
         for i in range(0, len(pairs), cfg.batch):
             part = collate(pairs[i:i + cfg.batch])
             plain, flipped = (encode_pairs(m, dict(part, winner=part["winner"].flip(-1), loser=part["loser"].flip(-1))
                                            if flip else part, cfg.embed) for flip in (False, True))
-            for j, index in enumerate(part["index"]):
-                entries[index] = dict(
-                    latents=torch.stack([torch.stack([e["latents_w"][j], e["latents_l"][j]]) for e in (plain, flipped)]).cpu(),
-                    f=torch.stack([torch.stack([e["f_w"][j], e["f_l"][j]]) for e in (plain, flipped)]).cpu(),
-                    prompt=plain["prompt"][j].cpu(), pooled=None if plain["pooled"] is None else plain["pooled"][j].cpu(),
-                    time_ids=torch.stack([plain["time_ids_w"][j], plain["time_ids_l"][j]]).cpu())
-        atomic_save(entries, path)
+            both = lambda key: torch.stack([torch.stack([e[key + "_w"], e[key + "_l"]], 1) for e in (plain, flipped)], 1)
+            parts.append(dict(index=torch.tensor(part["index"]), latents=both("latents"), f=both("f"),  # [n, flip, w/l, ...]
+                              prompt=plain["prompt"], pooled=plain["pooled"],
+                              time_ids=torch.stack([plain["time_ids_w"], plain["time_ids_l"]], 1)))
+        # a few stacked tensors per chunk: opened with mmap, a pair costs only its own bytes
+        atomic_save({k: None if not parts or parts[0][k] is None else torch.cat([p[k] for p in parts]).cpu()
+                     for k in ("index", "latents", "f", "prompt", "pooled", "time_ids")}, path)
 
     for index, row in tqdm(valid_rows(cfg, cfg.data, cfg.split, counts), desc="caching", disable=rank != 0):
         chunk.append((index, row))
@@ -620,21 +622,20 @@ def cached_batches(cfg, m, rank, world, start, counts):
                 continue
             k = index // CACHE_CHUNK
             if k not in chunks:
-                chunks[k] = torch.load(os.path.join(cfg.cache, f"chunk-{k:07d}.pt"))
-                if len(chunks) > 8:
+                chunks[k] = torch.load(os.path.join(cfg.cache, f"chunk-{k:07d}.pt"), mmap=True)
+                chunks[k]["row"] = {} if chunks[k]["index"] is None else {int(i): r for r, i in enumerate(chunks[k]["index"])}
+                if len(chunks) > 256:
                     chunks.popitem(last=False)
-            if index not in chunks[k]:  # its image did not decode when the cache was built
+            if index not in chunks[k]["row"]:  # its image did not decode when the cache was built
                 counts["bad_image"] += 1
                 continue
-            e, flip = chunks[k][index], int(not cfg.no_flip and coin(cfg.seed, epoch, index, "flip") < 0.5)
-            batch.append((index, e, flip))
+            flip = int(not cfg.no_flip and coin(cfg.seed, epoch, index, "flip") < 0.5)
+            batch.append((index, chunks[k], chunks[k]["row"][index], flip))
             if len(batch) == cfg.batch:
-                stack = lambda key: torch.stack([e[key] for _, e, _ in batch]).to(m.device)
-                lat = torch.stack([e["latents"][flip] for _, e, flip in batch]).to(m.device)
-                f = torch.stack([e["f"][flip] for _, e, flip in batch]).to(m.device)
-                tid = stack("time_ids")
-                yield dict(index=[i for i, _, _ in batch], latents_w=lat[:, 0], latents_l=lat[:, 1], prompt=stack("prompt"),
-                           pooled=stack("pooled") if m.xl else None, time_ids_w=tid[:, 0], time_ids_l=tid[:, 1],
+                get = lambda key, by_flip=False: torch.stack([c[key][r, f] if by_flip else c[key][r] for _, c, r, f in batch]).to(m.device)
+                lat, f, tid = get("latents", True), get("f", True), get("time_ids")
+                yield dict(index=[i for i, *_ in batch], latents_w=lat[:, 0], latents_l=lat[:, 1], prompt=get("prompt"),
+                           pooled=get("pooled") if m.xl else None, time_ids_w=tid[:, 0], time_ids_l=tid[:, 1],
                            f_w=f[:, 0], f_l=f[:, 1]), (epoch, pos + 1)
                 batch = []
         epoch, skip_to = epoch + 1, 0
@@ -644,8 +645,9 @@ def training_batches(cfg, m, rank, world, start, counts, pool):
     """(encoded micro-batch, resume position) forever, from the cache or from decoded rows."""
     if cfg.cache:
         yield from cached_batches(cfg, m, rank, world, start, counts)
-    for batch, pos in pair_batches(cfg, rank, world, start, counts, pool):
-        yield encode_pairs(m, collate(batch), cfg.embed, with_f=cfg.loss == "rpo"), pos
+    else:
+        for batch, pos in pair_batches(cfg, rank, world, start, counts, pool):
+            yield encode_pairs(m, collate(batch), cfg.embed, with_f=cfg.loss == "rpo"), pos
 
 
 def heldout_pairs(cfg, m):

@@ -419,6 +419,23 @@ def test_an_interrupted_run_resumes_to_exactly_the_metrics_of_an_uninterrupted_o
     assert resumed == full
 
 
+def test_replication_loop_reports_heldout_accuracy_and_rpo_with_one_pair_is_dpo(tmp_path):
+    runs = {}
+    for loss in ("dpo", "rpo"):  # the README's loop: one rpo.py run per method, end-of-run JSON line read back
+        out = tmp_path / loss
+        summary, metrics = train(out, "--loss", loss, "--batch", 1, "--seed", 0, "--max_steps", 3, "--toy_pairs", 32,
+                                 "--save_every", 100000, "--sample_steps", 0)
+        runs[loss] = summary, metrics
+        assert 0.0 <= summary["heldout_accuracy"] <= 1.0
+        assert summary["loss_type"] == loss and summary["batch"] == 1 and len(metrics) == 3
+        assert metrics[-1]["heldout_accuracy"] == summary["heldout_accuracy"]  # evaluated at max_steps
+    (dpo, dpo_metrics), (rpo_, rpo_metrics) = runs["dpo"], runs["rpo"]
+    # one pair per micro-batch: the 1 x 1 softmax weight is exactly 1, so RPO is DPO step for step
+    assert [r["loss"] for r in rpo_metrics] == [r["loss"] for r in dpo_metrics]
+    assert [r["accuracy"] for r in rpo_metrics] == [r["accuracy"] for r in dpo_metrics]
+    for key in ("heldout_accuracy", "heldout_margin", "loss"):
+        assert rpo_[key] == dpo[key], key
+
 # ------------------------------------------------------------------- style alignment (eval_style.py)
 
 def run_style(*argv):
