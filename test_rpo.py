@@ -345,6 +345,12 @@ def test_cached_and_uncached_training_give_the_same_losses(tmp_path):
     assert [r["loss"] for r in again] == [r["loss"] for r in cached]
 
 
+def test_bf16_autocast_trains_with_fp32_master_weights(tmp_path):
+    summary, metrics = train(tmp_path, "--precision", "bf16", "--max_steps", 3, "--batch", 2, "--sample_steps", 0)
+    assert summary["precision"] == "bf16" and all(math.isfinite(r["loss"]) for r in metrics)
+    assert {v.dtype for v in torch.load(tmp_path / "ckpt.pt", weights_only=False)["unet"].values()} == {torch.float32}
+
+
 def test_a_checkpoint_truncated_mid_write_is_passed_over_for_the_previous_one(tmp_path):
     train(tmp_path, "--max_steps", 4, "--save_every", 2, "--batch", 2, "--keep", 2)
     assert (tmp_path / "ckpt-0000002.pt").exists()
