@@ -302,7 +302,7 @@ OUTLINES = dict(circle=CIRCLE, square=[(-1, -1), (1, -1), (1, 1), (-1, 1)], tria
 
 def toy_captions(split):
     """Every 'a {color} {shape} on a {bg} background'; one in five (color, shape) pairs is held out."""
-    caps = [(c, s, b) for c in COLORS for s in list(OUTLINES) for b in COLORS if b != c]
+    caps = [(c, s, b) for c in COLORS for s in OUTLINES for b in COLORS if b != c]
     held_out = lambda c, s: (list(COLORS).index(c) + 3 * list(OUTLINES).index(s)) % 5 == 0
     return [f"a {c} {s} on a {b} background" for c, s, b in caps if held_out(c, s) == (split == "heldout")]
 
@@ -349,7 +349,7 @@ def parquet_files(path):
 
 
 def open_rows(source, data_id, split):
-    """An iterable of raw rows: toy rows, local parquet, or a hub dataset, both streamed by `datasets`."""
+    """Raw rows of local parquet or of a hub dataset, both streamed by `datasets`; None for the toy data."""
     if source == "toy":
         return None
     import datasets
