@@ -921,6 +921,7 @@ def main(argv=None):
     if pool:
         pool.terminate()
     if ddp:
+        dist.barrier()  # rank 0 writes samples and the summary last; tearing down alone can hang on gloo
         dist.destroy_process_group()
 
 

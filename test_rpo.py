@@ -367,7 +367,11 @@ def run_script(out, *flags, nproc=1, wait=True):
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE)
     if not wait:
         return proc
-    stdout, stderr = proc.communicate(timeout=600)
+    try:
+        stdout, stderr = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
     assert proc.returncode == 0, stderr[-3000:]
     return [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
 
