@@ -292,6 +292,7 @@ def encode_images(m, pixels):
 # Rows follow Pick-a-Pic v2: caption, jpg_0, jpg_1 (encoded images), label_0 (1, 0.5, 0). The toy data
 # is generated in that schema too, so every source runs through the same checks, decoding and shuffling.
 COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")
+SKIP_KEYS = ("ties", "bad_caption", "bad_label", "bad_image", "small")  # the first three are seen by every reader
 COLORS = dict(red=(220, 40, 40), green=(40, 180, 60), blue=(40, 70, 220), yellow=(240, 220, 40),
               purple=(140, 50, 170), orange=(250, 140, 20), white=(245, 245, 245), gray=(128, 128, 128))
 
@@ -474,9 +475,6 @@ def pair_batches(cfg, rank, world, start=None, counts=None, pool=None, source=No
         epoch, skip_to = epoch + 1, 0
 
 
-SKIP_KEYS = ("ties", "bad_caption", "bad_label", "bad_image", "small")
-
-
 def take(result, batch, counts, pool):
     pair = result.get() if pool else result
     if isinstance(pair, str):
@@ -484,6 +482,11 @@ def take(result, batch, counts, pool):
         return batch
     counts["small"] += pair.pop("small")
     return batch + [pair]
+
+
+def decoded(jobs, pool=None):
+    """prepare_pair over jobs, in order, dropping the pairs that did not decode."""
+    return [p for p in (pool.map(prepare_pair, jobs) if pool else map(prepare_pair, jobs)) if not isinstance(p, str)]
 
 
 def collate(pairs):
@@ -555,7 +558,12 @@ def cache_meta(cfg, m):
 
 
 def atomic_save(obj, path):
-    torch.save(obj, path + ".tmp")
+    """Write then rename: a kill mid-write leaves the previous file whole. JSON for .json paths, else torch.save."""
+    if path.endswith(".json"):
+        with open(path + ".tmp", "w") as fh:
+            json.dump(obj, fh)
+    else:
+        torch.save(obj, path + ".tmp")
     os.replace(path + ".tmp", path)
 
 
@@ -570,8 +578,7 @@ def build_cache(cfg, m, rank, world, pool):
         if "n" in old:
             return
     elif rank == 0:
-        json.dump(meta, open(meta_path + ".tmp", "w"))
-        os.replace(meta_path + ".tmp", meta_path)
+        atomic_save(meta, meta_path)
     counts, chunk, n = {k: 0 for k in SKIP_KEYS}, [], 0
 
     def write(k, rows):
@@ -579,7 +586,7 @@ def build_cache(cfg, m, rank, world, pool):
         if k % world != rank or os.path.exists(path):
             return
         jobs = [(row, index, cfg.resolution, False, None) for index, row in rows]
-        pairs = [p for p in (pool.map(prepare_pair, jobs) if pool else map(prepare_pair, jobs)) if not isinstance(p, str)]
+        pairs = decoded(jobs, pool)
         parts = []
         for i in range(0, len(pairs), cfg.batch):
             part = collate(pairs[i:i + cfg.batch])
@@ -604,8 +611,7 @@ def build_cache(cfg, m, rank, world, pool):
     if world > 1:
         dist.barrier()
     if rank == 0:
-        json.dump(dict(meta, n=n), open(meta_path + ".tmp", "w"))
-        os.replace(meta_path + ".tmp", meta_path)
+        atomic_save(dict(meta, n=n), meta_path)
     if world > 1:
         dist.barrier()
 
@@ -657,7 +663,7 @@ def heldout_pairs(cfg, m):
         return None
     split = "heldout" if source == "toy" else ("validation_unique" if source == "pickapic" else "train")
     rows = itertools.islice(valid_rows(cfg, source, split, {k: 0 for k in SKIP_KEYS}, cfg.eval_pairs), cfg.eval_pairs)
-    pairs = [p for p in (prepare_pair((row, i, cfg.resolution, False, None)) for i, row in rows) if not isinstance(p, str)]
+    pairs = decoded([(row, i, cfg.resolution, False, None) for i, row in rows])
     if not pairs:
         sys.exit(f"rpo.py: no usable held-out pairs in {source!r} (split {split!r})")
     return encode_pairs(m, collate(pairs), cfg.embed)
