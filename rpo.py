@@ -21,6 +21,7 @@ import os
 import random
 import resource
 import shutil
+import statistics
 import sys
 import time
 from collections import OrderedDict, deque
@@ -849,14 +850,14 @@ def main(argv=None):
               f"{cfg.grad_accum} accumulation, {precision}, {sum(p.numel() for p in m.unet.parameters()) / 1e6:.1f}M "
               f"trainable parameters", file=sys.stderr)
 
-    nonfinite_run, nonfinite_total, history, start_step = 0, 0, [], step
+    nonfinite_run, nonfinite_total, history, start_step, step_seconds = 0, 0, [], step, []
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not master, dynamic_ncols=True)
     WEIGHT_TIMES.clear()  # count only the training loop's pair embeddings
     t0 = t_first = time.perf_counter()
     saving = 0.0  # seconds spent on evaluation, checkpoints and samples, kept out of the throughput
     position = positions[rank] if positions else (0, 0)
     while step < cfg.max_steps:
-        sums = {}
+        sums, t_step = {}, time.perf_counter()
         for micro in range(cfg.grad_accum):
             enc, position = next(batches)
             sync = micro == cfg.grad_accum - 1 or not ddp
@@ -882,6 +883,7 @@ def main(argv=None):
             nonfinite_run, nonfinite_total = nonfinite_run + 1, nonfinite_total + 1
         optimizer.zero_grad(set_to_none=True)
         step += 1
+        step_seconds.append(time.perf_counter() - t_step)
         if step == start_step + 1:
             t_first = time.perf_counter()
         skipped = torch.tensor([counts[k] for k in SKIP_KEYS], dtype=torch.float64)
@@ -919,6 +921,7 @@ def main(argv=None):
             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         summary = dict(steps=step - start_step, seconds=round(seconds, 2), steps_per_s=round(steps_per_s, 4),
                        pairs_per_s=round(steps_per_s * cfg.batch * cfg.grad_accum * world, 2),
+                       median_step_ms=round(1000 * statistics.median(step_seconds[1:] or step_seconds), 2),
                        peak_mem_mb=round(peak / 2**20, 1), weight_time_share=round(weight_seconds() / (seconds - saving), 4),
                        loss=history[-1]["loss"], train_accuracy=round(sum(r.get("accuracy", float("nan")) for r in last) / len(last), 4),
                        heldout_accuracy=history[-1].get("heldout_accuracy"), heldout_margin=history[-1].get("heldout_margin"),

@@ -345,6 +345,15 @@ def test_cached_and_uncached_training_give_the_same_losses(tmp_path):
     assert [r["loss"] for r in again] == [r["loss"] for r in cached]
 
 
+def test_only_uncached_rpo_spends_training_time_on_pair_embeddings(tmp_path):
+    # what an RPO step adds to a DPO step: CLIP, which --cache moves out of the loop, and an M x M matrix of scalars
+    flags = ["--toy_pairs", 8, "--batch", 4, "--max_steps", 3, "--save_every", 100, "--eval_pairs", 0, "--sample_steps", 0]
+    runs = [train(tmp_path / name, *flags, *extra)[0] for name, extra in
+            [("rpo", []), ("dpo", ["--loss", "dpo"]), ("cached", ["--cache", tmp_path / "cache"])]]
+    assert [r["weight_time_share"] > 0 for r in runs] == [True, False, False]
+    assert all(r["median_step_ms"] > 0 and r["pairs_per_s"] > 0 for r in runs)
+
+
 def test_bf16_autocast_trains_with_fp32_master_weights(tmp_path):
     summary, metrics = train(tmp_path, "--precision", "bf16", "--max_steps", 3, "--batch", 2, "--sample_steps", 0)
     assert summary["precision"] == "bf16" and all(math.isfinite(r["loss"]) for r in metrics)
