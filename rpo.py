@@ -778,6 +778,20 @@ def evaluate(cfg, m, enc, autocast):
 
 
 # ---------------------------------------------------------------------------------------- training
+PEAK_BF16_FLOPS = 989e12  # one H100 SXM, dense bf16; the end-of-run MFU on any CUDA device is quoted against it
+
+
+# micro-step FLOPs = 4 x one UNet forward over its 2M images: policy forward + backward = 3, reference = 1 (SFT: 1.5)
+@torch.no_grad()
+def step_flops(cfg, m, enc):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    unet = getattr(m.ref_unet, "_orig_mod", m.ref_unet)  # the eager module under --compile
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):  # the counter misses CPU's fused SDPA
+        pair_errors(unet, m, enc, [f"flops-{i}" for i in enc["index"]])
+    return counter.get_total_flops() * (1.5 if cfg.loss == "sft" else 4)
+
+
 def make_optimizer(cfg, params, device):
     if cfg.optimizer == "adafactor":  # Diffusion-DPO's choice for SDXL: no second-moment matrix per weight
         from transformers.optimization import Adafactor
@@ -919,9 +933,12 @@ def main(argv=None):
         last = history[-10:]
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else \
             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        flops_per_s = step_flops(cfg, m, enc) * cfg.grad_accum * steps_per_s  # per rank; counted after the peak
         summary = dict(steps=step - start_step, seconds=round(seconds, 2), steps_per_s=round(steps_per_s, 4),
                        pairs_per_s=round(steps_per_s * cfg.batch * cfg.grad_accum * world, 2),
                        median_step_ms=round(1000 * statistics.median(step_seconds[1:] or step_seconds), 2),
+                       tflops_per_s=round(flops_per_s / 1e12, 4),
+                       mfu=round(flops_per_s / PEAK_BF16_FLOPS, 4) if device.type == "cuda" else None,
                        peak_mem_mb=round(peak / 2**20, 1), weight_time_share=round(weight_seconds() / (seconds - saving), 4),
                        loss=history[-1]["loss"], train_accuracy=round(sum(r.get("accuracy", float("nan")) for r in last) / len(last), 4),
                        heldout_accuracy=history[-1].get("heldout_accuracy"), heldout_margin=history[-1].get("heldout_margin"),

@@ -351,7 +351,19 @@ def test_only_uncached_rpo_spends_training_time_on_pair_embeddings(tmp_path):
     runs = [train(tmp_path / name, *flags, *extra)[0] for name, extra in
             [("rpo", []), ("dpo", ["--loss", "dpo"]), ("cached", ["--cache", tmp_path / "cache"])]]
     assert [r["weight_time_share"] > 0 for r in runs] == [True, False, False]
-    assert all(r["median_step_ms"] > 0 and r["pairs_per_s"] > 0 for r in runs)
+    assert all(r["median_step_ms"] > 0 and r["pairs_per_s"] > 0 and r["tflops_per_s"] > 0 for r in runs)
+    assert all(r["mfu"] is None for r in runs)  # MFU is quoted against a GPU's peak only
+
+
+@pytest.mark.parametrize("loss", ["rpo", "sft"])
+def test_mfu_counts_a_training_micro_step_as_four_unet_forwards_of_its_pairs(loss):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    cfg, m = tiny_models("tiny", "--loss", loss)
+    enc = toy_batch(cfg, m, n=4)
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        rpo.preference_step(cfg, m, m.unet, enc, epoch=0)[0].backward()
+    assert rpo.step_flops(cfg, m, enc) == pytest.approx(counter.get_total_flops(), rel=0.02)
 
 
 def test_bf16_autocast_trains_with_fp32_master_weights(tmp_path):
