@@ -356,7 +356,8 @@ def test_only_uncached_rpo_spends_training_time_on_pair_embeddings(tmp_path):
 
 
 @pytest.mark.parametrize("loss", ["rpo", "sft"])
-def test_mfu_counts_a_training_micro_step_as_four_unet_forwards_of_its_pairs(loss):
+def test_mfu_flop_count_matches_the_counted_flops_of_a_real_micro_step(loss):
+    # rpo: 3 policy forwards (forward + backward) + 1 reference forward of the 2M images; sft: 3 of the M winners
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
     cfg, m = tiny_models("tiny", "--loss", loss)
