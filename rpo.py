@@ -454,7 +454,7 @@ def pair_batches(cfg, rank, world, start=None, counts=None, pool=None, source=No
     counts = counts if counts is not None else {k: 0 for k in SKIP_KEYS}
     epoch, skip_to = start or (0, 0)
     while True:
-        n_rows, batch, window = 0, [], deque()
+        n_batches, batch, window = 0, [], deque()
         rng = random.Random(f"{cfg.seed}-shuffle-{epoch}")
         stream = shuffled(valid_rows(cfg, source, split, counts), cfg.shuffle_buffer, rng)
         jobs = ((pos, (row, index, cfg.resolution, not cfg.no_flip and coin(cfg.seed, epoch, index, "flip") < 0.5,
@@ -462,18 +462,21 @@ def pair_batches(cfg, rank, world, start=None, counts=None, pool=None, source=No
                 for pos, (index, row) in enumerate(stream) if (pos // cfg.batch) % world == rank and pos >= skip_to)
         for pos, job in itertools.chain(jobs, [(None, None)]):  # a last None drains the window
             if job is not None:
-                n_rows += 1
                 window.append((pos, pool.apply_async(prepare_pair, (job,)) if pool else prepare_pair(job)))
             while window and (job is None or len(window) > 4 * cfg.batch or not pool):
                 pos_done, result = window.popleft()
                 batch = take(result, batch, counts, pool)
                 if len(batch) == cfg.batch:
                     yield batch, (epoch, pos_done + 1)
-                    batch = []
-        if n_rows < cfg.batch and skip_to == 0:
-            sys.exit(f"rpo.py: {n_rows} trainable pairs for rank {rank} in {source!r} (split {split!r}), fewer than "
-                     f"--batch {cfg.batch}, after dropping ties and bad rows: {dict(counts)}")
+                    n_batches, batch = n_batches + 1, []
+        if n_batches == 0 and skip_to == 0:  # a whole epoch without one micro-batch: every later epoch is the same
+            too_few_pairs(cfg, rank, len(batch), f"{source!r} (split {split!r})", counts)
         epoch, skip_to = epoch + 1, 0
+
+
+def too_few_pairs(cfg, rank, n, where, counts):
+    sys.exit(f"rpo.py: {n} trainable pairs for rank {rank} in {where}, fewer than --batch {cfg.batch}, after "
+             f"dropping ties and bad rows: {dict(counts)}")
 
 
 def take(result, batch, counts, pool):
@@ -609,11 +612,11 @@ def build_cache(cfg, m, rank, world, pool):
             chunk = []
     if chunk:
         write(n // CACHE_CHUNK, chunk)
-    if world > 1:
+    if dist.is_initialized():
         dist.barrier()
     if rank == 0:
         atomic_save(dict(meta, n=n), meta_path)
-    if world > 1:
+    if dist.is_initialized():
         dist.barrier()
 
 
@@ -623,7 +626,7 @@ def cached_batches(cfg, m, rank, world, start, counts):
     chunks = OrderedDict()
     epoch, skip_to = start or (0, 0)
     while True:
-        rng, batch = random.Random(f"{cfg.seed}-shuffle-{epoch}"), []
+        rng, batch, n_batches = random.Random(f"{cfg.seed}-shuffle-{epoch}"), [], 0
         for pos, index in enumerate(shuffled(iter(range(n)), cfg.shuffle_buffer, rng)):
             if (pos // cfg.batch) % world != rank or pos < skip_to:
                 continue
@@ -644,7 +647,9 @@ def cached_batches(cfg, m, rank, world, start, counts):
                 yield dict(index=[i for i, *_ in batch], latents_w=lat[:, 0], latents_l=lat[:, 1], prompt=get("prompt"),
                            pooled=get("pooled") if m.xl else None, time_ids_w=tid[:, 0], time_ids_l=tid[:, 1],
                            f_w=f[:, 0], f_l=f[:, 1]), (epoch, pos + 1)
-                batch = []
+                n_batches, batch = n_batches + 1, []
+        if n_batches == 0 and skip_to == 0:
+            too_few_pairs(cfg, rank, len(batch), f"cache {cfg.cache!r}", counts)
         epoch, skip_to = epoch + 1, 0
 
 
@@ -658,7 +663,8 @@ def training_batches(cfg, m, rank, world, start, counts, pool):
 
 
 def heldout_pairs(cfg, m):
-    """Up to eval_pairs held-out pairs in file order, unflipped, encoded once; None without a held-out source."""
+    """Up to eval_pairs held-out pairs in file order, unflipped, encoded once in micro-batches of --batch pairs
+    (one VAE call over all of them does not fit a GPU at 1024 px); None without a held-out source."""
     source = cfg.eval_data or {"toy": "toy", "pickapic": "pickapic"}.get(cfg.data)
     if not source or cfg.eval_pairs <= 0:
         return None
@@ -667,7 +673,8 @@ def heldout_pairs(cfg, m):
     pairs = decoded([(row, i, cfg.resolution, False, None) for i, row in rows])
     if not pairs:
         sys.exit(f"rpo.py: no usable held-out pairs in {source!r} (split {split!r})")
-    return encode_pairs(m, collate(pairs), cfg.embed)
+    return [encode_pairs(m, collate(pairs[i:i + cfg.batch]), cfg.embed, with_f=False)
+            for i in range(0, len(pairs), cfg.batch)]
 
 
 # ------------------------------------------------------------------------------------- pair weights
@@ -696,18 +703,19 @@ def preference_metrics(err_w, err_l, ref_err_w, ref_err_l, beta, weights=None):
     s_w, s_l = (err_w - ref_err_w).detach().float(), (err_l - ref_err_l).detach().float()
     return dict(accuracy=((s_w < s_l).float() + 0.5 * (s_w == s_l).float()).mean(),
                 margin=(beta / 2 * (s_l - s_w)).mean(),
-                w_diag=weights.diagonal().mean() if weights is not None else torch.tensor(1.0),
+                w_diag=weights.diagonal().mean() if weights is not None else s_w.new_ones(()),
                 mse=torch.cat([err_w, err_l]).detach().mean(), ref_mse=torch.cat([ref_err_w, ref_err_l]).mean())
 
 
 def pair_noise(keys, latents, T):
-    """Noise and timestep of each pair from its own seeded generator: winner and loser share them."""
+    """Noise and timestep of each pair from its own seeded generator: winner and loser share them. Drawn on the
+    CPU and copied over, so a pair gets the same draw on any device."""
     noise, t = [], []
     for key in keys:
-        g = torch.Generator(latents.device).manual_seed(random.Random(key).getrandbits(63))
-        noise.append(torch.randn(latents.shape[1:], generator=g, device=latents.device, dtype=torch.float32))
-        t.append(torch.randint(0, T, (1,), generator=g, device=latents.device))
-    return torch.stack(noise).to(latents.dtype), torch.cat(t)
+        g = torch.Generator().manual_seed(random.Random(key).getrandbits(63))
+        noise.append(torch.randn(latents.shape[1:], generator=g))
+        t.append(torch.randint(0, T, (1,), generator=g))
+    return torch.stack(noise).to(latents.device, latents.dtype), torch.cat(t).to(latents.device)
 
 
 def denoising_errors(unet, m, latents, noise, t, prompt, pooled, time_ids):
@@ -763,17 +771,21 @@ def preference_step(cfg, m, policy, enc, epoch):
 
 
 @torch.no_grad()
-def evaluate(cfg, m, enc, autocast):
-    """Held-out implicit accuracy and margin, s averaged over eval_draws fixed (noise, t) draws per pair."""
+def evaluate(cfg, m, heldout, autocast):
+    """Held-out implicit accuracy and margin, s averaged over eval_draws fixed (noise, t) draws per pair; the
+    held-out micro-batches go through the UNets one at a time."""
     was_training = m.unet.training
     m.unet.eval()
-    errs = []
+    errs = []  # per micro-batch: err_w, err_l, ref_err_w, ref_err_l, each the mean over the draws
     with autocast:
-        for d in range(cfg.eval_draws):
-            keys = [f"eval-{d}-{i}" for i in enc["index"]]
-            errs.append([*pair_errors(m.unet, m, enc, keys), *pair_errors(m.ref_unet, m, enc, keys)])
+        for enc in heldout:
+            draws = []
+            for d in range(cfg.eval_draws):
+                keys = [f"eval-{d}-{i}" for i in enc["index"]]
+                draws.append([*pair_errors(m.unet, m, enc, keys), *pair_errors(m.ref_unet, m, enc, keys)])
+            errs.append([torch.stack(e).mean(0) for e in zip(*draws)])
     m.unet.train(was_training)
-    mean = [torch.stack(e).mean(0) for e in zip(*errs)]
+    mean = [torch.cat(e) for e in zip(*errs)]
     return {k: float(v) for k, v in preference_metrics(*mean, cfg.beta).items() if k in ("accuracy", "margin")}
 
 
@@ -799,24 +811,57 @@ def make_optimizer(cfg, params, device):
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2, fused=device.type == "cuda")
 
 
+def accumulate_gradients(cfg, m, policy, batches, autocast, scaler, ddp):
+    """Forward and backward over --grad_accum micro-batches (DDP syncs gradients on the last one only). Returns the
+    mean of each metric as tensors on the training device, and the last micro-batch with its resume position."""
+    sums = {}
+    for micro in range(cfg.grad_accum):
+        enc, position = next(batches)
+        sync = micro == cfg.grad_accum - 1 or not ddp
+        with (nullcontext() if sync else policy.no_sync()), autocast:
+            loss, metrics = preference_step(cfg, m, policy, enc, position[0])
+        scaler.scale(loss / cfg.grad_accum).backward()
+        for k, v in dict(metrics, loss=loss.detach()).items():
+            sums[k] = sums.get(k, 0) + v.float() / cfg.grad_accum
+    return sums, enc, position
+
+
+def step_vector(sums, counts, device):
+    """What a step logs, as (names, one float64 tensor on the training device): one all-reduce, one copy to the host."""
+    names = sorted(sums) + list(SKIP_KEYS)
+    skipped = torch.tensor([float(counts[k]) for k in SKIP_KEYS], dtype=torch.float64, device=device)
+    return names, torch.cat([torch.stack([sums[k] for k in sorted(sums)]).double(), skipped])
+
+
+def mean_over_ranks(names, vec, world):
+    """Metrics are averaged over ranks; so are ties and bad rows, which every rank's reader sees. Undecodable and
+    small images are counted by the rank that decoded them, so they are summed."""
+    dist.all_reduce(vec)
+    return vec / torch.tensor([1.0 if k in ("bad_image", "small") else world for k in names], dtype=vec.dtype,
+                              device=vec.device)
+
+
+def weights_are_finite(unet):
+    return bool(torch.stack([p.isfinite().all() for p in unet.parameters()]).all())
+
+
 def main(argv=None):
     cfg = parse_config(argv)
     # JPEG decoders are forked first, before a process group or CUDA state exists
     pool = multiprocessing.get_context("fork").Pool(cfg.workers) if cfg.workers > 0 else None
-    ddp = int(os.environ.get("WORLD_SIZE", 1)) > 1
-    if ddp:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        rank, world, local_rank = dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"])
-    else:
-        rank, world, local_rank = 0, 1, 0
+    ddp = int(os.environ.get("RANK", -1)) != -1  # under torchrun, even with one process: one code path for all
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if ddp:  # NCCL takes only GPU tensors: everything the loop reduces or gathers is made on `device`
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                device_id=device if device.type == "cuda" else None)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
     precision = cfg.precision or ("bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32")
     dtype = dict(bf16=torch.bfloat16, fp16=torch.float16, fp32=torch.float32)[precision]
     autocast = torch.autocast(device.type, dtype=dtype) if precision != "fp32" else nullcontext()
-    frozen_dtype = dtype if device.type == "cuda" else torch.float32
     master = rank == 0
     random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
 
@@ -824,7 +869,7 @@ def main(argv=None):
         model_folder(cfg)  # builds the random-init folder once per machine
     if ddp:
         dist.barrier()
-    m = load_models(cfg, device, frozen_dtype)
+    m = load_models(cfg, device, dtype)
     policy = torch.nn.parallel.DistributedDataParallel(m.unet, device_ids=[local_rank] if device.type == "cuda" else None) \
         if ddp else m.unet
     if cfg.compile:
@@ -860,7 +905,8 @@ def main(argv=None):
     eval_enc = heldout_pairs(cfg, m) if master else None
     batches = training_batches(cfg, m, rank, world, positions[rank] if positions else None, counts, pool)
     if master:
-        print(f"training {cfg.model} ({m.base}) with {cfg.loss} on {cfg.data}: {world} rank(s) x {cfg.batch} pairs x "
+        ranks = f"{world} rank(s) ({dist.get_backend()})" if ddp else "1 process"
+        print(f"training {cfg.model} ({m.base}) with {cfg.loss} on {cfg.data}: {ranks} x {cfg.batch} pairs x "
               f"{cfg.grad_accum} accumulation, {precision}, {sum(p.numel() for p in m.unet.parameters()) / 1e6:.1f}M "
               f"trainable parameters", file=sys.stderr)
 
@@ -871,41 +917,26 @@ def main(argv=None):
     saving = 0.0  # seconds spent on evaluation, checkpoints and samples, kept out of the throughput
     position = positions[rank] if positions else (0, 0)
     while step < cfg.max_steps:
-        sums, t_step = {}, time.perf_counter()
-        for micro in range(cfg.grad_accum):
-            enc, position = next(batches)
-            sync = micro == cfg.grad_accum - 1 or not ddp
-            with (nullcontext() if sync else policy.no_sync()), autocast:
-                loss, metrics = preference_step(cfg, m, policy, enc, position[0])
-            scaler.scale(loss / cfg.grad_accum).backward()
-            for k, v in dict(metrics, loss=loss.detach()).items():
-                sums[k] = sums.get(k, 0) + v.float() / cfg.grad_accum
-        keys = sorted(sums)
-        vec = torch.stack([sums[k] for k in keys])
-        if ddp:
-            dist.all_reduce(vec)
-            vec /= world
-        logged = dict(zip(keys, vec.tolist()))
-        if math.isfinite(logged["loss"]):
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(m.unet.parameters(), 1.0)
+        t_step, lr = time.perf_counter(), schedule.get_last_lr()[0]
+        sums, enc, position = accumulate_gradients(cfg, m, policy, batches, autocast, scaler, ddp)
+        scaler.unscale_(optimizer)
+        sums["grad_norm"] = torch.nn.utils.clip_grad_norm_(m.unet.parameters(), 1.0)
+        names, vec = step_vector(sums, counts, device)
+        logged = dict(zip(names, (mean_over_ranks(names, vec, world) if ddp else vec).tolist()))
+        # a NaN gradient under a finite loss (bf16 has no GradScaler to catch it) would turn every weight NaN
+        finite = math.isfinite(logged["loss"]) and math.isfinite(logged["grad_norm"])
+        if finite:
             scaler.step(optimizer)
-            scaler.update()
             schedule.step()
-            nonfinite_run = 0
-        else:
-            nonfinite_run, nonfinite_total = nonfinite_run + 1, nonfinite_total + 1
+        scaler.update()  # fp16: a non-finite gradient lowers the loss scale
         optimizer.zero_grad(set_to_none=True)
+        nonfinite_run, nonfinite_total = (0 if finite else nonfinite_run + 1), nonfinite_total + (not finite)
         step += 1
         step_seconds.append(time.perf_counter() - t_step)
         if step == start_step + 1:
             t_first = time.perf_counter()
-        skipped = torch.tensor([counts[k] for k in SKIP_KEYS], dtype=torch.float64)
-        if ddp:  # ties and bad rows are seen by every rank's reader; undecodable images by their owner
-            dist.all_reduce(skipped)
-            skipped[:3] /= world
-        record = dict(step=step, lr=schedule.get_last_lr()[0], **logged,
-                      **{k: int(v) for k, v in zip(SKIP_KEYS, skipped.tolist())}, nonfinite=nonfinite_total)
+        record = dict(step=step, lr=lr, **{k: int(v) if k in SKIP_KEYS else v for k, v in logged.items()},
+                      nonfinite=nonfinite_total)
         history.append(record)
         stop = nonfinite_run >= cfg.max_nonfinite
         if step % cfg.save_every == 0 or step == cfg.max_steps or stop:
@@ -923,8 +954,9 @@ def main(argv=None):
             bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record.get('accuracy', float('nan')):.2f}",
                             skipped=sum(record[k] for k in SKIP_KEYS if k not in ("ties", "small")))
         if stop:
-            sys.exit(f"rpo.py: {nonfinite_run} non-finite losses in a row at step {step}; stopped with a checkpoint of "
-                     f"the last good weights in {cfg.out}. Lower --lr or --beta, or use --precision bf16/fp32")
+            sys.exit(f"rpo.py: {nonfinite_run} non-finite steps (loss or gradient) in a row at step {step}; stopped "
+                     f"with a checkpoint of the last good weights in {cfg.out}. Lower --lr or --beta, or use "
+                     f"--precision bf16/fp32")
     bar.close()
     seconds, timed = time.perf_counter() - t0, time.perf_counter() - t_first - saving
     if master and history:
@@ -947,7 +979,11 @@ def main(argv=None):
     if pool:
         pool.terminate()
     if ddp:
-        dist.barrier()  # rank 0 writes samples and the summary last; tearing down alone can hang on gloo
+        # DDP's Reducer holds the process group. Freed after destroy_process_group, it would be the last holder and
+        # destroy gloo's group with the GIL held, while a gloo worker thread may need the GIL to free a finished
+        # collective's tensors: a deadlock at exit. Freed first, the group goes with destroy_process_group,
+        # which releases the GIL.
+        del policy
         dist.destroy_process_group()
 
 
@@ -955,8 +991,11 @@ def main(argv=None):
 def save_checkpoint(cfg, m, optimizer, schedule, scaler, step, position, world, master):
     """DIR/ckpt-STEP.pt (resume state, written then renamed; the last `keep` kept, ckpt.pt links the newest)
     and DIR/unet (diffusers)."""
+    if not weights_are_finite(m.unet):  # the same weights on every rank: every rank stops here
+        sys.exit(f"rpo.py: the weights became non-finite by step {step} and were not saved; the newest checkpoint in "
+                 f"{cfg.out}, if any, holds the last good ones. Lower --lr or --beta")
     positions = [None] * world
-    if world > 1:
+    if dist.is_initialized():
         dist.all_gather_object(positions, position)
     else:
         positions = [position]

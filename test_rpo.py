@@ -1,11 +1,16 @@
 """The specification of rpo.py, as tests: CPU, offline, tiny random models, data the tests write."""
+import gc
 import io
+import itertools
 import json
 import math
 import os
+import shutil
+import signal
+import socket
 import subprocess
 import sys
-from contextlib import redirect_stdout
+from contextlib import contextmanager, nullcontext, redirect_stdout
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -35,6 +40,24 @@ def train(out, *flags):
     lines = [l for l in buf.getvalue().splitlines() if l.startswith("{")]
     metrics = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
     return json.loads(lines[-1]) if lines else None, metrics
+
+
+class Overran(BaseException):  # not an Exception: the code under test may catch those (a bad image is skipped)
+    pass
+
+
+@contextmanager
+def deadline(seconds):
+    """Fail, instead of hanging, when the body (a loop that must end) runs longer than this."""
+    def expire(*_):
+        raise Overran(f"still running after {seconds} s")
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def errors(M, seed=0):
@@ -68,10 +91,13 @@ def test_rpo_loss_averages_every_winner_against_every_loser():
     assert torch.allclose(rpo.rpo_loss(err_w, err_l, ref_w, ref_l, 5000, w), expected)
 
 
-def test_each_row_of_contrast_weights_sums_to_one():
-    w = rpo.contrast_weights(torch.randn(7, 16), torch.randn(7, 16), tau=0.5)
-    assert w.shape == (7, 7) and (w > 0).all()
-    assert torch.allclose(w.sum(dim=1), torch.ones(7))
+def test_contrast_weights_match_hand_computed_values_whatever_the_embedding_length():
+    e1, e2 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    f_w, f_l = torch.stack([e1, e2]), torch.stack([e1, -e1])
+    # row 0: d = (0, 2) -> softmax(0, -2/tau); row 1: d = (1, 1) -> (1/2, 1/2)
+    expected = torch.tensor([[1 / (1 + math.exp(-4)), math.exp(-4) / (1 + math.exp(-4))], [0.5, 0.5]])
+    for scale in (1.0, 3.0):
+        assert torch.allclose(rpo.contrast_weights(scale * f_w, f_l / scale, tau=0.5), expected, atol=1e-6)
 
 
 def test_contrast_weights_are_softmax_of_cosine_distance_over_tau():
@@ -200,6 +226,26 @@ def test_all_ties_is_one_clear_error_before_training(tmp_path):
         rpo.main(["--data", str(folder), "--out", str(tmp_path / "o"), "--workers", "0", "--eval_pairs", "0"])
 
 
+def test_a_source_where_no_image_decodes_is_one_clear_error_not_an_endless_loop(tmp_path):
+    rows = [dict(r, jpg_0=b"not an image") for r in pickapic_rows(10)]
+    cfg = rpo.parse_config(["--data", str(write_shards(tmp_path / "broken", rows, 1)), "--batch", "2"])
+    with deadline(60), pytest.raises(SystemExit, match="0 trainable pairs for rank 0"):
+        next(rpo.pair_batches(cfg, 0, 1))
+
+
+def test_a_rank_with_fewer_cached_pairs_than_the_batch_is_one_clear_error_not_an_endless_loop(tmp_path):
+    with deadline(120), pytest.raises(SystemExit, match="3 trainable pairs for rank 0 in cache"):
+        train(tmp_path, "--toy_pairs", 3, "--batch", 4, "--cache", tmp_path / "cache", "--eval_pairs", 0)
+
+
+def test_a_cache_built_for_other_settings_is_one_clear_error(tmp_path):
+    flags = ["--toy_pairs", 8, "--batch", 4, "--max_steps", 1, "--eval_pairs", 0, "--sample_steps", 0,
+             "--cache", tmp_path / "cache"]
+    train(tmp_path / "a", *flags)
+    with pytest.raises(SystemExit, match="cache .* was built for .* use another --cache folder"):
+        train(tmp_path / "b", *flags, "--embed", "text")
+
+
 def test_unreachable_hub_dataset_is_one_line_naming_the_id_and_the_way_out(tmp_path, monkeypatch):
     import datasets
 
@@ -267,7 +313,7 @@ def test_a_few_optimizer_steps_on_one_fixed_batch_raise_its_implicit_accuracy_an
     torch.manual_seed(0)
     cfg, m = tiny_models("tiny", "--lr", "1e-4", "--eval_draws", "4")
     enc = toy_batch(cfg, m)
-    before = rpo.evaluate(cfg, m, enc, rpo.nullcontext())
+    before = rpo.evaluate(cfg, m, [enc], rpo.nullcontext())
     ref_before = {k: v.clone() for k, v in m.ref_unet.state_dict().items()}
     policy_before = {k: v.clone() for k, v in m.unet.state_dict().items()}
     opt = torch.optim.AdamW(m.unet.parameters(), lr=cfg.lr)
@@ -277,11 +323,52 @@ def test_a_few_optimizer_steps_on_one_fixed_batch_raise_its_implicit_accuracy_an
         loss.backward()
         opt.step()
         opt.zero_grad()
-    after = rpo.evaluate(cfg, m, enc, rpo.nullcontext())
+    after = rpo.evaluate(cfg, m, [enc], rpo.nullcontext())
     assert after["accuracy"] > before["accuracy"] and after["margin"] > before["margin"]
     assert all(torch.equal(v, ref_before[k]) for k, v in m.ref_unet.state_dict().items())
     assert not all(torch.equal(v, policy_before[k]) for k, v in m.unet.state_dict().items())
     assert not any(p.requires_grad for p in m.ref_unet.parameters())
+
+
+def test_pair_embedding_is_the_normalised_sum_of_normalised_clip_text_and_image_features():
+    from transformers import CLIPImageProcessorPil
+    cfg, m = tiny_models()
+    pairs = [rpo.prepare_pair((row, i, cfg.resolution, False, None)) for i, row in enumerate(rpo.toy_rows("train", 4))]
+    captions, winners = [p["caption"] for p in pairs], torch.from_numpy(np.stack([p["winner"] for p in pairs]))
+    f = {embed: rpo.pair_embeddings(m, captions, winners, embed) for embed in ("text", "image", "both")}
+    ids = m.clip_tokenizer(captions, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    text = F.normalize(m.clip.get_text_features(ids).pooler_output, dim=-1)
+    # CLIP's own preprocessing (the tiny CLIP sees 32 px, the training resolution: no resize)
+    processor = CLIPImageProcessorPil(do_resize=False, do_center_crop=False)
+    pixels = processor(images=[Image.fromarray(p["winner"].transpose(1, 2, 0)) for p in pairs], return_tensors="pt")
+    image = F.normalize(m.clip.get_image_features(pixel_values=pixels.pixel_values).pooler_output, dim=-1)
+    assert torch.allclose(f["text"], text, atol=1e-5) and torch.allclose(f["image"], image, atol=1e-4)
+    assert torch.allclose(f["both"], F.normalize(text + image, dim=-1), atol=1e-4)
+    assert not torch.allclose(f["text"], f["image"], atol=1e-2)
+
+
+def test_sdxl_prompt_dropout_blanks_the_pooled_embedding_with_the_prompt():
+    cfg, m = tiny_models("tiny-xl")
+    enc = toy_batch(cfg, m, n=4)
+    seen = []
+    probe = m.unet.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append((args[2], kwargs["added_cond_kwargs"]["text_embeds"])), with_kwargs=True)
+    for drop in ("1.0", "0"):
+        rpo.preference_step(rpo.parse_config(["--model", "tiny-xl", "--drop_prompt", drop]), m, m.unet, enc, 0)
+    probe.remove()
+    (prompt, pooled), (kept_prompt, kept_pooled) = seen
+    assert torch.equal(pooled, m.empty_pooled.expand_as(pooled)) and torch.equal(prompt, m.empty_prompt.expand_as(prompt))
+    assert torch.equal(kept_pooled, torch.cat([enc["pooled"]] * 2)) and not torch.equal(kept_pooled, pooled)
+
+
+def test_the_learning_rate_warms_up_linearly_and_each_step_logs_the_rate_it_used(tmp_path):
+    _, metrics = train(tmp_path, "--lr", 1e-4, "--warmup_steps", 4, "--max_steps", 6, "--save_every", 1, "--keep", 10,
+                       "--batch", 2, "--sample_steps", 0, "--eval_pairs", 0)
+    assert [r["lr"] for r in metrics] == pytest.approx([2.5e-5, 5e-5, 7.5e-5, 1e-4, 1e-4, 1e-4])
+    # AdamW's first update moves each weight by about lr (g / |g|), plus a little weight decay
+    base = rpo.load_models(rpo.parse_config([]), torch.device("cpu"), torch.float32).unet.state_dict()
+    first = torch.load(tmp_path / "ckpt-0000001.pt", weights_only=False)["unet"]
+    assert max((first[k] - base[k]).abs().max().item() for k in base) == pytest.approx(2.5e-5, rel=0.05)
 
 
 def test_winner_and_loser_of_a_pair_share_noise_and_timestep_and_pairs_differ():
@@ -298,12 +385,20 @@ def test_winner_and_loser_of_a_pair_share_noise_and_timestep_and_pairs_differ():
 def test_prompt_dropout_blanks_the_conditioning_but_not_the_pair_weights():
     cfg, m = tiny_models("tiny", "--drop_prompt", "1.0")
     enc = toy_batch(cfg, m, n=4)
-    loss_all_dropped, metrics = rpo.preference_step(cfg, m, m.unet, enc, 0)
+    _, metrics = rpo.preference_step(cfg, m, m.unet, enc, 0)
     blank = dict(enc, prompt=m.empty_prompt.expand_as(enc["prompt"]))
     cfg0 = rpo.parse_config(["--drop_prompt", "0"])
-    loss_blank, metrics_blank = rpo.preference_step(cfg0, m, m.unet, blank, 0)
-    assert torch.allclose(loss_all_dropped, loss_blank)
-    assert metrics["w_diag"] == metrics_blank["w_diag"]  # f still comes from the original captions
+    _, blanked = rpo.preference_step(cfg0, m, m.unet, blank, 0)
+    _, kept = rpo.preference_step(cfg0, m, m.unet, enc, 0)
+    # the denoising error is what the conditioning changes (the loss is log 2 while policy = reference)
+    assert torch.allclose(metrics["mse"], blanked["mse"]) and not torch.allclose(metrics["mse"], kept["mse"])
+    # the weights still come from the original captions, not from the empty one the UNet saw
+    pixels = [rpo.prepare_pair((row, i, cfg.resolution, False, None)) for i, row in enumerate(rpo.toy_rows("train", 4))]
+    winners, losers = (torch.from_numpy(np.stack([p[k] for p in pixels])) for k in ("winner", "loser"))
+    captions = [p["caption"] for p in pixels]
+    w_diag = lambda caps: rpo.contrast_weights(rpo.pair_embeddings(m, caps, winners, "both"),
+                                               rpo.pair_embeddings(m, caps, losers, "both"), cfg.tau).diagonal().mean()
+    assert torch.allclose(metrics["w_diag"], w_diag(captions)) and not torch.allclose(metrics["w_diag"], w_diag([""] * 4))
 
 
 @pytest.mark.parametrize("model", ["tiny", "tiny-xl"])
@@ -326,7 +421,7 @@ def test_tiny_models_train_end_to_end_save_a_diffusers_unet_and_resume_at_the_sa
 
 
 def test_a_run_of_non_finite_losses_stops_with_a_clear_message_and_the_last_good_weights(tmp_path):
-    with pytest.raises(SystemExit, match="non-finite losses in a row"):
+    with pytest.raises(SystemExit, match="non-finite steps .loss or gradient. in a row"):
         train(tmp_path, "--beta", "inf", "--max_nonfinite", 3, "--max_steps", 10, "--batch", 2)
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
     base = rpo.load_models(rpo.parse_config([]), torch.device("cpu"), torch.float32).unet.state_dict()
@@ -367,10 +462,112 @@ def test_mfu_flop_count_matches_the_counted_flops_of_a_real_micro_step(loss):
     assert rpo.step_flops(cfg, m, enc) == pytest.approx(counter.get_total_flops(), rel=0.02)
 
 
-def test_bf16_autocast_trains_with_fp32_master_weights(tmp_path):
+def loaded_models(monkeypatch):
+    """The models rpo.main loads, kept for the test to look at."""
+    models, load = [], rpo.load_models
+    monkeypatch.setattr(rpo, "load_models", lambda *a, **k: models.append(load(*a, **k)) or models[-1])
+    return models
+
+
+def test_bf16_trains_fp32_master_weights_with_every_frozen_model_in_bf16_as_on_a_gpu(tmp_path, monkeypatch):
+    models = loaded_models(monkeypatch)
     summary, metrics = train(tmp_path, "--precision", "bf16", "--max_steps", 3, "--batch", 2, "--sample_steps", 0)
     assert summary["precision"] == "bf16" and all(math.isfinite(r["loss"]) for r in metrics)
     assert {v.dtype for v in torch.load(tmp_path / "ckpt.pt", weights_only=False)["unet"].values()} == {torch.float32}
+    m = models[0]
+    assert {p.dtype for f in (m.ref_unet, m.vae, m.clip, *m.text_encoders) for p in f.parameters()} == {torch.bfloat16}
+
+
+def poison_gradients(monkeypatch, value, from_call):
+    """From the from_call-th micro-step on, the loss stays finite and its gradient becomes `value` (nan or inf)."""
+    real, calls = rpo.preference_step, []
+
+    def step(*a, **k):
+        loss, metrics = real(*a, **k)
+        calls.append(1)
+        if len(calls) >= from_call:
+            loss.register_hook(lambda grad: grad * value)
+        return loss, metrics
+    monkeypatch.setattr(rpo, "preference_step", step)
+
+
+def test_a_non_finite_gradient_under_a_finite_loss_is_skipped_counted_and_never_reaches_the_weights(tmp_path,
+                                                                                                  monkeypatch):
+    flags = ["--batch", 2, "--sample_steps", 0, "--save_every", 100]
+    train(tmp_path / "good", *flags, "--max_steps", 1)
+    poison_gradients(monkeypatch, float("nan"), from_call=2)
+    with pytest.raises(SystemExit, match="3 non-finite steps"):
+        train(tmp_path / "bad", *flags, "--max_steps", 10, "--max_nonfinite", 3)
+    metrics = [json.loads(l) for l in open(tmp_path / "bad" / "metrics.jsonl")]
+    assert all(math.isfinite(r["loss"]) for r in metrics) and [r["nonfinite"] for r in metrics] == [0, 1, 2, 3]
+    good, bad = final_unet(tmp_path / "good"), final_unet(tmp_path / "bad")  # the stop's checkpoint: step 1's weights
+    assert all(torch.equal(good[k], bad[k]) for k in good)
+
+
+def test_a_checkpoint_never_holds_non_finite_weights(tmp_path):
+    with pytest.raises(SystemExit, match="weights became non-finite by step 1 and were not saved"):
+        train(tmp_path, "--lr", "inf", "--max_steps", 2, "--save_every", 1, "--batch", 2, "--sample_steps", 0)
+    assert not list(tmp_path.glob("ckpt*")) and not (tmp_path / "unet").exists()
+
+
+def test_fp16_trains_through_the_grad_scaler_which_skips_an_overflowing_step_and_halves_its_scale(tmp_path, monkeypatch):
+    poison_gradients(monkeypatch, float("inf"), from_call=2)
+    summary, metrics = train(tmp_path, "--precision", "fp16", "--max_steps", 2, "--batch", 2, "--sample_steps", 0)
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    assert summary["precision"] == "fp16" and all(math.isfinite(r["loss"]) for r in metrics)
+    assert metrics[1]["nonfinite"] == metrics[0]["nonfinite"] + 1  # the poisoned step 2 was skipped
+    assert ckpt["scaler"]["scale"] == 2.0 ** 16 * 0.5 ** metrics[-1]["nonfinite"]
+    assert all(torch.isfinite(v).all() and v.dtype == torch.float32 for v in ckpt["unet"].values())
+
+
+def on_meta(m):
+    """The models and their constants on the meta device, which stands in for a GPU here: like CUDA, it refuses
+    to mix in a CPU tensor, and it has no torch.Generator."""
+    meta = torch.device("meta")
+    for module in (m.unet, m.ref_unet, m.vae, m.clip, *m.text_encoders):
+        module.to(meta)
+    m.device, m.empty_prompt = meta, m.empty_prompt.to(meta)
+    m.empty_pooled = m.empty_pooled.to(meta) if m.empty_pooled is not None else None
+    return meta
+
+
+@pytest.mark.parametrize("loss", ["rpo", "dpo", "sft"])
+def test_a_step_and_everything_it_logs_are_made_on_the_training_device(loss):
+    cfg, m = tiny_models("tiny-xl", "--loss", loss, "--grad_accum", "2")
+    pairs = [rpo.prepare_pair((row, i, cfg.resolution, False, None)) for i, row in enumerate(rpo.toy_rows("train", 4))]
+    device = on_meta(m)
+    batches = ((rpo.encode_pairs(m, rpo.collate(pairs), cfg.embed, with_f=loss == "rpo"), (0, k)) for k in range(2))
+    sums, _, _ = rpo.accumulate_gradients(cfg, m, m.unet, batches, nullcontext(), torch.amp.GradScaler("cpu", enabled=False),
+                                          ddp=False)
+    sums["grad_norm"] = torch.nn.utils.clip_grad_norm_(m.unet.parameters(), 1.0)
+    names, vec = rpo.step_vector(sums, {k: 3 for k in rpo.SKIP_KEYS}, device)  # what main all-reduces and logs
+    assert vec.device == device and vec.dtype == torch.float64 and len(names) == len(vec)
+    assert {"loss", "grad_norm", *rpo.SKIP_KEYS} <= set(names)
+
+
+def test_no_encoder_or_unet_call_sees_more_than_one_micro_batch(tmp_path, monkeypatch):
+    sizes = {}
+
+    def probe(name):
+        def record(module, args, kwargs):
+            x = next(v for v in [*args, *kwargs.values()] if torch.is_tensor(v))
+            sizes[name] = max(sizes.get(name, 0), len(x))
+        return record
+    load = rpo.load_models
+
+    def load_with_probes(*a, **k):
+        m = load(*a, **k)
+        parts = dict(unet=m.unet, ref_unet=m.ref_unet, vae=m.vae.encoder, clip_text=m.clip.text_model,
+                     clip_image=m.clip.vision_model, text=m.text_encoders[0], text_2=m.text_encoders[1])
+        for name, module in parts.items():
+            module.register_forward_pre_hook(probe(name), with_kwargs=True)
+        return m
+    monkeypatch.setattr(rpo, "load_models", load_with_probes)
+    # 2 pairs a micro-batch and 12 held-out pairs (24 images): the held-out set goes in micro-batches too
+    summary, _ = train(tmp_path, "--model", "tiny-xl", "--batch", 2, "--max_steps", 2, "--eval_pairs", 12,
+                       "--sample_steps", 0)
+    assert summary["heldout_accuracy"] is not None
+    assert sizes == dict(unet=4, ref_unet=4, vae=4, clip_text=2, clip_image=4, text=2, text_2=2)
 
 
 def test_a_checkpoint_truncated_mid_write_is_passed_over_for_the_previous_one(tmp_path):
@@ -383,18 +580,43 @@ def test_a_checkpoint_truncated_mid_write_is_passed_over_for_the_previous_one(tm
     assert summary["steps"] == 3 and [r["step"] for r in metrics] == [1, 2, 3, 4, 5]
 
 
-def run_script(out, *flags, nproc=1, wait=True):
-    cmd = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] if nproc > 1 else []) + [os.path.join(HERE, "rpo.py"), "--out", str(out), "--workers", "0", *map(str, flags)]
+def start(cmd):
+    """A child in its own process group (torchrun's ranks included), so that one kill ends all of it."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE)
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE,
+                            start_new_session=True)
+
+
+def kill_group(proc):
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    return proc.communicate()
+
+
+def finish(proc, timeout=180):
+    """stdout and stderr of a started child; on timeout its whole process group is killed and the test fails."""
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _, stderr = kill_group(proc)
+        pytest.fail(f"timed out after {timeout} s (process group killed): {stderr[-2000:]}")
+    assert proc.returncode == 0, stderr[-3000:]
+    return stdout, stderr
+
+
+def rpo_command(out, *flags, nproc=1, script=None):
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] if nproc > 1 else []
+    return [sys.executable, *launcher, script or os.path.join(HERE, "rpo.py"), "--out", str(out), "--workers", "0",
+            *map(str, flags)]
+
+
+def run_script(out, *flags, nproc=1, wait=True, script=None, timeout=180):
+    proc = start(rpo_command(out, *flags, nproc=nproc, script=script))
     if not wait:
         return proc
-    try:
-        stdout, stderr = proc.communicate(timeout=180)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        raise
-    assert proc.returncode == 0, stderr[-3000:]
+    finish(proc, timeout)
     return [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
 
 
@@ -402,38 +624,84 @@ def final_unet(out):
     return torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)["unet"]
 
 
-def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path):
-    flags = ["--max_steps", 3, "--save_every", 3, "--eval_pairs", 0, "--toy_pairs", 64]
-    one = run_script(tmp_path / "one", *flags, "--batch", 2, "--grad_accum", 2)
-    two = run_script(tmp_path / "two", *flags, "--batch", 2, "--grad_accum", 1, nproc=2)
-    for a, b in zip(one, two):
-        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5) and a["accuracy"] == b["accuracy"]
-    w1, w2 = final_unet(tmp_path / "one"), final_unet(tmp_path / "two")
-    assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-5
-    # --global_contrast: 2 ranks x 2 pairs build the 4 x 4 matrix that one process builds from 4 pairs. Forwards of
-    # 4 and 8 images round differently in the last bit; beta 100 keeps beta/2 from magnifying that past 1e-5.
-    flags += ["--beta", 100]
-    one = run_script(tmp_path / "one4", *flags, "--batch", 4, "--grad_accum", 1)
-    two = run_script(tmp_path / "two4", *flags, "--batch", 2, "--grad_accum", 1, "--global_contrast", nproc=2)
-    for a, b in zip(one, two):
+# beta 100, not 5000: forwards of different batch sizes round differently in the last bit, and beta/2 magnifies that
+DDP_FLAGS = ["--max_steps", 3, "--save_every", 3, "--eval_pairs", 0, "--toy_pairs", 64, "--beta", 100,
+             "--sample_steps", 0]
+
+
+def assert_same_training(out_a, metrics_a, out_b, metrics_b, same_encoding=True):
+    """Same losses, pair weights and final weights; the same implicit accuracy too when both runs encoded the pairs
+    the same way (at step 1 policy = reference, and s = 0 up to the last bit decides ties)."""
+    assert len(metrics_a) == len(metrics_b) == 3
+    for a, b in zip(metrics_a, metrics_b):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5) and a["w_diag"] == pytest.approx(b["w_diag"], abs=1e-6)
-    w1, w2 = final_unet(tmp_path / "one4"), final_unet(tmp_path / "two4")
+        assert a["accuracy"] == b["accuracy"] or not same_encoding
+    w1, w2 = final_unet(out_a), final_unet(out_b)
     assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-5
 
 
-def test_global_contrast_on_one_process_equals_the_local_loss(tmp_path):
+@pytest.fixture(scope="module")
+def one_process_2x4(tmp_path_factory):
+    """One process, 4 micro-batches of 2 pairs a step: the global batch the two-process runs split over 2 ranks."""
+    out = tmp_path_factory.mktemp("one_process")
+    return out, run_script(out, *DDP_FLAGS, "--batch", 2, "--grad_accum", 4)
+
+
+def test_two_processes_with_gradient_accumulation_match_one_process_on_the_same_global_batch(tmp_path, one_process_2x4):
+    # each rank: 2 micro-batches of 2 pairs, the first under DDP's no_sync
+    two = run_script(tmp_path, *DDP_FLAGS, "--batch", 2, "--grad_accum", 2, nproc=2)
+    assert_same_training(*one_process_2x4, tmp_path, two)
+
+
+def test_global_contrast_on_two_processes_builds_the_matrix_of_one_process_with_the_whole_batch(tmp_path):
+    # 2 ranks x 2 pairs build the 4 x 4 matrix that one process builds from 4 pairs
+    one = run_script(tmp_path / "one", *DDP_FLAGS, "--batch", 4)
+    two = run_script(tmp_path / "two", *DDP_FLAGS, "--batch", 2, "--global_contrast", nproc=2)
+    assert_same_training(tmp_path / "one", one, tmp_path / "two", two)
+
+
+def test_a_cache_built_by_two_ranks_trains_like_the_uncached_run(tmp_path, one_process_2x4):
+    # 8 pairs a chunk instead of 256, so that 64 pairs make 8 chunk files, written by rank k mod 2
+    launcher = tmp_path / "rpo_small_chunks.py"
+    launcher.write_text(f"import sys\nsys.path.insert(0, {HERE!r})\nimport rpo\nrpo.CACHE_CHUNK = 8\nrpo.main()\n")
+    cache = tmp_path / "cache"
+    two = run_script(tmp_path / "two", *DDP_FLAGS, "--batch", 2, "--grad_accum", 2, "--cache", cache, nproc=2,
+                     script=launcher)
+    assert sorted(os.listdir(cache)) == [f"chunk-{k:07d}.pt" for k in range(8)] + ["meta.json"]
+    assert json.load(open(cache / "meta.json"))["n"] == 64
+    assert_same_training(*one_process_2x4, tmp_path / "two", two, same_encoding=False)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_with_one_process_takes_the_distributed_path_and_frees_ddp_before_the_process_group(tmp_path,
+                                                                                                  monkeypatch):
     import torch.distributed as dist
-    cfg, m = tiny_models("tiny", "--global_contrast")
-    enc = toy_batch(cfg, m, n=4)
-    local, _ = rpo.preference_step(rpo.parse_config([]), m, m.unet, enc, 0)
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
-    try:
-        gathered, _ = rpo.preference_step(cfg, m, m.unet, enc, 0)
-        g = torch.randn(3, 5, requires_grad=True)
-        rpo.gather(g).sum().backward()
-    finally:
-        dist.destroy_process_group()
-    assert torch.equal(local, gathered) and torch.equal(g.grad, torch.ones(3, 5))
+    flags = ["--max_steps", 2, "--batch", 2, "--grad_accum", 2, "--toy_pairs", 16, "--eval_pairs", 0, "--beta", 100,
+             "--global_contrast", "--sample_steps", 0]
+    _, plain = train(tmp_path / "plain", *flags)
+    for key, value in dict(RANK=0, LOCAL_RANK=0, WORLD_SIZE=1, MASTER_ADDR="127.0.0.1", MASTER_PORT=free_port()).items():
+        monkeypatch.setenv(key, str(value))
+    calls, ddp_alive_at_teardown = [], []
+    for name in ("all_reduce", "all_gather", "all_gather_object"):
+        real = getattr(dist, name)
+        monkeypatch.setattr(dist, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    destroy = dist.destroy_process_group
+
+    def destroy_and_look(*a, **k):
+        # a DDP still alive here would free its Reducer, the group's last holder, after this call: with the GIL
+        # held, while gloo's threads may need it (the exit deadlock of two-process runs)
+        ddp_alive_at_teardown.extend(o for o in gc.get_objects() if type(o) is torch.nn.parallel.DistributedDataParallel)
+        return destroy(*a, **k)
+    monkeypatch.setattr(dist, "destroy_process_group", destroy_and_look)
+    _, distributed = train(tmp_path / "ddp", *flags)
+    assert {"all_reduce", "all_gather", "all_gather_object"} <= set(calls) and not dist.is_initialized()
+    assert not ddp_alive_at_teardown
+    assert [r["loss"] for r in distributed] == pytest.approx([r["loss"] for r in plain], abs=1e-6)
 
 
 def test_an_interrupted_run_resumes_to_exactly_the_metrics_of_an_uninterrupted_one(tmp_path):
@@ -442,10 +710,13 @@ def test_an_interrupted_run_resumes_to_exactly_the_metrics_of_an_uninterrupted_o
     full = run_script(tmp_path / "full", *flags)
     proc = run_script(tmp_path / "cut", *flags, wait=False)
     metrics = tmp_path / "cut" / "metrics.jsonl"
+    give_up = time.time() + 180
     while proc.poll() is None and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        if time.time() > give_up:
+            kill_group(proc)
+            pytest.fail("the run to interrupt wrote no metrics in 180 s")
         time.sleep(0.05)
-    proc.kill()
-    proc.communicate()
+    kill_group(proc)
     assert len(metrics.read_text().splitlines()) < 8, "the run finished before it could be interrupted"
     resumed = run_script(tmp_path / "cut", *flags, "--resume")
     assert resumed == full
@@ -467,6 +738,72 @@ def test_replication_loop_reports_heldout_accuracy_and_rpo_with_one_pair_is_dpo(
     assert [r["accuracy"] for r in rpo_metrics] == [r["accuracy"] for r in dpo_metrics]
     for key in ("heldout_accuracy", "heldout_margin", "loss"):
         assert rpo_[key] == dpo[key], key
+
+# ------------------------------------------------------------------------------------------ on a GPU
+# Skipped without CUDA (so always in CI). On a GPU machine, the README's "Testing on a GPU" command runs just these:
+# sd15 and sdxl shapes with random weights (folders built once under this session's RPO_HOME), every loss, bf16 and
+# fp16, --cache, --compile, torchrun with one process (NCCL) and SDXL at 1024 px with the default held-out set.
+on_a_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+SDXL_PEAK_BOUND_MB = 40 * 1024  # one SDXL M = 4 step at 1024 px measured 31.2 GB on an H100 (Adafactor, checkpointing)
+
+
+def gpu_run(tmp_path, *flags, torchrun=False, timeout=400):
+    """rpo.py in a child process, so that its GPU memory is freed when it ends; returns the end-of-run line,
+    metrics.jsonl and stderr. The run's folder goes afterwards: sd15 and sdxl checkpoints are 10 to 20 GB."""
+    out = tmp_path / "out"
+    cmd = rpo_command(out, *flags)
+    if torchrun:
+        cmd[1:1] = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"]
+    try:
+        stdout, stderr = finish(start(cmd), timeout)
+        summary = json.loads([l for l in stdout.splitlines() if l.startswith("{")][-1])
+        metrics = [json.loads(l) for l in open(out / "metrics.jsonl")]
+        unet = torch.load(out / "ckpt.pt", weights_only=False, mmap=True)["unet"]
+        assert all(torch.isfinite(v).all() for v in unet.values())
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    print(json.dumps(summary))  # the figures, for the closing note (pytest -s shows them)
+    return summary, metrics, stderr
+
+
+SD15 = ["--model", "sd15", "--random_init", "--batch", 4, "--max_steps", 3, "--toy_pairs", 64, "--eval_pairs", 8,
+        "--eval_draws", 2, "--sample_steps", 0]
+
+
+@on_a_gpu
+@pytest.mark.parametrize("loss, precision", [("rpo", "bf16"), ("dpo", "fp16"), ("sft", "bf16")])
+def test_on_a_gpu_sd15_shapes_train_with_each_loss_and_precision(tmp_path, loss, precision):
+    samples = 2 if loss == "rpo" else 0  # the sample grid through diffusers' pipeline, once
+    summary, metrics, _ = gpu_run(tmp_path, *SD15, "--loss", loss, "--precision", precision, "--sample_steps", samples)
+    assert summary["steps"] == 3 and summary["precision"] == precision and summary["mfu"] > 0
+    assert 0 <= summary["heldout_accuracy"] <= 1 and len(metrics) == 3
+    assert precision == "fp16" or all(math.isfinite(r["loss"]) for r in metrics)  # fp16 may skip an overflow
+
+
+@on_a_gpu
+def test_on_a_gpu_one_torchrun_process_runs_nccl_with_global_contrast_accumulation_and_a_cache(tmp_path):
+    summary, metrics, stderr = gpu_run(tmp_path, *SD15, "--global_contrast", "--grad_accum", 2, "--max_steps", 2,
+                                       "--cache", tmp_path / "cache", torchrun=True)
+    assert "1 rank(s) (nccl)" in stderr and summary["world"] == 1 and summary["steps"] == 2
+    assert all(math.isfinite(r["loss"]) and r["w_diag"] < 1 for r in metrics)
+
+
+@on_a_gpu
+def test_on_a_gpu_compile_trains_the_tiny_model(tmp_path):
+    summary, metrics, _ = gpu_run(tmp_path, "--model", "tiny", "--compile", "--max_steps", 5, "--batch", 4,
+                                  "--eval_pairs", 4, "--sample_steps", 0)
+    assert summary["steps"] == 5 and all(math.isfinite(r["loss"]) for r in metrics)
+
+
+@on_a_gpu
+def test_on_a_gpu_sdxl_at_1024_px_trains_m4_and_evaluates_the_default_held_out_set_within_the_memory_bound(tmp_path):
+    # the preset: 1024 px, M = 4, gradient checkpointing, Adafactor; 64 held-out pairs = 128 images at 1024 px,
+    # encoded and evaluated one micro-batch at a time
+    summary, metrics, _ = gpu_run(tmp_path, "--model", "sdxl", "--random_init", "--max_steps", 2, "--toy_pairs", 16,
+                                  "--eval_pairs", 64, "--eval_draws", 1, "--sample_steps", 0, timeout=560)
+    assert summary["batch"] == 4 and summary["precision"] == "bf16" and 0 <= summary["heldout_accuracy"] <= 1
+    assert summary["peak_mem_mb"] < SDXL_PEAK_BOUND_MB, summary["peak_mem_mb"]
+
 
 # ------------------------------------------------------------------- style alignment (eval_style.py)
 
@@ -521,13 +858,18 @@ def test_frechet_distance_matches_the_closed_form_for_two_gaussians():
     assert fd == pytest.approx(closed, rel=0.02)
 
 
-def test_frechet_distance_is_finite_and_non_negative_when_n_is_below_d():
+def test_frechet_distance_is_exact_when_n_is_below_d():
+    # with fewer images than features both covariances are singular; a shifted copy has the same covariance,
+    # so FD is exactly the squared shift, and rotating both sets changes nothing
     rng = np.random.default_rng(3)
+    rotation = np.linalg.qr(rng.normal(size=(64, 64)))[0]
     for n in (1, 2, 5, 30):
-        fd = eval_style.frechet_distance(rng.normal(size=(n, 64)), rng.normal(0.5, 1, size=(n, 64)))
-        assert math.isfinite(fd) and fd >= 0
-    x = rng.normal(size=(5, 64))
-    assert eval_style.frechet_distance(x, x) == pytest.approx(0, abs=1e-8)
+        x, shift = rng.normal(size=(n, 64)), rng.normal(0, 0.3, size=64)
+        # (the square roots of the ~64 - n rounding-level eigenvalues leave about 1e-5 of the trace)
+        assert eval_style.frechet_distance(x, x + shift) == pytest.approx((shift ** 2).sum(), rel=1e-4, abs=1e-9)
+        y = rng.normal(0.5, 2, size=(n, 64))
+        assert eval_style.frechet_distance(x @ rotation, y @ rotation) == pytest.approx(
+            eval_style.frechet_distance(x, y), rel=1e-4)
 
 
 def test_gram_distance_is_zero_for_identical_sets_and_positive_otherwise():
