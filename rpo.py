@@ -469,7 +469,7 @@ def pair_batches(cfg, rank, world, start=None, counts=None, pool=None, source=No
                 if len(batch) == cfg.batch:
                     yield batch, (epoch, pos_done + 1)
                     n_batches, batch = n_batches + 1, []
-        if n_batches == 0 and skip_to == 0:  # a whole epoch without one micro-batch: every later epoch is the same
+        if n_batches == 0 and skip_to == 0:  # not one micro-batch in a whole epoch, so in none
             too_few_pairs(cfg, rank, len(batch), f"{source!r} (split {split!r})", counts)
         epoch, skip_to = epoch + 1, 0
 
@@ -663,8 +663,8 @@ def training_batches(cfg, m, rank, world, start, counts, pool):
 
 
 def heldout_pairs(cfg, m):
-    """Up to eval_pairs held-out pairs in file order, unflipped, encoded once in micro-batches of --batch pairs
-    (one VAE call over all of them does not fit a GPU at 1024 px); None without a held-out source."""
+    """Up to eval_pairs held-out pairs in file order, unflipped, encoded once in micro-batches of --batch
+    pairs (one VAE call over all of them does not fit a GPU at 1024 px); None without a held-out source."""
     source = cfg.eval_data or {"toy": "toy", "pickapic": "pickapic"}.get(cfg.data)
     if not source or cfg.eval_pairs <= 0:
         return None
@@ -708,8 +708,8 @@ def preference_metrics(err_w, err_l, ref_err_w, ref_err_l, beta, weights=None):
 
 
 def pair_noise(keys, latents, T):
-    """Noise and timestep of each pair from its own seeded generator: winner and loser share them. Drawn on the
-    CPU and copied over, so a pair gets the same draw on any device."""
+    """Noise and timestep of each pair from its own seeded generator: winner and loser share them. Drawn on
+    the CPU and copied over, so a pair gets the same draw on any device."""
     noise, t = [], []
     for key in keys:
         g = torch.Generator().manual_seed(random.Random(key).getrandbits(63))
@@ -812,8 +812,9 @@ def make_optimizer(cfg, params, device):
 
 
 def accumulate_gradients(cfg, m, policy, batches, autocast, scaler, ddp):
-    """Forward and backward over --grad_accum micro-batches (DDP syncs gradients on the last one only). Returns the
-    mean of each metric as tensors on the training device, and the last micro-batch with its resume position."""
+    """Forward and backward over --grad_accum micro-batches (DDP syncs gradients on the last one only).
+    Returns the mean of each metric as tensors on the training device, and the last micro-batch with its
+    resume position."""
     sums = {}
     for micro in range(cfg.grad_accum):
         enc, position = next(batches)
@@ -827,15 +828,16 @@ def accumulate_gradients(cfg, m, policy, batches, autocast, scaler, ddp):
 
 
 def step_vector(sums, counts, device):
-    """What a step logs, as (names, one float64 tensor on the training device): one all-reduce, one copy to the host."""
+    """What a step logs, as names and one float64 tensor on the training device: one all-reduce, one copy to
+    the host."""
     names = sorted(sums) + list(SKIP_KEYS)
     skipped = torch.tensor([float(counts[k]) for k in SKIP_KEYS], dtype=torch.float64, device=device)
     return names, torch.cat([torch.stack([sums[k] for k in sorted(sums)]).double(), skipped])
 
 
 def mean_over_ranks(names, vec, world):
-    """Metrics are averaged over ranks; so are ties and bad rows, which every rank's reader sees. Undecodable and
-    small images are counted by the rank that decoded them, so they are summed."""
+    """Metrics are averaged over ranks; so are ties and bad rows, which every rank's reader sees. Undecodable
+    and small images are counted by the rank that decoded them, so they are summed."""
     dist.all_reduce(vec)
     return vec / torch.tensor([1.0 if k in ("bad_image", "small") else world for k in names], dtype=vec.dtype,
                               device=vec.device)
@@ -849,7 +851,7 @@ def main(argv=None):
     cfg = parse_config(argv)
     # JPEG decoders are forked first, before a process group or CUDA state exists
     pool = multiprocessing.get_context("fork").Pool(cfg.workers) if cfg.workers > 0 else None
-    ddp = int(os.environ.get("RANK", -1)) != -1  # under torchrun, even with one process: one code path for all
+    ddp = int(os.environ.get("RANK", -1)) != -1  # under torchrun, even with one process: one code path
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
@@ -954,9 +956,9 @@ def main(argv=None):
             bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record.get('accuracy', float('nan')):.2f}",
                             skipped=sum(record[k] for k in SKIP_KEYS if k not in ("ties", "small")))
         if stop:
-            sys.exit(f"rpo.py: {nonfinite_run} non-finite steps (loss or gradient) in a row at step {step}; stopped "
-                     f"with a checkpoint of the last good weights in {cfg.out}. Lower --lr or --beta, or use "
-                     f"--precision bf16/fp32")
+            sys.exit(f"rpo.py: {nonfinite_run} non-finite steps (loss or gradient) in a row at step {step}; "
+                     f"stopped with a checkpoint of the last good weights in {cfg.out}. Lower --lr or "
+                     f"--beta, or use --precision bf16/fp32")
     bar.close()
     seconds, timed = time.perf_counter() - t0, time.perf_counter() - t_first - saving
     if master and history:
@@ -979,10 +981,10 @@ def main(argv=None):
     if pool:
         pool.terminate()
     if ddp:
-        # DDP's Reducer holds the process group. Freed after destroy_process_group, it would be the last holder and
-        # destroy gloo's group with the GIL held, while a gloo worker thread may need the GIL to free a finished
-        # collective's tensors: a deadlock at exit. Freed first, the group goes with destroy_process_group,
-        # which releases the GIL.
+        # DDP's Reducer holds the process group. Freed after destroy_process_group, it would be the last
+        # holder and destroy gloo's group with the GIL held, while a gloo worker thread may need the GIL to
+        # free a finished collective's tensors: a deadlock at exit. Freed first, the group goes with
+        # destroy_process_group, which releases the GIL.
         del policy
         dist.destroy_process_group()
 
@@ -992,8 +994,8 @@ def save_checkpoint(cfg, m, optimizer, schedule, scaler, step, position, world, 
     """DIR/ckpt-STEP.pt (resume state, written then renamed; the last `keep` kept, ckpt.pt links the newest)
     and DIR/unet (diffusers)."""
     if not weights_are_finite(m.unet):  # the same weights on every rank: every rank stops here
-        sys.exit(f"rpo.py: the weights became non-finite by step {step} and were not saved; the newest checkpoint in "
-                 f"{cfg.out}, if any, holds the last good ones. Lower --lr or --beta")
+        sys.exit(f"rpo.py: the weights became non-finite by step {step} and were not saved; the newest "
+                 f"checkpoint in {cfg.out}, if any, holds the last good ones. Lower --lr or --beta")
     positions = [None] * world
     if dist.is_initialized():
         dist.all_gather_object(positions, position)

@@ -304,9 +304,12 @@ def tiny_models(model="tiny", *flags):
     return cfg, m
 
 
+def toy_pairs(cfg, split="train", n=8):
+    return [rpo.prepare_pair((row, i, cfg.resolution, False, None)) for i, row in enumerate(rpo.toy_rows(split, n))]
+
+
 def toy_batch(cfg, m, split="train", n=8):
-    pairs = [rpo.prepare_pair((row, i, cfg.resolution, False, None)) for i, row in enumerate(rpo.toy_rows(split, n))]
-    return rpo.encode_pairs(m, rpo.collate(pairs), cfg.embed)
+    return rpo.encode_pairs(m, rpo.collate(toy_pairs(cfg, split, n)), cfg.embed)
 
 
 def test_a_few_optimizer_steps_on_one_fixed_batch_raise_its_implicit_accuracy_and_leave_the_reference_alone():
@@ -333,15 +336,16 @@ def test_a_few_optimizer_steps_on_one_fixed_batch_raise_its_implicit_accuracy_an
 def test_pair_embedding_is_the_normalised_sum_of_normalised_clip_text_and_image_features():
     from transformers import CLIPImageProcessorPil
     cfg, m = tiny_models()
-    pairs = [rpo.prepare_pair((row, i, cfg.resolution, False, None)) for i, row in enumerate(rpo.toy_rows("train", 4))]
+    pairs = toy_pairs(cfg, n=4)
     captions, winners = [p["caption"] for p in pairs], torch.from_numpy(np.stack([p["winner"] for p in pairs]))
     f = {embed: rpo.pair_embeddings(m, captions, winners, embed) for embed in ("text", "image", "both")}
     ids = m.clip_tokenizer(captions, padding="max_length", max_length=77, return_tensors="pt").input_ids
     text = F.normalize(m.clip.get_text_features(ids).pooler_output, dim=-1)
     # CLIP's own preprocessing (the tiny CLIP sees 32 px, the training resolution: no resize)
     processor = CLIPImageProcessorPil(do_resize=False, do_center_crop=False)
-    pixels = processor(images=[Image.fromarray(p["winner"].transpose(1, 2, 0)) for p in pairs], return_tensors="pt")
-    image = F.normalize(m.clip.get_image_features(pixel_values=pixels.pixel_values).pooler_output, dim=-1)
+    pixels = processor(images=[Image.fromarray(p["winner"].transpose(1, 2, 0)) for p in pairs],
+                       return_tensors="pt").pixel_values
+    image = F.normalize(m.clip.get_image_features(pixel_values=pixels).pooler_output, dim=-1)
     assert torch.allclose(f["text"], text, atol=1e-5) and torch.allclose(f["image"], image, atol=1e-4)
     assert torch.allclose(f["both"], F.normalize(text + image, dim=-1), atol=1e-4)
     assert not torch.allclose(f["text"], f["image"], atol=1e-2)
@@ -351,13 +355,16 @@ def test_sdxl_prompt_dropout_blanks_the_pooled_embedding_with_the_prompt():
     cfg, m = tiny_models("tiny-xl")
     enc = toy_batch(cfg, m, n=4)
     seen = []
-    probe = m.unet.register_forward_pre_hook(
-        lambda module, args, kwargs: seen.append((args[2], kwargs["added_cond_kwargs"]["text_embeds"])), with_kwargs=True)
+    def record(module, args, kwargs):  # the UNet's conditioning: prompt states and SDXL's pooled embedding
+        seen.append((args[2], kwargs["added_cond_kwargs"]["text_embeds"]))
+    probe = m.unet.register_forward_pre_hook(record, with_kwargs=True)
     for drop in ("1.0", "0"):
-        rpo.preference_step(rpo.parse_config(["--model", "tiny-xl", "--drop_prompt", drop]), m, m.unet, enc, 0)
+        cfg = rpo.parse_config(["--model", "tiny-xl", "--drop_prompt", drop])
+        rpo.preference_step(cfg, m, m.unet, enc, 0)
     probe.remove()
     (prompt, pooled), (kept_prompt, kept_pooled) = seen
-    assert torch.equal(pooled, m.empty_pooled.expand_as(pooled)) and torch.equal(prompt, m.empty_prompt.expand_as(prompt))
+    assert torch.equal(pooled, m.empty_pooled.expand_as(pooled))
+    assert torch.equal(prompt, m.empty_prompt.expand_as(prompt))
     assert torch.equal(kept_pooled, torch.cat([enc["pooled"]] * 2)) and not torch.equal(kept_pooled, pooled)
 
 
@@ -393,12 +400,14 @@ def test_prompt_dropout_blanks_the_conditioning_but_not_the_pair_weights():
     # the denoising error is what the conditioning changes (the loss is log 2 while policy = reference)
     assert torch.allclose(metrics["mse"], blanked["mse"]) and not torch.allclose(metrics["mse"], kept["mse"])
     # the weights still come from the original captions, not from the empty one the UNet saw
-    pixels = [rpo.prepare_pair((row, i, cfg.resolution, False, None)) for i, row in enumerate(rpo.toy_rows("train", 4))]
-    winners, losers = (torch.from_numpy(np.stack([p[k] for p in pixels])) for k in ("winner", "loser"))
-    captions = [p["caption"] for p in pixels]
-    w_diag = lambda caps: rpo.contrast_weights(rpo.pair_embeddings(m, caps, winners, "both"),
-                                               rpo.pair_embeddings(m, caps, losers, "both"), cfg.tau).diagonal().mean()
-    assert torch.allclose(metrics["w_diag"], w_diag(captions)) and not torch.allclose(metrics["w_diag"], w_diag([""] * 4))
+    pairs = toy_pairs(cfg, n=4)
+    winners, losers = (torch.from_numpy(np.stack([p[k] for p in pairs])) for k in ("winner", "loser"))
+
+    def w_diag(captions):
+        f_w, f_l = (rpo.pair_embeddings(m, captions, x, "both") for x in (winners, losers))
+        return rpo.contrast_weights(f_w, f_l, cfg.tau).diagonal().mean()
+    assert torch.allclose(metrics["w_diag"], w_diag([p["caption"] for p in pairs]))
+    assert not torch.allclose(metrics["w_diag"], w_diag([""] * 4))
 
 
 @pytest.mark.parametrize("model", ["tiny", "tiny-xl"])
@@ -475,7 +484,8 @@ def test_bf16_trains_fp32_master_weights_with_every_frozen_model_in_bf16_as_on_a
     assert summary["precision"] == "bf16" and all(math.isfinite(r["loss"]) for r in metrics)
     assert {v.dtype for v in torch.load(tmp_path / "ckpt.pt", weights_only=False)["unet"].values()} == {torch.float32}
     m = models[0]
-    assert {p.dtype for f in (m.ref_unet, m.vae, m.clip, *m.text_encoders) for p in f.parameters()} == {torch.bfloat16}
+    frozen = (m.ref_unet, m.vae, m.clip, *m.text_encoders)
+    assert {p.dtype for model in frozen for p in model.parameters()} == {torch.bfloat16}
 
 
 def poison_gradients(monkeypatch, value, from_call):
@@ -510,7 +520,8 @@ def test_a_checkpoint_never_holds_non_finite_weights(tmp_path):
     assert not list(tmp_path.glob("ckpt*")) and not (tmp_path / "unet").exists()
 
 
-def test_fp16_trains_through_the_grad_scaler_which_skips_an_overflowing_step_and_halves_its_scale(tmp_path, monkeypatch):
+def test_fp16_trains_through_the_grad_scaler_which_skips_an_overflowing_step_and_halves_its_scale(tmp_path,
+                                                                                                 monkeypatch):
     poison_gradients(monkeypatch, float("inf"), from_call=2)
     summary, metrics = train(tmp_path, "--precision", "fp16", "--max_steps", 2, "--batch", 2, "--sample_steps", 0)
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
@@ -534,11 +545,10 @@ def on_meta(m):
 @pytest.mark.parametrize("loss", ["rpo", "dpo", "sft"])
 def test_a_step_and_everything_it_logs_are_made_on_the_training_device(loss):
     cfg, m = tiny_models("tiny-xl", "--loss", loss, "--grad_accum", "2")
-    pairs = [rpo.prepare_pair((row, i, cfg.resolution, False, None)) for i, row in enumerate(rpo.toy_rows("train", 4))]
-    device = on_meta(m)
-    batches = ((rpo.encode_pairs(m, rpo.collate(pairs), cfg.embed, with_f=loss == "rpo"), (0, k)) for k in range(2))
-    sums, _, _ = rpo.accumulate_gradients(cfg, m, m.unet, batches, nullcontext(), torch.amp.GradScaler("cpu", enabled=False),
-                                          ddp=False)
+    batch, device = rpo.collate(toy_pairs(cfg, n=4)), on_meta(m)
+    batches = ((rpo.encode_pairs(m, batch, cfg.embed, with_f=loss == "rpo"), (0, k)) for k in range(2))
+    no_scaler = torch.amp.GradScaler("cpu", enabled=False)
+    sums, _, _ = rpo.accumulate_gradients(cfg, m, m.unet, batches, nullcontext(), no_scaler, ddp=False)
     sums["grad_norm"] = torch.nn.utils.clip_grad_norm_(m.unet.parameters(), 1.0)
     names, vec = rpo.step_vector(sums, {k: 3 for k in rpo.SKIP_KEYS}, device)  # what main all-reduces and logs
     assert vec.device == device and vec.dtype == torch.float64 and len(names) == len(vec)
@@ -647,7 +657,8 @@ def one_process_2x4(tmp_path_factory):
     return out, run_script(out, *DDP_FLAGS, "--batch", 2, "--grad_accum", 4)
 
 
-def test_two_processes_with_gradient_accumulation_match_one_process_on_the_same_global_batch(tmp_path, one_process_2x4):
+def test_two_processes_with_gradient_accumulation_match_one_process_on_the_same_global_batch(tmp_path,
+                                                                                            one_process_2x4):
     # each rank: 2 micro-batches of 2 pairs, the first under DDP's no_sync
     two = run_script(tmp_path, *DDP_FLAGS, "--batch", 2, "--grad_accum", 2, nproc=2)
     assert_same_training(*one_process_2x4, tmp_path, two)
@@ -684,7 +695,8 @@ def test_torchrun_with_one_process_takes_the_distributed_path_and_frees_ddp_befo
     flags = ["--max_steps", 2, "--batch", 2, "--grad_accum", 2, "--toy_pairs", 16, "--eval_pairs", 0, "--beta", 100,
              "--global_contrast", "--sample_steps", 0]
     _, plain = train(tmp_path / "plain", *flags)
-    for key, value in dict(RANK=0, LOCAL_RANK=0, WORLD_SIZE=1, MASTER_ADDR="127.0.0.1", MASTER_PORT=free_port()).items():
+    torchrun_env = dict(RANK=0, LOCAL_RANK=0, WORLD_SIZE=1, MASTER_ADDR="127.0.0.1", MASTER_PORT=free_port())
+    for key, value in torchrun_env.items():
         monkeypatch.setenv(key, str(value))
     calls, ddp_alive_at_teardown = [], []
     for name in ("all_reduce", "all_gather", "all_gather_object"):
@@ -695,7 +707,8 @@ def test_torchrun_with_one_process_takes_the_distributed_path_and_frees_ddp_befo
     def destroy_and_look(*a, **k):
         # a DDP still alive here would free its Reducer, the group's last holder, after this call: with the GIL
         # held, while gloo's threads may need it (the exit deadlock of two-process runs)
-        ddp_alive_at_teardown.extend(o for o in gc.get_objects() if type(o) is torch.nn.parallel.DistributedDataParallel)
+        ddp = torch.nn.parallel.DistributedDataParallel
+        ddp_alive_at_teardown.extend(o for o in gc.get_objects() if type(o) is ddp)
         return destroy(*a, **k)
     monkeypatch.setattr(dist, "destroy_process_group", destroy_and_look)
     _, distributed = train(tmp_path / "ddp", *flags)
@@ -740,11 +753,11 @@ def test_replication_loop_reports_heldout_accuracy_and_rpo_with_one_pair_is_dpo(
         assert rpo_[key] == dpo[key], key
 
 # ------------------------------------------------------------------------------------------ on a GPU
-# Skipped without CUDA (so always in CI). On a GPU machine, the README's "Testing on a GPU" command runs just these:
-# sd15 and sdxl shapes with random weights (folders built once under this session's RPO_HOME), every loss, bf16 and
-# fp16, --cache, --compile, torchrun with one process (NCCL) and SDXL at 1024 px with the default held-out set.
+# Skipped without CUDA, so always in CI. On a GPU machine the README's command (section Tests) runs just these:
+# sd15 and sdxl shapes with random weights (folders built once under this session's RPO_HOME), every loss, bf16
+# and fp16, --cache, --compile, torchrun with one process (NCCL), SDXL at 1024 px with the default held-out set.
 on_a_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-SDXL_PEAK_BOUND_MB = 40 * 1024  # one SDXL M = 4 step at 1024 px measured 31.2 GB on an H100 (Adafactor, checkpointing)
+SDXL_PEAK_BOUND_MB = 40 * 1024  # an SDXL M = 4 step at 1024 px peaked at 31.2 GB on an H100 (commit 960c675)
 
 
 def gpu_run(tmp_path, *flags, torchrun=False, timeout=400):
@@ -796,7 +809,8 @@ def test_on_a_gpu_compile_trains_the_tiny_model(tmp_path):
 
 
 @on_a_gpu
-def test_on_a_gpu_sdxl_at_1024_px_trains_m4_and_evaluates_the_default_held_out_set_within_the_memory_bound(tmp_path):
+def test_on_a_gpu_sdxl_at_1024_px_trains_m4_and_evaluates_the_default_held_out_set_under_the_memory_bound(
+        tmp_path):
     # the preset: 1024 px, M = 4, gradient checkpointing, Adafactor; 64 held-out pairs = 128 images at 1024 px,
     # encoded and evaluated one micro-batch at a time
     summary, metrics, _ = gpu_run(tmp_path, "--model", "sdxl", "--random_init", "--max_steps", 2, "--toy_pairs", 16,
