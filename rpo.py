@@ -985,6 +985,8 @@ def main(argv=None):
         # holder and destroy gloo's group with the GIL held, while a gloo worker thread may need the GIL to
         # free a finished collective's tensors: a deadlock at exit. Freed first, the group goes with
         # destroy_process_group, which releases the GIL.
+        if cfg.compile:
+            torch.compiler.reset()  # compiled code may keep the module it was compiled from alive
         del policy
         dist.destroy_process_group()
 
