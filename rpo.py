@@ -11,6 +11,7 @@ Any field of Config is a flag: --key value (booleans: --key, or --key false).
 import argparse
 import copy
 import dataclasses
+import datetime
 import glob
 import io
 import itertools
@@ -680,7 +681,7 @@ def heldout_pairs(cfg, m):
 # ------------------------------------------------------------------------------------- pair weights
 # d_ij = 1 - cos(f(c_i, x_w_i), f(c_j, x_l_j));  w_ij = exp(-d_ij / tau) / sum_j' exp(-d_ij' / tau)
 def contrast_weights(f_w, f_l, tau):
-    d = 1 - F.normalize(f_w.float(), dim=-1) @ F.normalize(f_l.float(), dim=-1).T
+    d = 1 - F.cosine_similarity(f_w.float()[:, None], f_l.float()[None, :], dim=-1)  # fp32 under autocast too
     return torch.softmax(-d / tau, dim=1)
 
 
@@ -799,7 +800,9 @@ def step_flops(cfg, m, enc):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
     unet = getattr(m.ref_unet, "_orig_mod", m.ref_unet)  # the eager module under --compile
-    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):  # the counter misses CPU's fused SDPA
+    # the counter misses CPU's fused attention; on CUDA it counts the fused kernels (MATH would need GBs there)
+    math_attention = sdpa_kernel(SDPBackend.MATH) if m.device.type == "cpu" else nullcontext()
+    with FlopCounterMode(display=False) as counter, math_attention:
         pair_errors(unet, m, enc, [f"flops-{i}" for i in enc["index"]])
     return counter.get_total_flops() * (1.5 if cfg.loss == "sft" else 4)
 
@@ -858,8 +861,8 @@ def main(argv=None):
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if ddp:  # NCCL takes only GPU tensors: everything the loop reduces or gathers is made on `device`
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                device_id=device if device.type == "cuda" else None)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=30),
+                                device_id=device if device.type == "cuda" else None)  # rank 0 evaluates, saves alone
     rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
     precision = cfg.precision or ("bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32")
     dtype = dict(bf16=torch.bfloat16, fp16=torch.float16, fp32=torch.float32)[precision]
@@ -927,12 +930,16 @@ def main(argv=None):
         logged = dict(zip(names, (mean_over_ranks(names, vec, world) if ddp else vec).tolist()))
         # a NaN gradient under a finite loss (bf16 has no GradScaler to catch it) would turn every weight NaN
         finite = math.isfinite(logged["loss"]) and math.isfinite(logged["grad_norm"])
+        # fp16: an overflow under a finite loss is the GradScaler's to absorb (it halves its scale), unless the
+        # scale is already below 1; only then does it count towards --max_nonfinite
+        absorbed = not finite and math.isfinite(logged["loss"]) and scaler.is_enabled() and scaler.get_scale() >= 1
         if finite:
             scaler.step(optimizer)
             schedule.step()
-        scaler.update()  # fp16: a non-finite gradient lowers the loss scale
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        nonfinite_run, nonfinite_total = (0 if finite else nonfinite_run + 1), nonfinite_total + (not finite)
+        nonfinite_run = 0 if finite or absorbed else nonfinite_run + 1
+        nonfinite_total += not finite
         step += 1
         step_seconds.append(time.perf_counter() - t_step)
         if step == start_step + 1:
