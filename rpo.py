@@ -800,7 +800,7 @@ def step_flops(cfg, m, enc):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
     unet = getattr(m.ref_unet, "_orig_mod", m.ref_unet)  # the eager module under --compile
-    # the counter misses CPU's fused attention; on CUDA it counts the fused kernels (MATH would need GBs there)
+    # the counter misses CPU's fused attention; on CUDA it counts the fused kernels (MATH would take GBs)
     math_attention = sdpa_kernel(SDPBackend.MATH) if m.device.type == "cpu" else nullcontext()
     with FlopCounterMode(display=False) as counter, math_attention:
         pair_errors(unet, m, enc, [f"flops-{i}" for i in enc["index"]])
@@ -861,8 +861,9 @@ def main(argv=None):
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if ddp:  # NCCL takes only GPU tensors: everything the loop reduces or gathers is made on `device`
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=30),
-                                device_id=device if device.type == "cuda" else None)  # rank 0 evaluates, saves alone
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        wait = datetime.timedelta(minutes=30)  # while rank 0 evaluates and saves alone, the others wait
+        dist.init_process_group(backend, timeout=wait, device_id=device if device.type == "cuda" else None)
     rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
     precision = cfg.precision or ("bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32")
     dtype = dict(bf16=torch.bfloat16, fp16=torch.float16, fp32=torch.float32)[precision]
@@ -930,9 +931,10 @@ def main(argv=None):
         logged = dict(zip(names, (mean_over_ranks(names, vec, world) if ddp else vec).tolist()))
         # a NaN gradient under a finite loss (bf16 has no GradScaler to catch it) would turn every weight NaN
         finite = math.isfinite(logged["loss"]) and math.isfinite(logged["grad_norm"])
-        # fp16: an overflow under a finite loss is the GradScaler's to absorb (it halves its scale), unless the
-        # scale is already below 1; only then does it count towards --max_nonfinite
-        absorbed = not finite and math.isfinite(logged["loss"]) and scaler.is_enabled() and scaler.get_scale() >= 1
+        # fp16: an overflow under a finite loss is the GradScaler's to absorb (it halves its scale), unless
+        # the scale is already below 1; only then does it count towards --max_nonfinite
+        overflow = not finite and math.isfinite(logged["loss"]) and scaler.is_enabled()
+        absorbed = overflow and scaler.get_scale() >= 1
         if finite:
             scaler.step(optimizer)
             schedule.step()
