@@ -140,7 +140,7 @@ def tiny_editor():
 def source_images(args, cfg):
     """(caption, original image) for each new caption of the source, in order; the original is the row's preferred image."""
     seen, counts = set(), {k: 0 for k in rpo.SKIP_KEYS}
-    for _, row in rpo.valid_rows(cfg, args.source, args.split, counts):  # toy rows, a parquet or Pick-a-Pic, ties dropped
+    for _, row in rpo.rows_in_order(cfg, args.source, args.split, counts):  # toy rows, a parquet or Pick-a-Pic, ties dropped
         if row["caption"] in seen or not row["caption"].strip():
             continue
         pair = rpo.prepare_pair((row, 0, args.resolution, False, None))  # decode, short side to resolution, centre crop
@@ -163,7 +163,7 @@ def style_set(path, cfg, what):
         return None, [Image.open(os.path.join(path, f)).convert("RGB") for f in files]
     if not glob.glob(path) and not os.path.isdir(path):
         fail(f"{what} {path!r} does not exist")
-    rows = [row for _, row in rpo.valid_rows(cfg, path, "train", {k: 0 for k in rpo.SKIP_KEYS})]
+    rows = [row for _, row in rpo.rows_in_order(cfg, path, "train")]
     return [r["caption"] for r in rows], [rpo.decode(r["jpg_0"] if r["label_0"] == 1 else r["jpg_1"]) for r in rows]
 
 

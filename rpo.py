@@ -12,6 +12,7 @@ import argparse
 import copy
 import dataclasses
 import datetime
+import functools
 import glob
 import io
 import itertools
@@ -291,10 +292,12 @@ def encode_images(m, pixels):
 
 
 # -------------------------------------------------------------------------------------------- data
-# Rows follow Pick-a-Pic v2: caption, jpg_0, jpg_1 (encoded images), label_0 (1, 0.5, 0). The toy data
-# is generated in that schema too, so every source runs through the same checks, decoding and shuffling.
+# Rows follow Pick-a-Pic v2: caption, jpg_0, jpg_1 (encoded images), label_0 (1, 0.5, 0). A source is a list of
+# files: parquet files (local, or a hub dataset's through hf:// URLs) or the toy data's virtual files of
+# TOY_FILE_ROWS generated rows. Every source goes through the same sharding, shuffling, checks and decoding.
 COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")
-SKIP_KEYS = ("ties", "bad_caption", "bad_label", "bad_image", "small")  # the first three are seen by every reader
+SKIP_KEYS = ("ties", "bad_caption", "bad_label", "bad_image", "small")
+TOY_FILE_ROWS = 16
 COLORS = dict(red=(220, 40, 40), green=(40, 180, 60), blue=(40, 70, 220), yellow=(240, 220, 40),
               purple=(140, 50, 170), orange=(250, 140, 20), white=(245, 245, 245), gray=(128, 128, 128))
 
@@ -328,19 +331,22 @@ def draw_toy(caption, rng, styled, size=64):
     return img
 
 
-def toy_rows(split, n, seed=1234):
-    """n preference pairs in Pick-a-Pic's schema; label_0 says which of jpg_0/jpg_1 is the styled winner."""
+def toy_row(split, i, seed=1234):
+    """Preference pair i in Pick-a-Pic's schema; label_0 says which of jpg_0/jpg_1 is the styled winner."""
+    rng = random.Random(f"toy-{split}-{seed}-{i}")
     caps = toy_captions(split)
-    for i in range(n):
-        rng = random.Random(f"toy-{split}-{seed}-{i}")
-        cap = caps[rng.randrange(len(caps))]
-        styled_first = rng.random() < 0.5
-        enc = []
-        for styled in (styled_first, not styled_first):
-            buf = io.BytesIO()
-            draw_toy(cap, rng, styled).save(buf, format="PNG")
-            enc.append(buf.getvalue())
-        yield dict(caption=cap, jpg_0=enc[0], jpg_1=enc[1], label_0=1.0 if styled_first else 0.0)
+    cap = caps[rng.randrange(len(caps))]
+    styled_first = rng.random() < 0.5
+    enc = []
+    for styled in (styled_first, not styled_first):
+        buf = io.BytesIO()
+        draw_toy(cap, rng, styled).save(buf, format="PNG")
+        enc.append(buf.getvalue())
+    return dict(caption=cap, jpg_0=enc[0], jpg_1=enc[1], label_0=1.0 if styled_first else 0.0)
+
+
+def toy_rows(split, n):
+    return (toy_row(split, i) for i in range(n))
 
 
 def parquet_files(path):
@@ -351,62 +357,115 @@ def parquet_files(path):
     return files
 
 
-def open_rows(source, data_id, split):
-    """Raw rows of local parquet or of a hub dataset, both streamed by `datasets`; None for the toy data."""
+def source_files(cfg, source, split, max_rows=0):
+    """(path, rows) of each file of a source, in a fixed order; rows None: the whole file, counted from its footer
+    when a reader reaches it. A hub dataset's files are the ones `datasets` resolves for the split, as hf:// URLs
+    pinned to the dataset's current commit. max_rows keeps the first rows in file order."""
     if source == "toy":
-        return None
-    import datasets
+        n = max_rows or cfg.toy_pairs
+        return [(f"toy:{split}:{lo}", min(TOY_FILE_ROWS, n - lo)) for lo in range(0, n, TOY_FILE_ROWS)]
+    where = cfg.data_id if source == "pickapic" else source
     try:
         if source == "pickapic":
-            ds = datasets.load_dataset(data_id, split=split, streaming=True)
+            import datasets
+            data_files = datasets.load_dataset_builder(cfg.data_id).config.data_files
+            if split not in data_files:
+                raise KeyError(f"no split {split!r}, only {sorted(data_files)}")
+            paths = list(data_files[split])
         else:
-            ds = datasets.load_dataset("parquet", data_files={split: parquet_files(source)}, split=split, streaming=True)
-        first = next(iter(ds), None)
+            paths = parquet_files(source)
+        missing = [c for c in COLUMNS if c not in parquet(paths[0]).schema_arrow.names]
     except Exception as e:  # any network, auth or format error: one line, with what to do instead
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        sys.exit(f"rpo.py: cannot read dataset {data_id if source == 'pickapic' else source!r} (split {split!r}): "
-                 f"{reason[:300]}. Pass a local copy with --data /path/to/parquet, or another hub id with --data_id")
-    if first is None:
-        sys.exit(f"rpo.py: dataset {source!r} split {split!r} is empty")
-    missing = [c for c in COLUMNS if c not in first]
+        sys.exit(f"rpo.py: cannot read dataset {where!r} (split {split!r}): {reason[:300]}. Pass a local copy with "
+                 f"--data /path/to/parquet, or another hub id with --data_id")
     if missing:
-        sys.exit(f"rpo.py: dataset {source!r} lacks column(s) {missing}; rows need {list(COLUMNS)} (Pick-a-Pic v2 schema)")
-    return ds.select_columns(list(COLUMNS))
+        sys.exit(f"rpo.py: dataset {where!r} lacks column(s) {missing}; rows need {list(COLUMNS)} (Pick-a-Pic v2 schema)")
+    files, left = [], max_rows
+    for path in paths:
+        files.append((path, min(left, file_length((path, None))) if max_rows else None))
+        left -= files[-1][1] or 0
+        if max_rows and not left:
+            break
+    return files
 
 
-def valid_rows(cfg, source, split, counts, max_pairs=None):
-    """(index, row) for the usable rows in file order; ties dropped, malformed rows skipped and counted."""
-    max_pairs = cfg.max_pairs if max_pairs is None else max_pairs
-    ds = open_rows(source, cfg.data_id, split)
-    rows = toy_rows(split, max_pairs or cfg.toy_pairs) if ds is None else iter(ds)
-    index = 0
-    for row in rows:
-        label = row["label_0"]
-        if not isinstance(row["caption"], str):
-            counts["bad_caption"] += 1
-        elif label not in (0, 0.5, 1):
-            counts["bad_label"] += 1
-        elif label == 0.5:
-            counts["ties"] += 1
-        else:
-            yield index, row
-            index += 1
-            if max_pairs and index >= max_pairs:
-                return
+@functools.lru_cache(maxsize=8)
+def parquet(path):
+    import fsspec  # local paths and hf:// URLs alike; a hub file is read by byte ranges, never downloaded whole
+    import pyarrow.parquet as pq
+    return pq.ParquetFile(fsspec.open(path, "rb").open())
 
 
-def shuffled(items, size, rng):
-    """Shuffle buffer: a stream needs no length, and the same seed gives the same order for any source."""
-    buf = []
-    for item in items:
-        if len(buf) < size:
-            buf.append(item)
-            continue
-        j = rng.randrange(size)
-        yield buf[j]
-        buf[j] = item
-    rng.shuffle(buf)
-    yield from buf
+@functools.lru_cache(maxsize=2)  # consecutive windows share a row group: it is read once
+def row_group(path, g):
+    return parquet(path).read_row_group(g, columns=list(COLUMNS))
+
+
+def file_length(file):
+    path, rows = file
+    return rows if rows is not None else parquet(path).metadata.num_rows
+
+
+def read_rows(file, a, b):
+    """Rows a..b-1 of a file, reading only the parquet row groups that hold them."""
+    path, _ = file
+    if path.startswith("toy:"):
+        _, split, lo = path.split(":")
+        return [toy_row(split, int(lo) + i) for i in range(a, b)]
+    if path.endswith(".pt"):  # a cache file (see build_cache)
+        return [(cache_file(path), r) for r in range(a, b)]
+    meta, rows, start = parquet(path).metadata, [], 0
+    for g in range(meta.num_row_groups):
+        n = meta.row_group(g).num_rows
+        if start < b and a < start + n:
+            lo = max(a, start)
+            rows += row_group(path, g).slice(lo - start, min(b, start + n) - lo).to_pylist()
+        start += n
+    return rows
+
+
+def skip_reason(row):
+    """Why a row cannot be trained on (a counter in SKIP_KEYS), or None."""
+    if not isinstance(row["caption"], str):
+        return "bad_caption"
+    if row["label_0"] not in (0, 0.5, 1):
+        return "bad_label"
+    return "ties" if row["label_0"] == 0.5 else None
+
+
+def rows_in_order(cfg, source, split, counts=None):
+    """(pair id, row) of a source's usable rows in file order (held-out pairs, eval_style.py); skips counted."""
+    for k, file in enumerate(source_files(cfg, source, split)):
+        n = file_length(file)
+        for a in range(0, n, 256):
+            for r, row in enumerate(read_rows(file, a, min(n, a + 256)), a):
+                reason = skip_reason(row)
+                if reason is None:
+                    yield f"{k}:{r}", row
+                elif counts is not None:
+                    counts[reason] += 1
+
+
+def rank_rows(cfg, files, epoch, rank, world, at=None):
+    """(pair id, row, where to resume after it) for this rank's share of an epoch. The epoch's shuffled file list
+    is dealt round-robin to the ranks, so a rank reads only its own files. It reads them in windows of
+    --shuffle_buffer rows, each shuffled on its own: a resume point (file, row, window, taken) needs one window."""
+    mine = random.Random(f"{cfg.seed}-files-{epoch}").sample(range(len(files)), len(files))[rank::world]
+    k, row, window, taken = at or (0, 0, 0, 0)  # the window starts at `row` of this rank's k-th file
+    while k < len(mine):
+        rows, ids, k_next, row_next = [], [], k, row
+        while len(rows) < cfg.shuffle_buffer and k_next < len(mine):
+            file = files[mine[k_next]]
+            n = file_length(file)
+            stop = min(n, row_next + cfg.shuffle_buffer - len(rows))
+            rows += read_rows(file, row_next, stop)
+            ids += [f"{mine[k_next]}:{r}" for r in range(row_next, stop)]
+            k_next, row_next = (k_next + 1, 0) if stop == n else (k_next, stop)
+        order = random.Random(f"{cfg.seed}-window-{epoch}-{rank}-{window}").sample(range(len(rows)), len(rows))
+        for t, i in enumerate(order[taken:], taken + 1):
+            yield ids[i], rows[i], (k, row, window, t) if t < len(rows) else (k_next, row_next, window + 1, 0)
+        k, row, window, taken = k_next, row_next, window + 1, 0
 
 
 def coin(seed, epoch, index, what):
@@ -423,8 +482,12 @@ def decode(blob):
 
 
 def prepare_pair(job):
-    """Decode, winner first, resize short side, crop, flip: in a worker process. Returns a pair or a skip reason."""
+    """Check, decode, winner first, resize short side, crop, flip: in a worker process. Returns a pair or a skip
+    reason."""
     row, index, resolution, flip, crop_seed = job
+    reason = skip_reason(row)
+    if reason:
+        return reason
     try:
         first, second = decode(row["jpg_0"]), decode(row["jpg_1"])
     except Exception:
@@ -445,39 +508,40 @@ def prepare_pair(job):
     return out
 
 
-def pair_batches(cfg, rank, world, start=None, counts=None, pool=None, source=None, split=None):
-    """Endless micro-batches of M decoded pairs for this rank, with the position to resume after each.
-
-    One reader per rank walks the shuffled stream; block b of M rows belongs to rank b % world, so the
-    pairs and their order depend only on the seed and world size, never on the number of decode workers.
-    """
-    source, split = source or cfg.data, split or cfg.split
-    counts = counts if counts is not None else {k: 0 for k in SKIP_KEYS}
-    epoch, skip_to = start or (0, 0)
+def pair_batches(cfg, rank, world, start=None, pool=None):
+    """Endless (M pairs, state after them) for this rank: decoded pairs, or encoded ones from --cache. The state is
+    where to resume: epoch, position in the rank's share (see rank_rows) and the skip counts so far. Rows are
+    decoded ahead in --workers processes but taken in order, so pairs, counts and state never depend on workers.
+    A rank that ends its share of an epoch goes on with its next epoch; no rank waits for another."""
+    files, prepare = (cache_files(cfg), cached_pair) if cfg.cache else \
+        (source_files(cfg, cfg.data, cfg.split, cfg.max_pairs), prepare_pair)
+    pool = None if cfg.cache else pool
+    if len(files) < world:
+        sys.exit(f"rpo.py: {len(files)} data file(s) for {world} ranks; each rank reads its own files, so split the "
+                 f"data into at least {world} parquet files")
+    state = copy.deepcopy(start) if start else dict(epoch=0, at=None, counts={k: 0 for k in SKIP_KEYS})
     while True:
-        n_batches, batch, window = 0, [], deque()
-        rng = random.Random(f"{cfg.seed}-shuffle-{epoch}")
-        stream = shuffled(valid_rows(cfg, source, split, counts), cfg.shuffle_buffer, rng)
-        jobs = ((pos, (row, index, cfg.resolution, not cfg.no_flip and coin(cfg.seed, epoch, index, "flip") < 0.5,
-                       f"{cfg.seed}-{epoch}-{index}" if cfg.random_crop else None))
-                for pos, (index, row) in enumerate(stream) if (pos // cfg.batch) % world == rank and pos >= skip_to)
-        for pos, job in itertools.chain(jobs, [(None, None)]):  # a last None drains the window
+        epoch, n_batches, batch, window, whole = state["epoch"], 0, [], deque(), state["at"] is None
+        jobs = ((at, (row, pid, cfg.resolution, not cfg.no_flip and coin(cfg.seed, epoch, pid, "flip") < 0.5,
+                      f"{cfg.seed}-{epoch}-{pid}" if cfg.random_crop else None))
+                for pid, row, at in rank_rows(cfg, files, epoch, rank, world, state["at"]))
+        for at, job in itertools.chain(jobs, [(None, None)]):  # a last None drains the window
             if job is not None:
-                window.append((pos, pool.apply_async(prepare_pair, (job,)) if pool else prepare_pair(job)))
+                window.append((at, pool.apply_async(prepare, (job,)) if pool else prepare(job)))
             while window and (job is None or len(window) > 4 * cfg.batch or not pool):
-                pos_done, result = window.popleft()
-                batch = take(result, batch, counts, pool)
+                state["at"], result = window.popleft()
+                batch = take(result, batch, state["counts"], pool)
                 if len(batch) == cfg.batch:
-                    yield batch, (epoch, pos_done + 1)
+                    yield batch, copy.deepcopy(state)
                     n_batches, batch = n_batches + 1, []
-        if n_batches == 0 and skip_to == 0:  # not one micro-batch in a whole epoch, so in none
-            too_few_pairs(cfg, rank, len(batch), f"{source!r} (split {split!r})", counts)
-        epoch, skip_to = epoch + 1, 0
+        if n_batches == 0 and whole:  # not one micro-batch in a whole epoch, so in none
+            too_few_pairs(cfg, rank, len(batch), f"cache {cfg.cache!r}" if cfg.cache else f"{cfg.data!r}", state)
+        state.update(epoch=epoch + 1, at=None)
 
 
-def too_few_pairs(cfg, rank, n, where, counts):
-    sys.exit(f"rpo.py: {n} trainable pairs for rank {rank} in {where}, fewer than --batch {cfg.batch}, after "
-             f"dropping ties and bad rows: {dict(counts)}")
+def too_few_pairs(cfg, rank, n, where, state):
+    sys.exit(f"rpo.py: {n} trainable pairs for rank {rank} in {where} (split {cfg.split!r}, epoch {state['epoch']}), "
+             f"fewer than --batch {cfg.batch}, after dropping ties and bad rows: {state['counts']}")
 
 
 def take(result, batch, counts, pool):
@@ -490,8 +554,8 @@ def take(result, batch, counts, pool):
 
 
 def decoded(jobs, pool=None):
-    """prepare_pair over jobs, in order, dropping the pairs that did not decode."""
-    return [p for p in (pool.map(prepare_pair, jobs) if pool else map(prepare_pair, jobs)) if not isinstance(p, str)]
+    """prepare_pair over jobs, in order: pairs, or skip reasons for the rows that cannot be used."""
+    return list(pool.map(prepare_pair, jobs) if pool else map(prepare_pair, jobs))
 
 
 def collate(pairs):
@@ -506,7 +570,7 @@ def collate(pairs):
 # The training step consumes encoded pairs: VAE latents, text-encoder states, SDXL time ids and the pair
 # embeddings f. They are computed on the fly, or once per dataset with --cache and read back every epoch.
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
-CACHE_CHUNK = 256
+CACHE_CHUNK = 256  # rows decoded and encoded at a time while building the cache
 WEIGHT_TIMES = []  # (start, end) of each pair-embedding computation, for the end-of-run time share
 
 
@@ -573,94 +637,88 @@ def atomic_save(obj, path):
 
 
 def build_cache(cfg, m, rank, world, pool):
-    """Encode every pair once, both flips, in file order, CACHE_CHUNK pairs a file; an interrupted build resumes."""
+    """Encode every row of the source once, both flips: one cache file per source file, written by rank k mod world
+    (each rank reads its share of the data), under a temporary name then renamed, so an interrupted build resumes
+    at the files still missing. A cache file keeps each row's skip reason, so the cached epochs skip and count
+    exactly what the uncached ones would."""
     os.makedirs(cfg.cache, exist_ok=True)
     meta, meta_path = cache_meta(cfg, m), os.path.join(cfg.cache, "meta.json")
     if os.path.exists(meta_path):
         old = json.load(open(meta_path))
         if {k: old.get(k) for k in meta} != meta:
             sys.exit(f"rpo.py: cache {cfg.cache} was built for {old}, not {meta}; use another --cache folder")
-        if "n" in old:
+        if "rows" in old:
             return
     elif rank == 0:
         atomic_save(meta, meta_path)
-    counts, chunk, n = {k: 0 for k in SKIP_KEYS}, [], 0
-
-    def write(k, rows):
-        path = os.path.join(cfg.cache, f"chunk-{k:07d}.pt")
-        if k % world != rank or os.path.exists(path):
-            return
-        jobs = [(row, index, cfg.resolution, False, None) for index, row in rows]
-        pairs = decoded(jobs, pool)
-        parts = []
-        for i in range(0, len(pairs), cfg.batch):
-            part = collate(pairs[i:i + cfg.batch])
-            plain, flipped = (encode_pairs(m, dict(part, winner=part["winner"].flip(-1), loser=part["loser"].flip(-1))
-                                           if flip else part, cfg.embed) for flip in (False, True))
-            both = lambda key: torch.stack([torch.stack([e[key + "_w"], e[key + "_l"]], 1) for e in (plain, flipped)], 1)
-            parts.append(dict(index=torch.tensor(part["index"]), latents=both("latents"), f=both("f"),  # [n, flip, w/l, ...]
-                              prompt=plain["prompt"], pooled=plain["pooled"],
-                              time_ids=torch.stack([plain["time_ids_w"], plain["time_ids_l"]], 1)))
-        # a few stacked tensors per chunk: opened with mmap, a pair costs only its own bytes
-        atomic_save({k: None if not parts or parts[0][k] is None else torch.cat([p[k] for p in parts]).cpu()
-                     for k in ("index", "latents", "f", "prompt", "pooled", "time_ids")}, path)
-
-    for index, row in tqdm(valid_rows(cfg, cfg.data, cfg.split, counts), desc="caching", disable=rank != 0):
-        chunk.append((index, row))
-        n = index + 1
-        if len(chunk) == CACHE_CHUNK:
-            write(n // CACHE_CHUNK - 1, chunk)
-            chunk = []
-    if chunk:
-        write(n // CACHE_CHUNK, chunk)
+    files = source_files(cfg, cfg.data, cfg.split, cfg.max_pairs)
+    for k in tqdm(range(rank, len(files), world), desc="caching", disable=rank != 0):
+        if os.path.exists(cache_path(cfg, k)):
+            continue
+        n, skip, small, parts = file_length(files[k]), [], [], []
+        for a in range(0, n, CACHE_CHUNK):  # CACHE_CHUNK decoded rows in memory at a time
+            rows = read_rows(files[k], a, min(n, a + CACHE_CHUNK))
+            pairs = decoded([(row, f"{k}:{r}", cfg.resolution, False, None) for r, row in enumerate(rows, a)], pool)
+            skip += [p if isinstance(p, str) else None for p in pairs]
+            pairs = [p for p in pairs if not isinstance(p, str)]
+            small += [p.pop("small") for p in pairs]
+            for i in range(0, len(pairs), cfg.batch):
+                part = collate(pairs[i:i + cfg.batch])
+                plain, flipped = (encode_pairs(m, dict(part, winner=part["winner"].flip(-1), loser=part["loser"].flip(-1))
+                                               if flip else part, cfg.embed) for flip in (False, True))
+                both = lambda key: torch.stack([torch.stack([e[key + "_w"], e[key + "_l"]], 1) for e in (plain, flipped)], 1)
+                parts.append(dict(latents=both("latents"), f=both("f"), prompt=plain["prompt"], pooled=plain["pooled"],
+                                  time_ids=torch.stack([plain["time_ids_w"], plain["time_ids_l"]], 1)))  # [n, flip, w/l, ...]
+        # a few stacked tensors per file: opened with mmap, a pair costs only its own bytes
+        atomic_save(dict(skip=skip, small=small, **{key: None if not parts or parts[0][key] is None else
+                                                    torch.cat([p[key] for p in parts]).cpu()
+                                                    for key in ("latents", "f", "prompt", "pooled", "time_ids")}),
+                    cache_path(cfg, k))
     if dist.is_initialized():
         dist.barrier()
     if rank == 0:
-        atomic_save(dict(meta, n=n), meta_path)
+        atomic_save(dict(meta, rows=[len(cache_file(cache_path(cfg, k))["skip"]) for k in range(len(files))]), meta_path)
     if dist.is_initialized():
         dist.barrier()
 
 
-def cached_batches(cfg, m, rank, world, start, counts):
-    """The same stream as pair_batches (same order, flips, ranks), read from the cache."""
-    n = json.load(open(os.path.join(cfg.cache, "meta.json")))["n"]
-    chunks = OrderedDict()
-    epoch, skip_to = start or (0, 0)
-    while True:
-        rng, batch, n_batches = random.Random(f"{cfg.seed}-shuffle-{epoch}"), [], 0
-        for pos, index in enumerate(shuffled(iter(range(n)), cfg.shuffle_buffer, rng)):
-            if (pos // cfg.batch) % world != rank or pos < skip_to:
-                continue
-            k = index // CACHE_CHUNK
-            if k not in chunks:
-                chunks[k] = torch.load(os.path.join(cfg.cache, f"chunk-{k:07d}.pt"), mmap=True)
-                chunks[k]["row"] = {} if chunks[k]["index"] is None else {int(i): r for r, i in enumerate(chunks[k]["index"])}
-                if len(chunks) > 256:
-                    chunks.popitem(last=False)
-            if index not in chunks[k]["row"]:  # its image did not decode when the cache was built
-                counts["bad_image"] += 1
-                continue
-            flip = int(not cfg.no_flip and coin(cfg.seed, epoch, index, "flip") < 0.5)
-            batch.append((index, chunks[k], chunks[k]["row"][index], flip))
-            if len(batch) == cfg.batch:
-                get = lambda key, by_flip=False: torch.stack([c[key][r, f] if by_flip else c[key][r] for _, c, r, f in batch]).to(m.device)
-                lat, f, tid = get("latents", True), get("f", True), get("time_ids")
-                yield dict(index=[i for i, *_ in batch], latents_w=lat[:, 0], latents_l=lat[:, 1], prompt=get("prompt"),
-                           pooled=get("pooled") if m.xl else None, time_ids_w=tid[:, 0], time_ids_l=tid[:, 1],
-                           f_w=f[:, 0], f_l=f[:, 1]), (epoch, pos + 1)
-                n_batches, batch = n_batches + 1, []
-        if n_batches == 0 and skip_to == 0:
-            too_few_pairs(cfg, rank, len(batch), f"cache {cfg.cache!r}", counts)
-        epoch, skip_to = epoch + 1, 0
+def cache_path(cfg, k):
+    return os.path.join(cfg.cache, f"file-{k:06d}.pt")
 
 
-def training_batches(cfg, m, rank, world, start, counts, pool):
-    """(encoded micro-batch, resume position) forever, from the cache or from decoded rows."""
-    if cfg.cache:
-        yield from cached_batches(cfg, m, rank, world, start, counts)
-    else:
-        for batch, pos in pair_batches(cfg, rank, world, start, counts, pool):
-            yield encode_pairs(m, collate(batch), cfg.embed, with_f=cfg.loss == "rpo"), pos
+def cache_files(cfg):
+    """The cache as a source: (path, rows) per cache file, in the order of the source's files."""
+    return [(cache_path(cfg, k), n) for k, n in enumerate(json.load(open(os.path.join(cfg.cache, "meta.json")))["rows"])]
+
+
+@functools.lru_cache(maxsize=64)
+def cache_file(path):
+    c = torch.load(path, mmap=True)
+    c["slot"] = np.cumsum([s is None for s in c["skip"]]) - 1  # a row's place among the file's usable rows
+    return c
+
+
+def cached_pair(job):
+    """A cached row as prepare_pair would give it: its skip reason, or its encodings under the job's flip."""
+    (c, r), index, _, flip, _ = job
+    if c["skip"][r]:
+        return c["skip"][r]
+    s = c["slot"][r]
+    return dict(index=index, small=c["small"][s], latents=c["latents"][s, int(flip)], f=c["f"][s, int(flip)],
+                prompt=c["prompt"][s], pooled=None if c["pooled"] is None else c["pooled"][s], time_ids=c["time_ids"][s])
+
+
+def training_batches(cfg, m, rank, world, start, pool):
+    """(encoded micro-batch, state to resume after it) forever, from the cache or from decoded rows."""
+    for pairs, state in pair_batches(cfg, rank, world, start, pool):
+        if not cfg.cache:
+            yield encode_pairs(m, collate(pairs), cfg.embed, with_f=cfg.loss == "rpo"), state
+            continue
+        get = lambda key: torch.stack([p[key] for p in pairs]).to(m.device)
+        lat, f, tid = get("latents"), get("f"), get("time_ids")
+        yield dict(index=[p["index"] for p in pairs], latents_w=lat[:, 0], latents_l=lat[:, 1], prompt=get("prompt"),
+                   pooled=get("pooled") if m.xl else None, time_ids_w=tid[:, 0], time_ids_l=tid[:, 1],
+                   f_w=f[:, 0], f_l=f[:, 1]), state
 
 
 def heldout_pairs(cfg, m):
@@ -670,8 +728,8 @@ def heldout_pairs(cfg, m):
     if not source or cfg.eval_pairs <= 0:
         return None
     split = "heldout" if source == "toy" else ("validation_unique" if source == "pickapic" else "train")
-    rows = itertools.islice(valid_rows(cfg, source, split, {k: 0 for k in SKIP_KEYS}, cfg.eval_pairs), cfg.eval_pairs)
-    pairs = decoded([(row, i, cfg.resolution, False, None) for i, row in rows])
+    rows = itertools.islice(rows_in_order(cfg, source, split), cfg.eval_pairs)
+    pairs = [p for p in decoded([(row, i, cfg.resolution, False, None) for i, row in rows]) if not isinstance(p, str)]
     if not pairs:
         sys.exit(f"rpo.py: no usable held-out pairs in {source!r} (split {split!r})")
     return [encode_pairs(m, collate(pairs[i:i + cfg.batch]), cfg.embed, with_f=False)
@@ -816,18 +874,18 @@ def make_optimizer(cfg, params, device):
 
 def accumulate_gradients(cfg, m, policy, batches, autocast, scaler, ddp):
     """Forward and backward over --grad_accum micro-batches (DDP syncs gradients on the last one only).
-    Returns the mean of each metric as tensors on the training device, and the last micro-batch with its
-    resume position."""
+    Returns the mean of each metric as tensors on the training device, and the last micro-batch with the data
+    state after it."""
     sums = {}
     for micro in range(cfg.grad_accum):
-        enc, position = next(batches)
+        enc, state = next(batches)
         sync = micro == cfg.grad_accum - 1 or not ddp
         with (nullcontext() if sync else policy.no_sync()), autocast:
-            loss, metrics = preference_step(cfg, m, policy, enc, position[0])
+            loss, metrics = preference_step(cfg, m, policy, enc, state["epoch"])
         scaler.scale(loss / cfg.grad_accum).backward()
         for k, v in dict(metrics, loss=loss.detach()).items():
             sums[k] = sums.get(k, 0) + v.float() / cfg.grad_accum
-    return sums, enc, position
+    return sums, enc, state
 
 
 def step_vector(sums, counts, device):
@@ -839,11 +897,9 @@ def step_vector(sums, counts, device):
 
 
 def mean_over_ranks(names, vec, world):
-    """Metrics are averaged over ranks; so are ties and bad rows, which every rank's reader sees. Undecodable
-    and small images are counted by the rank that decoded them, so they are summed."""
+    """Metrics are averaged over ranks; skip counts are summed, since each rank reads its own rows."""
     dist.all_reduce(vec)
-    return vec / torch.tensor([1.0 if k in ("bad_image", "small") else world for k in names], dtype=vec.dtype,
-                              device=vec.device)
+    return vec / torch.tensor([1.0 if k in SKIP_KEYS else world for k in names], dtype=vec.dtype, device=vec.device)
 
 
 def weights_are_finite(unet):
@@ -884,17 +940,17 @@ def main(argv=None):
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
-    step, positions, metrics_path = 0, None, os.path.join(cfg.out, "metrics.jsonl")
+    step, nonfinite_total, data_states, metrics_path = 0, 0, None, os.path.join(cfg.out, "metrics.jsonl")
     if cfg.resume:
         ckpt = load_checkpoint(cfg.out)
         if ckpt is not None:
-            if len(ckpt["data_positions"]) != world:
-                sys.exit(f"rpo.py: checkpoint was written by {len(ckpt['data_positions'])} ranks; resume with as many")
+            if len(ckpt["data_states"]) != world:  # the data order is a function of the seed and the world size
+                sys.exit(f"rpo.py: checkpoint was written by {len(ckpt['data_states'])} ranks; resume with as many")
             m.unet.load_state_dict(ckpt["unet"])
             optimizer.load_state_dict(ckpt["optimizer"])
             schedule.load_state_dict(ckpt["lr_schedule"])
             scaler.load_state_dict(ckpt["scaler"])
-            step, positions = ckpt["step"], ckpt["data_positions"]
+            step, nonfinite_total, data_states = ckpt["step"], ckpt["nonfinite"], ckpt["data_states"]
             random.setstate(ckpt["rng"]["python"]), np.random.set_state(ckpt["rng"]["numpy"])
             torch.set_rng_state(ckpt["rng"]["torch"])
     if master:  # metrics of steps after the checkpoint (all of them, from step 0) will be logged again
@@ -905,29 +961,28 @@ def main(argv=None):
         if step:
             print(f"resumed from step {step}", file=sys.stderr)
 
-    counts = {k: 0 for k in SKIP_KEYS}
     if cfg.cache:
         build_cache(cfg, m, rank, world, pool)
     eval_enc = heldout_pairs(cfg, m) if master else None
-    batches = training_batches(cfg, m, rank, world, positions[rank] if positions else None, counts, pool)
+    state = data_states[rank] if data_states else None
+    batches = training_batches(cfg, m, rank, world, state, pool)
     if master:
         ranks = f"{world} rank(s) ({dist.get_backend()})" if ddp else "1 process"
         print(f"training {cfg.model} ({m.base}) with {cfg.loss} on {cfg.data}: {ranks} x {cfg.batch} pairs x "
               f"{cfg.grad_accum} accumulation, {precision}, {sum(p.numel() for p in m.unet.parameters()) / 1e6:.1f}M "
               f"trainable parameters", file=sys.stderr)
 
-    nonfinite_run, nonfinite_total, history, start_step, step_seconds = 0, 0, [], step, []
+    nonfinite_run, history, start_step, step_seconds = 0, [], step, []
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not master, dynamic_ncols=True)
     WEIGHT_TIMES.clear()  # count only the training loop's pair embeddings
     t0 = t_first = time.perf_counter()
     saving = 0.0  # seconds spent on evaluation, checkpoints and samples, kept out of the throughput
-    position = positions[rank] if positions else (0, 0)
     while step < cfg.max_steps:
         t_step, lr = time.perf_counter(), schedule.get_last_lr()[0]
-        sums, enc, position = accumulate_gradients(cfg, m, policy, batches, autocast, scaler, ddp)
+        sums, enc, state = accumulate_gradients(cfg, m, policy, batches, autocast, scaler, ddp)
         scaler.unscale_(optimizer)
         sums["grad_norm"] = torch.nn.utils.clip_grad_norm_(m.unet.parameters(), 1.0)
-        names, vec = step_vector(sums, counts, device)
+        names, vec = step_vector(sums, state["counts"], device)
         logged = dict(zip(names, (mean_over_ranks(names, vec, world) if ddp else vec).tolist()))
         # a NaN gradient under a finite loss (bf16 has no GradScaler to catch it) would turn every weight NaN
         finite = math.isfinite(logged["loss"]) and math.isfinite(logged["grad_norm"])
@@ -954,7 +1009,7 @@ def main(argv=None):
             t_save = time.perf_counter()
             if eval_enc is not None:
                 record.update({"heldout_" + k: v for k, v in evaluate(cfg, m, eval_enc, autocast).items()})
-            save_checkpoint(cfg, m, optimizer, schedule, scaler, step, position, world, master)
+            save_checkpoint(cfg, m, optimizer, schedule, scaler, step, nonfinite_total, state, world, master)
             if master and cfg.sample_steps:
                 save_samples(cfg, m, os.path.join(cfg.out, f"samples_{step}.png"), autocast)
             saving += time.perf_counter() - t_save
@@ -1001,21 +1056,21 @@ def main(argv=None):
 
 
 # ------------------------------------------------------------------------------------------ saving
-def save_checkpoint(cfg, m, optimizer, schedule, scaler, step, position, world, master):
+def save_checkpoint(cfg, m, optimizer, schedule, scaler, step, nonfinite, state, world, master):
     """DIR/ckpt-STEP.pt (resume state, written then renamed; the last `keep` kept, ckpt.pt links the newest)
     and DIR/unet (diffusers)."""
     if not weights_are_finite(m.unet):  # the same weights on every rank: every rank stops here
         sys.exit(f"rpo.py: the weights became non-finite by step {step} and were not saved; the newest "
                  f"checkpoint in {cfg.out}, if any, holds the last good ones. Lower --lr or --beta")
-    positions = [None] * world
+    states = [None] * world  # every rank's data state: epoch, place in its share, skip counts
     if dist.is_initialized():
-        dist.all_gather_object(positions, position)
+        dist.all_gather_object(states, state)
     else:
-        positions = [position]
+        states = [state]
     if not master:
         return
     ckpt = dict(unet=m.unet.state_dict(), optimizer=optimizer.state_dict(), lr_schedule=schedule.state_dict(),
-                scaler=scaler.state_dict(), step=step, data_positions=positions, config=dataclasses.asdict(cfg),
+                scaler=scaler.state_dict(), step=step, nonfinite=nonfinite, data_states=states, config=dataclasses.asdict(cfg),
                 rng=dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state()))
     path, link = os.path.join(cfg.out, f"ckpt-{step:07d}.pt"), os.path.join(cfg.out, "ckpt.pt")
     atomic_save(ckpt, path)

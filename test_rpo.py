@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 from contextlib import contextmanager, nullcontext, redirect_stdout
 
 import numpy as np
@@ -202,12 +203,12 @@ def test_local_shards_drop_ties_and_count_broken_rows(tmp_path):
     rows[3]["label_0"] = 0.3
     folder = write_shards(tmp_path / "shards", rows)
     cfg = rpo.parse_config(["--data", str(folder), "--batch", "2", "--no_flip", "--shuffle_buffer", "1"])
-    counts = {k: 0 for k in rpo.SKIP_KEYS}
     seen = []
-    for batch, pos in rpo.pair_batches(cfg, 0, 1, None, counts):
+    for batch, state in rpo.pair_batches(cfg, 0, 1):
         seen += [(p["index"], p["caption"]) for p in batch]
-        if pos[0] > 0:
+        if state["epoch"] > 0:
             break
+    counts = state["counts"]
     assert counts["ties"] >= 4 and counts["bad_caption"] >= 1 and counts["bad_label"] >= 1 and counts["bad_image"] >= 1
     assert all(int(c.split()[1]) % 5 != 4 for _, c in seen)  # every fifth row is a tie
 
@@ -251,9 +252,9 @@ def test_unreachable_hub_dataset_is_one_line_naming_the_id_and_the_way_out(tmp_p
 
     def offline(*a, **k):
         raise ConnectionError("Couldn't reach 'yuvalkirstain/pickapic_v2' on the Hub (LocalEntryNotFoundError)")
-    monkeypatch.setattr(datasets, "load_dataset", offline)
+    monkeypatch.setattr(datasets, "load_dataset_builder", offline)
     with pytest.raises(SystemExit) as e:
-        rpo.open_rows("pickapic", "yuvalkirstain/pickapic_v2", "train")
+        rpo.source_files(rpo.parse_config([]), "pickapic", "train")
     msg = str(e.value)
     assert "\n" not in msg and "yuvalkirstain/pickapic_v2" in msg and "--data /path" in msg and "--data_id" in msg
 
@@ -282,10 +283,11 @@ def test_tiny_xl_trains_from_local_pickapic_shards_counting_the_corrupt_row(tmp_
     rows = pickapic_rows(24)
     rows[0]["jpg_0"] = b"\xff\xd8 truncated jpeg"
     folder = write_shards(tmp_path / "shards", rows, 2)
-    summary, metrics = train(tmp_path / "out", "--model", "tiny-xl", "--data", folder, "--batch", 4, "--max_steps", 3,
+    # 19 usable pairs: 4 micro-batches of 4 an epoch, so step 5 is in the second epoch, every row seen once
+    summary, metrics = train(tmp_path / "out", "--model", "tiny-xl", "--data", folder, "--batch", 4, "--max_steps", 5,
                              "--save_every", 100, "--sample_steps", 0, "--eval_data", folder)
-    assert summary["steps"] == 3 and all(math.isfinite(r["loss"]) for r in metrics)
-    assert metrics[-1]["bad_image"] == 1 and metrics[-1]["ties"] >= 4 and 0 <= summary["heldout_accuracy"] <= 1
+    assert summary["steps"] == 5 and all(math.isfinite(r["loss"]) for r in metrics)
+    assert metrics[-1]["bad_image"] >= 1 and metrics[-1]["ties"] >= 4 and 0 <= summary["heldout_accuracy"] <= 1
 
 
 def test_sdxl_time_ids_record_each_images_own_size_and_crop():
@@ -439,11 +441,12 @@ def test_a_run_of_non_finite_losses_stops_with_a_clear_message_and_the_last_good
 
 def test_cached_and_uncached_training_give_the_same_losses(tmp_path):
     # beta 100, not 5000: beta/2 multiplies the last-bit differences that batching the encoders differently leaves
-    flags = ["--toy_pairs", 12, "--batch", 4, "--max_steps", 6, "--save_every", 100, "--eval_pairs", 0, "--shuffle_buffer", 5,
-             "--beta", 100]
-    _, plain = train(tmp_path / "plain", *flags)  # 3 steps an epoch: the last 3 steps are a second, reshuffled epoch
+    # 36 toy pairs: 3 files (16, 16, 4 rows) read in windows of 5 rows, 9 steps an epoch, then a reshuffled epoch
+    flags = ["--toy_pairs", 36, "--batch", 4, "--max_steps", 11, "--save_every", 100, "--eval_pairs", 0,
+             "--shuffle_buffer", 5, "--beta", 100]
+    _, plain = train(tmp_path / "plain", *flags)
     _, cached = train(tmp_path / "cached", *flags, "--cache", tmp_path / "cache")
-    assert (tmp_path / "cache" / "chunk-0000000.pt").exists() and json.load(open(tmp_path / "cache" / "meta.json"))["n"] == 12
+    assert json.load(open(tmp_path / "cache" / "meta.json"))["rows"] == [16, 16, 4]
     assert [r["loss"] for r in cached] == pytest.approx([r["loss"] for r in plain], rel=1e-5)
     _, again = train(tmp_path / "again", *flags, "--cache", tmp_path / "cache")  # a finished cache is only read
     assert [r["loss"] for r in again] == [r["loss"] for r in cached]
@@ -547,7 +550,7 @@ def on_meta(m):
 def test_a_step_and_everything_it_logs_are_made_on_the_training_device(loss):
     cfg, m = tiny_models("tiny-xl", "--loss", loss, "--grad_accum", "2")
     batch, device = rpo.collate(toy_pairs(cfg, n=4)), on_meta(m)
-    batches = ((rpo.encode_pairs(m, batch, cfg.embed, with_f=loss == "rpo"), (0, k)) for k in range(2))
+    batches = ((rpo.encode_pairs(m, batch, cfg.embed, with_f=loss == "rpo"), dict(epoch=0)) for k in range(2))
     no_scaler = torch.amp.GradScaler("cpu", enabled=False)
     sums, _, _ = rpo.accumulate_gradients(cfg, m, m.unet, batches, nullcontext(), no_scaler, ddp=False)
     sums["grad_norm"] = torch.nn.utils.clip_grad_norm_(m.unet.parameters(), 1.0)
@@ -651,11 +654,38 @@ def assert_same_training(out_a, metrics_a, out_b, metrics_b, same_encoding=True)
     assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-5
 
 
+def launcher(folder, name, body):
+    """A script that runs rpo.main() after `body` (test-only changes to the module) has run."""
+    path = folder / name
+    path.write_text(f"import sys\nsys.path.insert(0, {HERE!r})\nimport rpo\n{textwrap.dedent(body)}\nrpo.main()\n")
+    return path
+
+
+# One process that trains on what ranks 0 and 1 of a two-process run read (the data order is a function of the seed
+# and the world size): their micro-batches in turn (accumulation) or side by side in one micro-batch of twice the
+# size (global contrast).
+AS_TWO_RANKS = """
+    import dataclasses, torch
+    real = rpo.training_batches
+    def as_two_ranks(cfg, m, rank, world, start, pool):
+        side_by_side = cfg.grad_accum == 1
+        half = dataclasses.replace(cfg, batch=cfg.batch // 2) if side_by_side else cfg
+        for (a, state), (b, _) in zip(real(half, m, 0, 2, None, pool), real(half, m, 1, 2, None, pool)):
+            if not side_by_side:
+                yield a, state
+                yield b, state
+                continue
+            yield {k: a[k] + b[k] if k == "index" else None if a[k] is None else torch.cat([a[k], b[k]]) for k in a}, state
+    rpo.training_batches = as_two_ranks
+"""
+
+
 @pytest.fixture(scope="module")
 def one_process_2x4(tmp_path_factory):
     """One process, 4 micro-batches of 2 pairs a step: the global batch the two-process runs split over 2 ranks."""
     out = tmp_path_factory.mktemp("one_process")
-    return out, run_script(out, *DDP_FLAGS, "--batch", 2, "--grad_accum", 4)
+    return out, run_script(out, *DDP_FLAGS, "--batch", 2, "--grad_accum", 4,
+                           script=launcher(out, "as_two_ranks.py", AS_TWO_RANKS))
 
 
 def test_two_processes_with_gradient_accumulation_match_one_process_on_the_same_global_batch(tmp_path,
@@ -666,21 +696,20 @@ def test_two_processes_with_gradient_accumulation_match_one_process_on_the_same_
 
 
 def test_global_contrast_on_two_processes_builds_the_matrix_of_one_process_with_the_whole_batch(tmp_path):
-    # 2 ranks x 2 pairs build the 4 x 4 matrix that one process builds from 4 pairs
-    one = run_script(tmp_path / "one", *DDP_FLAGS, "--batch", 4)
+    # 2 ranks x 2 pairs build the 4 x 4 matrix that one process builds from the same 4 pairs
+    one = run_script(tmp_path / "one", *DDP_FLAGS, "--batch", 4, script=launcher(tmp_path, "one.py", AS_TWO_RANKS))
     two = run_script(tmp_path / "two", *DDP_FLAGS, "--batch", 2, "--global_contrast", nproc=2)
     assert_same_training(tmp_path / "one", one, tmp_path / "two", two)
 
 
 def test_a_cache_built_by_two_ranks_trains_like_the_uncached_run(tmp_path, one_process_2x4):
-    # 8 pairs a chunk instead of 256, so that 64 pairs make 8 chunk files, written by rank k mod 2
-    launcher = tmp_path / "rpo_small_chunks.py"
-    launcher.write_text(f"import sys\nsys.path.insert(0, {HERE!r})\nimport rpo\nrpo.CACHE_CHUNK = 8\nrpo.main()\n")
+    # 64 toy pairs are 4 files of 16 rows: cache files 0 and 2 are written by rank 0, 1 and 3 by rank 1, each
+    # in chunks of 8 rows instead of 256
     cache = tmp_path / "cache"
     two = run_script(tmp_path / "two", *DDP_FLAGS, "--batch", 2, "--grad_accum", 2, "--cache", cache, nproc=2,
-                     script=launcher)
-    assert sorted(os.listdir(cache)) == [f"chunk-{k:07d}.pt" for k in range(8)] + ["meta.json"]
-    assert json.load(open(cache / "meta.json"))["n"] == 64
+                     script=launcher(tmp_path, "small_chunks.py", "rpo.CACHE_CHUNK = 8"))
+    assert sorted(os.listdir(cache)) == [f"file-{k:06d}.pt" for k in range(4)] + ["meta.json"]
+    assert json.load(open(cache / "meta.json"))["rows"] == [16] * 4
     assert_same_training(*one_process_2x4, tmp_path / "two", two, same_encoding=False)
 
 
