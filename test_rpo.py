@@ -14,6 +14,7 @@ import textwrap
 from contextlib import contextmanager, nullcontext, redirect_stdout
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -288,6 +289,67 @@ def test_tiny_xl_trains_from_local_pickapic_shards_counting_the_corrupt_row(tmp_
                              "--save_every", 100, "--sample_steps", 0, "--eval_data", folder)
     assert summary["steps"] == 5 and all(math.isfinite(r["loss"]) for r in metrics)
     assert metrics[-1]["bad_image"] >= 1 and metrics[-1]["ties"] >= 4 and 0 <= summary["heldout_accuracy"] <= 1
+
+
+def quirky_shards(folder, sizes):
+    """Parquet files of these sizes in rows: every fifth row a tie, one image that does not decode, one caption
+    that is not a string."""
+    rows = pickapic_rows(sum(sizes))
+    rows[3]["jpg_1"], rows[7]["caption"] = b"not an image", None
+    os.makedirs(folder, exist_ok=True)
+    for k, (lo, n) in enumerate(zip(np.cumsum([0, *sizes]), sizes)):
+        pq.write_table(pa.Table.from_pylist(rows[lo:lo + n]), os.path.join(folder, f"part-{k}.parquet"), row_group_size=4)
+    return folder
+
+
+def counted_reads(monkeypatch):
+    """(path, first row, end row) of every call of rpo.read_rows, in order."""
+    reads, real = [], rpo.read_rows
+    monkeypatch.setattr(rpo, "read_rows", lambda file, a, b: reads.append((file[0], a, b)) or real(file, a, b))
+    return reads
+
+
+def test_each_of_four_ranks_reads_only_its_quarter_of_the_files_and_together_every_row_once(tmp_path, monkeypatch):
+    folder = quirky_shards(tmp_path / "d", [10] * 8)
+    cfg = rpo.parse_config(["--data", str(folder), "--batch", "2", "--shuffle_buffer", "6"])
+    reads = counted_reads(monkeypatch)
+    rows_by_rank, pairs_by_rank = [], []
+    for rank in range(4):
+        reads.clear()
+        pairs, epoch_reads = [], []
+        for batch, state in rpo.pair_batches(cfg, rank, 4):
+            if state["epoch"] > 0:
+                break
+            pairs += [p["index"] for p in batch]
+            epoch_reads = list(reads)  # what the epoch had read up to its last micro-batch
+        rows_by_rank.append([(path, r) for path, a, b in epoch_reads for r in range(a, b)])
+        pairs_by_rank.append(pairs)
+    assert [len(rows) for rows in rows_by_rank] == [20] * 4  # 2 of the 8 files each
+    everything = [(str(folder / f"part-{k}.parquet"), r) for k in range(8) for r in range(10)]
+    assert sorted(sum(rows_by_rank, [])) == everything  # disjoint, and nothing left unread
+    assert len(set(sum(pairs_by_rank, []))) == sum(map(len, pairs_by_rank)) > 40
+
+
+def test_a_resume_reads_only_the_window_it_stopped_in_and_goes_on_with_the_same_pairs_and_counts(tmp_path, monkeypatch):
+    cfg = rpo.parse_config(["--data", str(quirky_shards(tmp_path / "d", [20] * 6)), "--batch", "2",
+                            "--shuffle_buffer", "6"])
+    run = list(itertools.islice(rpo.pair_batches(cfg, 1, 2), 30))  # rank 1 of 2: 60 rows, under 24 micro-batches
+    assert run[-1][1]["epoch"] == 1 and run[-1][1]["counts"]["ties"] > 12
+    reads = counted_reads(monkeypatch)
+    for cut in (4, 21, 22):  # early, 90 % into the epoch, its last micro-batch
+        reads.clear()
+        resumed = rpo.pair_batches(cfg, 1, 2, start=run[cut][1])
+        batch, state = next(resumed)
+        assert sum(b - a for _, a, b in reads) <= 2 * 6  # the window it stopped in, at most the next one
+        assert ([p["index"] for p in batch], state) == ([p["index"] for p in run[cut + 1][0]], run[cut + 1][1])
+        rest = [([p["index"] for p in b], s) for b, s in itertools.islice(resumed, 30 - cut - 2)]
+        assert rest == [([p["index"] for p in b], s) for b, s in run[cut + 2:]]
+
+
+def test_fewer_files_than_ranks_is_one_clear_error_before_training(tmp_path):
+    cfg = rpo.parse_config(["--data", str(quirky_shards(tmp_path / "d", [10, 10]))])
+    with pytest.raises(SystemExit, match="2 data file.s. for 3 ranks.*at least 3 parquet files"):
+        next(rpo.pair_batches(cfg, 0, 3))
 
 
 def test_sdxl_time_ids_record_each_images_own_size_and_crop():
@@ -747,9 +809,11 @@ def test_torchrun_with_one_process_takes_the_distributed_path_and_frees_ddp_befo
     assert [r["loss"] for r in distributed] == pytest.approx([r["loss"] for r in plain], abs=1e-6)
 
 
-def test_an_interrupted_run_resumes_to_exactly_the_metrics_of_an_uninterrupted_one(tmp_path):
+def test_an_interrupted_run_resumes_to_exactly_the_metrics_of_an_uninterrupted_one_skip_counts_included(tmp_path):
     import time
-    flags = ["--max_steps", 8, "--save_every", 2, "--eval_pairs", 0, "--batch", 4, "--toy_pairs", 20]  # epochs of 5 steps
+    # 3 files, 40 rows: 8 ties, a broken image and a broken caption leave 30 pairs, 7 steps an epoch
+    data = quirky_shards(tmp_path / "d", [16, 16, 8])
+    flags = ["--data", data, "--max_steps", 9, "--save_every", 2, "--eval_pairs", 0, "--batch", 4, "--shuffle_buffer", 6]
     full = run_script(tmp_path / "full", *flags)
     proc = run_script(tmp_path / "cut", *flags, wait=False)
     metrics = tmp_path / "cut" / "metrics.jsonl"
@@ -760,9 +824,24 @@ def test_an_interrupted_run_resumes_to_exactly_the_metrics_of_an_uninterrupted_o
             pytest.fail("the run to interrupt wrote no metrics in 180 s")
         time.sleep(0.05)
     kill_group(proc)
-    assert len(metrics.read_text().splitlines()) < 8, "the run finished before it could be interrupted"
+    assert len(metrics.read_text().splitlines()) < 9, "the run finished before it could be interrupted"
     resumed = run_script(tmp_path / "cut", *flags, "--resume")
-    assert resumed == full
+    assert resumed == full and full[-1]["ties"] >= 8 and full[-1]["bad_image"] >= 1 and full[-1]["bad_caption"] >= 1
+
+
+def test_two_ranks_with_uneven_files_cross_epochs_without_a_hang_and_resume_exactly(tmp_path):
+    # 3 files of 24, 12 and 6 rows: each epoch deals 2 files to one rank and 1 to the other, so the ranks' epochs
+    # end at different steps; a rank that runs out starts its next epoch instead of waiting
+    data = quirky_shards(tmp_path / "d", [24, 12, 6])
+    flags = ["--data", data, "--batch", 2, "--eval_pairs", 0, "--save_every", 100, "--sample_steps", 0,
+             "--shuffle_buffer", 8]
+    full = run_script(tmp_path / "full", *flags, "--max_steps", 24, nproc=2)
+    run_script(tmp_path / "cut", *flags, "--max_steps", 12, nproc=2)
+    resumed = run_script(tmp_path / "cut", *flags, "--max_steps", 24, "--resume", nproc=2)
+    assert [r["step"] for r in full] == list(range(1, 25)) and resumed == full
+    states = torch.load(tmp_path / "full" / "ckpt.pt", weights_only=False)["data_states"]
+    assert states[0]["epoch"] != states[1]["epoch"]  # at step 24 the ranks are in different epochs
+    assert full[-1]["ties"] == sum(s["counts"]["ties"] for s in states)  # each rank counts its own rows
 
 
 def test_replication_loop_reports_heldout_accuracy_and_rpo_with_one_pair_is_dpo(tmp_path):
