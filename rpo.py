@@ -292,8 +292,8 @@ def encode_images(m, pixels):
 
 
 # -------------------------------------------------------------------------------------------- data
-# Rows follow Pick-a-Pic v2: caption, jpg_0, jpg_1 (encoded images), label_0 (1, 0.5, 0). A source is a list of
-# files: parquet files (local, or a hub dataset's through hf:// URLs) or the toy data's virtual files of
+# Rows follow Pick-a-Pic v2: caption, jpg_0, jpg_1 (encoded images), label_0 (1, 0.5, 0). A source is a list
+# of files: parquet files (local, or a hub dataset's through hf:// URLs) or the toy data's virtual files of
 # TOY_FILE_ROWS generated rows. Every source goes through the same sharding, shuffling, checks and decoding.
 COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")
 SKIP_KEYS = ("ties", "bad_caption", "bad_label", "bad_image", "small")
@@ -358,9 +358,9 @@ def parquet_files(path):
 
 
 def source_files(cfg, source, split, max_rows=0):
-    """(path, rows) of each file of a source, in a fixed order; rows None: the whole file, counted from its footer
-    when a reader reaches it. A hub dataset's files are the ones `datasets` resolves for the split, as hf:// URLs
-    pinned to the dataset's current commit. max_rows keeps the first rows in file order."""
+    """(path, rows) of each file of a source, in a fixed order; rows None means the whole file, counted from
+    its footer when a reader reaches it. A hub dataset's files are the ones `datasets` resolves for the split,
+    as hf:// URLs pinned to the dataset's current commit. max_rows keeps the first rows in file order."""
     if source == "toy":
         n = max_rows or cfg.toy_pairs
         return [(f"toy:{split}:{lo}", min(TOY_FILE_ROWS, n - lo)) for lo in range(0, n, TOY_FILE_ROWS)]
@@ -377,10 +377,11 @@ def source_files(cfg, source, split, max_rows=0):
         missing = [c for c in COLUMNS if c not in parquet(paths[0]).schema_arrow.names]
     except Exception as e:  # any network, auth or format error: one line, with what to do instead
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        sys.exit(f"rpo.py: cannot read dataset {where!r} (split {split!r}): {reason[:300]}. Pass a local copy with "
-                 f"--data /path/to/parquet, or another hub id with --data_id")
+        sys.exit(f"rpo.py: cannot read dataset {where!r} (split {split!r}): {reason[:300]}. Pass a local "
+                 f"copy with --data /path/to/parquet, or another hub id with --data_id")
     if missing:
-        sys.exit(f"rpo.py: dataset {where!r} lacks column(s) {missing}; rows need {list(COLUMNS)} (Pick-a-Pic v2 schema)")
+        sys.exit(f"rpo.py: dataset {where!r} lacks column(s) {missing}; rows need {list(COLUMNS)} "
+                 f"(Pick-a-Pic v2 schema)")
     files, left = [], max_rows
     for path in paths:
         files.append((path, min(left, file_length((path, None))) if max_rows else None))
@@ -392,7 +393,7 @@ def source_files(cfg, source, split, max_rows=0):
 
 @functools.lru_cache(maxsize=8)
 def parquet(path):
-    import fsspec  # local paths and hf:// URLs alike; a hub file is read by byte ranges, never downloaded whole
+    import fsspec  # local paths and hf:// URLs alike: a hub file is read by byte ranges, not downloaded
     import pyarrow.parquet as pq
     return pq.ParquetFile(fsspec.open(path, "rb").open())
 
@@ -435,7 +436,7 @@ def skip_reason(row):
 
 
 def rows_in_order(cfg, source, split, counts=None):
-    """(pair id, row) of a source's usable rows in file order (held-out pairs, eval_style.py); skips counted."""
+    """(pair id, row) of a source's usable rows in file order, skips counted (held-out pairs, eval_style)."""
     for k, file in enumerate(source_files(cfg, source, split)):
         n = file_length(file)
         for a in range(0, n, 256):
@@ -448,9 +449,10 @@ def rows_in_order(cfg, source, split, counts=None):
 
 
 def rank_rows(cfg, files, epoch, rank, world, at=None):
-    """(pair id, row, where to resume after it) for this rank's share of an epoch. The epoch's shuffled file list
-    is dealt round-robin to the ranks, so a rank reads only its own files. It reads them in windows of
-    --shuffle_buffer rows, each shuffled on its own: a resume point (file, row, window, taken) needs one window."""
+    """(pair id, row, where to resume after it) for this rank's share of an epoch. The epoch's shuffled file
+    list is dealt round-robin to the ranks, so a rank reads only its own files. It reads them in windows of
+    --shuffle_buffer rows, each shuffled on its own: resuming at (file, row, window, taken) reads one
+    window."""
     mine = random.Random(f"{cfg.seed}-files-{epoch}").sample(range(len(files)), len(files))[rank::world]
     k, row, window, taken = at or (0, 0, 0, 0)  # the window starts at `row` of this rank's k-th file
     while k < len(mine):
@@ -462,7 +464,8 @@ def rank_rows(cfg, files, epoch, rank, world, at=None):
             rows += read_rows(file, row_next, stop)
             ids += [f"{mine[k_next]}:{r}" for r in range(row_next, stop)]
             k_next, row_next = (k_next + 1, 0) if stop == n else (k_next, stop)
-        order = random.Random(f"{cfg.seed}-window-{epoch}-{rank}-{window}").sample(range(len(rows)), len(rows))
+        rng = random.Random(f"{cfg.seed}-window-{epoch}-{rank}-{window}")
+        order = rng.sample(range(len(rows)), len(rows))
         for t, i in enumerate(order[taken:], taken + 1):
             yield ids[i], rows[i], (k, row, window, t) if t < len(rows) else (k_next, row_next, window + 1, 0)
         k, row, window, taken = k_next, row_next, window + 1, 0
@@ -482,8 +485,8 @@ def decode(blob):
 
 
 def prepare_pair(job):
-    """Check, decode, winner first, resize short side, crop, flip: in a worker process. Returns a pair or a skip
-    reason."""
+    """Check, decode, winner first, resize short side, crop, flip: in a worker process. Returns a pair or a
+    skip reason."""
     row, index, resolution, flip, crop_seed = job
     reason = skip_reason(row)
     if reason:
@@ -509,16 +512,17 @@ def prepare_pair(job):
 
 
 def pair_batches(cfg, rank, world, start=None, pool=None):
-    """Endless (M pairs, state after them) for this rank: decoded pairs, or encoded ones from --cache. The state is
-    where to resume: epoch, position in the rank's share (see rank_rows) and the skip counts so far. Rows are
-    decoded ahead in --workers processes but taken in order, so pairs, counts and state never depend on workers.
-    A rank that ends its share of an epoch goes on with its next epoch; no rank waits for another."""
+    """Endless (M pairs, state after them) for this rank: decoded pairs, or encoded ones from --cache. The
+    state is where to resume: epoch, place in the rank's share (see rank_rows) and the skip counts so far.
+    Rows are decoded ahead in --workers processes but taken in order, so pairs, counts and states never depend
+    on the workers. A rank that ends its share of an epoch goes on with its next epoch: no rank waits for
+    another."""
     files, prepare = (cache_files(cfg), cached_pair) if cfg.cache else \
         (source_files(cfg, cfg.data, cfg.split, cfg.max_pairs), prepare_pair)
     pool = None if cfg.cache else pool
     if len(files) < world:
-        sys.exit(f"rpo.py: {len(files)} data file(s) for {world} ranks; each rank reads its own files, so split the "
-                 f"data into at least {world} parquet files")
+        sys.exit(f"rpo.py: {len(files)} data file(s) for {world} ranks; each rank reads its own files, so "
+                 f"split the data into at least {world} parquet files")
     state = copy.deepcopy(start) if start else dict(epoch=0, at=None, counts={k: 0 for k in SKIP_KEYS})
     while True:
         epoch, n_batches, batch, window, whole = state["epoch"], 0, [], deque(), state["at"] is None
@@ -535,13 +539,15 @@ def pair_batches(cfg, rank, world, start=None, pool=None):
                     yield batch, copy.deepcopy(state)
                     n_batches, batch = n_batches + 1, []
         if n_batches == 0 and whole:  # not one micro-batch in a whole epoch, so in none
-            too_few_pairs(cfg, rank, len(batch), f"cache {cfg.cache!r}" if cfg.cache else f"{cfg.data!r}", state)
+            where = f"cache {cfg.cache!r}" if cfg.cache else repr(cfg.data)
+            too_few_pairs(cfg, rank, len(batch), where, state)
         state.update(epoch=epoch + 1, at=None)
 
 
 def too_few_pairs(cfg, rank, n, where, state):
-    sys.exit(f"rpo.py: {n} trainable pairs for rank {rank} in {where} (split {cfg.split!r}, epoch {state['epoch']}), "
-             f"fewer than --batch {cfg.batch}, after dropping ties and bad rows: {state['counts']}")
+    sys.exit(f"rpo.py: {n} trainable pairs for rank {rank} in {where} (split {cfg.split!r}, epoch "
+             f"{state['epoch']}), fewer than --batch {cfg.batch}, after dropping ties and bad rows: "
+             f"{state['counts']}")
 
 
 def take(result, batch, counts, pool):
@@ -637,10 +643,10 @@ def atomic_save(obj, path):
 
 
 def build_cache(cfg, m, rank, world, pool):
-    """Encode every row of the source once, both flips: one cache file per source file, written by rank k mod world
-    (each rank reads its share of the data), under a temporary name then renamed, so an interrupted build resumes
-    at the files still missing. A cache file keeps each row's skip reason, so the cached epochs skip and count
-    exactly what the uncached ones would."""
+    """Encode every row of the source once, both flips: one cache file per source file, written by rank
+    k mod world (each rank reads its share of the data) under a temporary name, then renamed, so an
+    interrupted build resumes at the files still missing. A cache file keeps each row's skip reason, so the
+    cached epochs skip and count exactly what the uncached ones would."""
     os.makedirs(cfg.cache, exist_ok=True)
     meta, meta_path = cache_meta(cfg, m), os.path.join(cfg.cache, "meta.json")
     if os.path.exists(meta_path):
@@ -658,26 +664,30 @@ def build_cache(cfg, m, rank, world, pool):
         n, skip, small, parts = file_length(files[k]), [], [], []
         for a in range(0, n, CACHE_CHUNK):  # CACHE_CHUNK decoded rows in memory at a time
             rows = read_rows(files[k], a, min(n, a + CACHE_CHUNK))
-            pairs = decoded([(row, f"{k}:{r}", cfg.resolution, False, None) for r, row in enumerate(rows, a)], pool)
+            pairs = decoded([(row, f"{k}:{r}", cfg.resolution, False, None) for r, row in enumerate(rows, a)],
+                            pool)
             skip += [p if isinstance(p, str) else None for p in pairs]
             pairs = [p for p in pairs if not isinstance(p, str)]
             small += [p.pop("small") for p in pairs]
             for i in range(0, len(pairs), cfg.batch):
                 part = collate(pairs[i:i + cfg.batch])
-                plain, flipped = (encode_pairs(m, dict(part, winner=part["winner"].flip(-1), loser=part["loser"].flip(-1))
-                                               if flip else part, cfg.embed) for flip in (False, True))
-                both = lambda key: torch.stack([torch.stack([e[key + "_w"], e[key + "_l"]], 1) for e in (plain, flipped)], 1)
-                parts.append(dict(latents=both("latents"), f=both("f"), prompt=plain["prompt"], pooled=plain["pooled"],
-                                  time_ids=torch.stack([plain["time_ids_w"], plain["time_ids_l"]], 1)))  # [n, flip, w/l, ...]
+                mirrored = dict(part, winner=part["winner"].flip(-1), loser=part["loser"].flip(-1))
+                plain, flipped = encode_pairs(m, part, cfg.embed), encode_pairs(m, mirrored, cfg.embed)
+                # [n, flip, winner/loser, ...]
+                both = lambda key: torch.stack([torch.stack([e[key + "_w"], e[key + "_l"]], 1)
+                                                for e in (plain, flipped)], 1)
+                parts.append(dict(latents=both("latents"), f=both("f"), prompt=plain["prompt"],
+                                  pooled=plain["pooled"],
+                                  time_ids=torch.stack([plain["time_ids_w"], plain["time_ids_l"]], 1)))
         # a few stacked tensors per file: opened with mmap, a pair costs only its own bytes
-        atomic_save(dict(skip=skip, small=small, **{key: None if not parts or parts[0][key] is None else
-                                                    torch.cat([p[key] for p in parts]).cpu()
-                                                    for key in ("latents", "f", "prompt", "pooled", "time_ids")}),
-                    cache_path(cfg, k))
+        tensors = {key: torch.cat([p[key] for p in parts]).cpu() if parts and parts[0][key] is not None
+                   else None for key in ("latents", "f", "prompt", "pooled", "time_ids")}
+        atomic_save(dict(skip=skip, small=small, **tensors), cache_path(cfg, k))
     if dist.is_initialized():
         dist.barrier()
     if rank == 0:
-        atomic_save(dict(meta, rows=[len(cache_file(cache_path(cfg, k))["skip"]) for k in range(len(files))]), meta_path)
+        rows = [len(cache_file(cache_path(cfg, k))["skip"]) for k in range(len(files))]
+        atomic_save(dict(meta, rows=rows), meta_path)
     if dist.is_initialized():
         dist.barrier()
 
@@ -688,7 +698,8 @@ def cache_path(cfg, k):
 
 def cache_files(cfg):
     """The cache as a source: (path, rows) per cache file, in the order of the source's files."""
-    return [(cache_path(cfg, k), n) for k, n in enumerate(json.load(open(os.path.join(cfg.cache, "meta.json")))["rows"])]
+    rows = json.load(open(os.path.join(cfg.cache, "meta.json")))["rows"]
+    return [(cache_path(cfg, k), n) for k, n in enumerate(rows)]
 
 
 @functools.lru_cache(maxsize=64)
@@ -705,7 +716,8 @@ def cached_pair(job):
         return c["skip"][r]
     s = c["slot"][r]
     return dict(index=index, small=c["small"][s], latents=c["latents"][s, int(flip)], f=c["f"][s, int(flip)],
-                prompt=c["prompt"][s], pooled=None if c["pooled"] is None else c["pooled"][s], time_ids=c["time_ids"][s])
+                prompt=c["prompt"][s], pooled=None if c["pooled"] is None else c["pooled"][s],
+                time_ids=c["time_ids"][s])
 
 
 def training_batches(cfg, m, rank, world, start, pool):
@@ -716,9 +728,9 @@ def training_batches(cfg, m, rank, world, start, pool):
             continue
         get = lambda key: torch.stack([p[key] for p in pairs]).to(m.device)
         lat, f, tid = get("latents"), get("f"), get("time_ids")
-        yield dict(index=[p["index"] for p in pairs], latents_w=lat[:, 0], latents_l=lat[:, 1], prompt=get("prompt"),
-                   pooled=get("pooled") if m.xl else None, time_ids_w=tid[:, 0], time_ids_l=tid[:, 1],
-                   f_w=f[:, 0], f_l=f[:, 1]), state
+        yield dict(index=[p["index"] for p in pairs], latents_w=lat[:, 0], latents_l=lat[:, 1],
+                   prompt=get("prompt"), pooled=get("pooled") if m.xl else None, time_ids_w=tid[:, 0],
+                   time_ids_l=tid[:, 1], f_w=f[:, 0], f_l=f[:, 1]), state
 
 
 def heldout_pairs(cfg, m):
@@ -729,7 +741,8 @@ def heldout_pairs(cfg, m):
         return None
     split = "heldout" if source == "toy" else ("validation_unique" if source == "pickapic" else "train")
     rows = itertools.islice(rows_in_order(cfg, source, split), cfg.eval_pairs)
-    pairs = [p for p in decoded([(row, i, cfg.resolution, False, None) for i, row in rows]) if not isinstance(p, str)]
+    pairs = decoded([(row, i, cfg.resolution, False, None) for i, row in rows])
+    pairs = [p for p in pairs if not isinstance(p, str)]
     if not pairs:
         sys.exit(f"rpo.py: no usable held-out pairs in {source!r} (split {split!r})")
     return [encode_pairs(m, collate(pairs[i:i + cfg.batch]), cfg.embed, with_f=False)
@@ -899,7 +912,8 @@ def step_vector(sums, counts, device):
 def mean_over_ranks(names, vec, world):
     """Metrics are averaged over ranks; skip counts are summed, since each rank reads its own rows."""
     dist.all_reduce(vec)
-    return vec / torch.tensor([1.0 if k in SKIP_KEYS else world for k in names], dtype=vec.dtype, device=vec.device)
+    summed = torch.tensor([k in SKIP_KEYS for k in names], device=vec.device)
+    return torch.where(summed, vec, vec / world)
 
 
 def weights_are_finite(unet):
@@ -944,8 +958,9 @@ def main(argv=None):
     if cfg.resume:
         ckpt = load_checkpoint(cfg.out)
         if ckpt is not None:
-            if len(ckpt["data_states"]) != world:  # the data order is a function of the seed and the world size
-                sys.exit(f"rpo.py: checkpoint was written by {len(ckpt['data_states'])} ranks; resume with as many")
+            if len(ckpt["data_states"]) != world:  # the data order depends on the world size
+                sys.exit(f"rpo.py: checkpoint was written by {len(ckpt['data_states'])} ranks; "
+                         f"resume with as many")
             m.unet.load_state_dict(ckpt["unet"])
             optimizer.load_state_dict(ckpt["optimizer"])
             schedule.load_state_dict(ckpt["lr_schedule"])
@@ -1070,7 +1085,8 @@ def save_checkpoint(cfg, m, optimizer, schedule, scaler, step, nonfinite, state,
     if not master:
         return
     ckpt = dict(unet=m.unet.state_dict(), optimizer=optimizer.state_dict(), lr_schedule=schedule.state_dict(),
-                scaler=scaler.state_dict(), step=step, nonfinite=nonfinite, data_states=states, config=dataclasses.asdict(cfg),
+                scaler=scaler.state_dict(), step=step, nonfinite=nonfinite, data_states=states,
+                config=dataclasses.asdict(cfg),
                 rng=dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state()))
     path, link = os.path.join(cfg.out, f"ckpt-{step:07d}.pt"), os.path.join(cfg.out, "ckpt.pt")
     atomic_save(ckpt, path)

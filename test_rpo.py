@@ -269,6 +269,22 @@ def test_hub_streaming_and_local_reading_give_the_same_pairs_in_the_same_order(t
     assert take(local) != sorted(take(local))  # and the shuffle buffer did shuffle
 
 
+def test_a_hub_datasets_files_are_read_by_url_through_fsspec_like_local_ones(tmp_path, monkeypatch):
+    import datasets
+    import fsspec
+    folder = write_shards(tmp_path / "local", pickapic_rows(30), 3)
+    memory = fsspec.filesystem("memory")
+    urls = []
+    for path in sorted(os.listdir(folder)):  # fsspec's in-memory filesystem stands in for hf://
+        memory.pipe(f"/{tmp_path.name}/{path}", (folder / path).read_bytes())
+        urls.append(f"memory://{tmp_path.name}/{path}")
+    builder = type("Builder", (), {"config": type("Config", (), {"data_files": {"train": urls}})})
+    monkeypatch.setattr(datasets, "load_dataset_builder", lambda data_id: builder)
+    take = lambda cfg: [[p["index"] for p in b] for b, _ in itertools.islice(rpo.pair_batches(cfg, 0, 1), 5)]
+    hub = rpo.parse_config(["--data", "pickapic", "--data_id", "someone/pickapic-copy", "--batch", "3"])
+    assert take(hub) == take(rpo.parse_config(["--data", str(folder), "--batch", "3"]))
+
+
 def test_pair_order_does_not_depend_on_the_number_of_decode_workers(tmp_path):
     import itertools
     import multiprocessing
