@@ -26,8 +26,9 @@ import shutil
 import statistics
 import sys
 import time
+import warnings
 from collections import OrderedDict, deque
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import diffusers
@@ -48,6 +49,9 @@ class Config:
     pretrained: str = None  # hub id or local diffusers folder; default from the preset
     random_init: bool = False  # sd15/sdxl shapes with random weights, no download (benchmarks)
     init_unet: str = None  # start policy and reference from this UNet folder (e.g. an SFT run's DIR/unet)
+    lora_rank: int = 0  # > 0: train LoRA adapters of this rank on a frozen UNet instead of the whole UNet
+    lora_modules: str = "to_q,to_k,to_v,to_out.0"  # UNet layers that get adapters: the attention projections
+    init_lora: str = None  # start the adapters from a previous run's DIR/lora, for policy and reference
     data: str = "toy"  # toy | pickapic | parquet file, folder or glob
     data_id: str = "yuvalkirstain/pickapic_v2"
     split: str = "train"
@@ -125,6 +129,8 @@ def parse_config(argv=None):
             continue
         if getattr(cfg, k) is None:
             setattr(cfg, k, v)
+    if cfg.lora_rank < 0:
+        sys.exit(f"rpo.py: --lora_rank must be 0 (the whole UNet) or a positive rank, got {cfg.lora_rank}")
     if cfg.random_crop and cfg.cache:
         sys.exit("rpo.py: --random_crop cannot be cached (a cache stores one crop); drop one of them")
     return cfg
@@ -240,7 +246,9 @@ def pretrained(cls, name, **kw):
 
 
 def load_models(cfg, device, dtype):
-    """Policy UNet (fp32 master weights), frozen reference copy, VAE, text encoders and the pair-weight CLIP."""
+    """Policy UNet (fp32 master weights), frozen reference copy, VAE, text encoders and the pair-weight CLIP.
+    With LoRA the UNet is frozen in the compute dtype, only its adapters train, and there is no reference
+    copy: the reference is the same UNet with its trained adapters switched off (see `reference`)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPModel, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
     base = model_folder(cfg)
@@ -252,7 +260,13 @@ def load_models(cfg, device, dtype):
         sys.exit(f"rpo.py: {base} predicts {m.scheduler.config.prediction_type}; this script trains epsilon models")
     m.unet = pretrained(UNet2DConditionModel, cfg.init_unet) if cfg.init_unet else load(UNet2DConditionModel, "unet")
     m.unet.to(device).train()
-    m.ref_unet = copy.deepcopy(m.unet).requires_grad_(False).eval().to(dtype)
+    m.lora = bool(cfg.lora_rank or cfg.init_lora)
+    if m.lora:
+        m.unet.requires_grad_(False).to(dtype)
+        add_lora(cfg, m.unet)
+        m.ref_unet = None
+    else:
+        m.ref_unet = copy.deepcopy(m.unet).requires_grad_(False).eval().to(dtype)
     if cfg.grad_checkpointing:
         m.unet.enable_gradient_checkpointing()
     if cfg.model == "sdxl" and dtype == torch.float16 and not cfg.random_init:  # SDXL's own VAE overflows in fp16
@@ -266,10 +280,52 @@ def load_models(cfg, device, dtype):
     for frozen in [m.vae, m.clip, *m.text_encoders]:
         frozen.requires_grad_(False).eval().to(device, dtype)
     if device.type == "cuda":
-        m.unet.to(memory_format=torch.channels_last)
-        m.ref_unet.to(memory_format=torch.channels_last)
+        for unet in (m.unet, m.ref_unet or m.unet):
+            unet.to(memory_format=torch.channels_last)
     m.empty_prompt, m.empty_pooled = encode_prompts(m, [""])  # what prompt dropout conditions on
     return m
+
+
+LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' name for it, saving and loading
+
+
+def add_lora(cfg, unet):
+    """Trainable LoRA adapters ('default', fp32) on the frozen UNet: new ones, whose zero up-projection makes
+    the policy equal the reference before the first step, or a previous run's (--init_lora), together with a
+    frozen copy of them ('reference') that is then the reference model."""
+    from peft import LoraConfig
+    if cfg.init_lora:
+        try:
+            with warnings.catch_warnings():  # peft warns that a second adapter joins the first: intended
+                warnings.simplefilter("ignore")
+                for name in ("reference", "default"):
+                    unet.load_lora_adapter(cfg.init_lora, prefix="unet", adapter_name=name,
+                                           weight_name=LORA_FILE)
+        except (OSError, ValueError) as e:
+            sys.exit(f"rpo.py: cannot load LoRA adapters from {cfg.init_lora!r} (a run's DIR/lora): "
+                     f"{(str(e).strip().splitlines() or [type(e).__name__])[0][:300]}")
+        unet.set_adapters("default")
+    else:
+        unet.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank, init_lora_weights="gaussian",
+                                    target_modules=cfg.lora_modules.split(",")))
+    for p in unet.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+
+
+@contextmanager
+def reference(m):
+    """The frozen reference UNet: the full-training copy or, with LoRA, the policy UNet with its trained
+    adapters switched off, or swapped for the frozen starting ones of --init_lora."""
+    if not m.lora:
+        yield m.ref_unet
+        return
+    starting = "reference" in m.unet.peft_config
+    m.unet.set_adapters("reference") if starting else m.unet.disable_adapters()
+    try:
+        yield m.unet
+    finally:
+        m.unet.set_adapters("default") if starting else m.unet.enable_adapters()
 
 
 @torch.no_grad()
@@ -831,8 +887,8 @@ def preference_step(cfg, m, policy, enc, epoch):
         err_w, _ = pair_errors(policy, m, enc, keys, prompt, pooled, winners_only=True)
         return err_w.mean(), dict(mse=err_w.detach().mean())
     err_w, err_l = pair_errors(policy, m, enc, keys, prompt, pooled)
-    with torch.no_grad():
-        ref_err_w, ref_err_l = pair_errors(m.ref_unet, m, enc, keys, prompt, pooled)
+    with torch.no_grad(), reference(m) as ref_unet:
+        ref_err_w, ref_err_l = pair_errors(ref_unet, m, enc, keys, prompt, pooled)
     f_w, f_l = enc.get("f_w"), enc.get("f_l")
     if cfg.global_contrast and dist.is_initialized():
         err_w, err_l, ref_err_w, ref_err_l = map(gather, (err_w, err_l, ref_err_w, ref_err_l))
@@ -854,7 +910,9 @@ def evaluate(cfg, m, heldout, autocast):
             draws = []
             for d in range(cfg.eval_draws):
                 keys = [f"eval-{d}-{i}" for i in enc["index"]]
-                draws.append([*pair_errors(m.unet, m, enc, keys), *pair_errors(m.ref_unet, m, enc, keys)])
+                with reference(m) as ref_unet:
+                    ref_errs = pair_errors(ref_unet, m, enc, keys)
+                draws.append([*pair_errors(m.unet, m, enc, keys), *ref_errs])
             errs.append([torch.stack(e).mean(0) for e in zip(*draws)])
     m.unet.train(was_training)
     mean = [torch.cat(e) for e in zip(*errs)]
@@ -865,17 +923,20 @@ def evaluate(cfg, m, heldout, autocast):
 PEAK_BF16_FLOPS = 989e12  # one H100 SXM, dense bf16; the end-of-run MFU on any CUDA device is quoted against it
 
 
-# micro-step FLOPs = 4 x one UNet forward over its 2M images: policy forward + backward = 3, reference = 1 (SFT: 1.5)
+# micro-step FLOPs = 4 x one UNet forward over its 2M images: policy forward + backward 3, reference 1
+# (SFT: 1.5); LoRA: 3 (SFT: 1): the frozen UNet's backward computes activation gradients, not weight ones
+
 @torch.no_grad()
 def step_flops(cfg, m, enc):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
-    unet = getattr(m.ref_unet, "_orig_mod", m.ref_unet)  # the eager module under --compile
     # the counter misses CPU's fused attention; on CUDA it counts the fused kernels (MATH would take GBs)
     math_attention = sdpa_kernel(SDPBackend.MATH) if m.device.type == "cpu" else nullcontext()
-    with FlopCounterMode(display=False) as counter, math_attention:
+    with FlopCounterMode(display=False) as counter, math_attention, reference(m) as ref_unet:
+        unet = getattr(ref_unet, "_orig_mod", ref_unet)  # the eager module under --compile
         pair_errors(unet, m, enc, [f"flops-{i}" for i in enc["index"]])
-    return counter.get_total_flops() * (1.5 if cfg.loss == "sft" else 4)
+    policy = 1 + (1 if m.lora else 2)
+    return counter.get_total_flops() * (policy / 2 if cfg.loss == "sft" else policy + 1)
 
 
 def make_optimizer(cfg, params, device):
@@ -939,18 +1000,21 @@ def main(argv=None):
     dtype = dict(bf16=torch.bfloat16, fp16=torch.float16, fp32=torch.float32)[precision]
     autocast = torch.autocast(device.type, dtype=dtype) if precision != "fp32" else nullcontext()
     master = rank == 0
-    random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
 
     if local_rank == 0:
         model_folder(cfg)  # builds the random-init folder once per machine
     if ddp:
         dist.barrier()
+    # seeded after any folder build, which draws random weights: new LoRA adapters depend on the seed only
+    random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
     m = load_models(cfg, device, dtype)
     policy = torch.nn.parallel.DistributedDataParallel(m.unet, device_ids=[local_rank] if device.type == "cuda" else None) \
         if ddp else m.unet
     if cfg.compile:
-        policy, m.ref_unet = torch.compile(policy), torch.compile(m.ref_unet)
-    optimizer = make_optimizer(cfg, m.unet.parameters(), device)
+        policy = torch.compile(policy)
+        m.ref_unet = torch.compile(m.ref_unet) if m.ref_unet is not None else None
+    trained = [p for p in m.unet.parameters() if p.requires_grad]  # the whole UNet, or its LoRA adapters
+    optimizer = make_optimizer(cfg, trained, device)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
@@ -961,7 +1025,10 @@ def main(argv=None):
             if len(ckpt["data_states"]) != world:  # the data order depends on the world size
                 sys.exit(f"rpo.py: checkpoint was written by {len(ckpt['data_states'])} ranks; "
                          f"resume with as many")
-            m.unet.load_state_dict(ckpt["unet"])
+            missing, unexpected = m.unet.load_state_dict(ckpt["unet"], strict=False)  # LoRA: adapters only
+            if unexpected or [k for k in missing if not m.lora or ".default." in k]:
+                sys.exit(f"rpo.py: the checkpoint in {cfg.out} holds other weights than this run trains; "
+                         f"resume with its --lora_rank, --lora_modules and --init_lora")
             optimizer.load_state_dict(ckpt["optimizer"])
             schedule.load_state_dict(ckpt["lr_schedule"])
             scaler.load_state_dict(ckpt["scaler"])
@@ -984,8 +1051,8 @@ def main(argv=None):
     if master:
         ranks = f"{world} rank(s) ({dist.get_backend()})" if ddp else "1 process"
         print(f"training {cfg.model} ({m.base}) with {cfg.loss} on {cfg.data}: {ranks} x {cfg.batch} pairs x "
-              f"{cfg.grad_accum} accumulation, {precision}, {sum(p.numel() for p in m.unet.parameters()) / 1e6:.1f}M "
-              f"trainable parameters", file=sys.stderr)
+              f"{cfg.grad_accum} accumulation, {precision}, {sum(p.numel() for p in trained) / 1e6:.1f}M "
+              f"trainable parameters{' (LoRA)' if m.lora else ''}", file=sys.stderr)
 
     nonfinite_run, history, start_step, step_seconds = 0, [], step, []
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not master, dynamic_ncols=True)
@@ -996,7 +1063,7 @@ def main(argv=None):
         t_step, lr = time.perf_counter(), schedule.get_last_lr()[0]
         sums, enc, state = accumulate_gradients(cfg, m, policy, batches, autocast, scaler, ddp)
         scaler.unscale_(optimizer)
-        sums["grad_norm"] = torch.nn.utils.clip_grad_norm_(m.unet.parameters(), 1.0)
+        sums["grad_norm"] = torch.nn.utils.clip_grad_norm_(trained, 1.0)
         names, vec = step_vector(sums, state["counts"], device)
         logged = dict(zip(names, (mean_over_ranks(names, vec, world) if ddp else vec).tolist()))
         # a NaN gradient under a finite loss (bf16 has no GradScaler to catch it) would turn every weight NaN
@@ -1073,7 +1140,7 @@ def main(argv=None):
 # ------------------------------------------------------------------------------------------ saving
 def save_checkpoint(cfg, m, optimizer, schedule, scaler, step, nonfinite, state, world, master):
     """DIR/ckpt-STEP.pt (resume state, written then renamed; the last `keep` kept, ckpt.pt links the newest)
-    and DIR/unet (diffusers)."""
+    and DIR/unet (diffusers), or with LoRA DIR/lora (what a diffusers pipeline's load_lora_weights reads)."""
     if not weights_are_finite(m.unet):  # the same weights on every rank: every rank stops here
         sys.exit(f"rpo.py: the weights became non-finite by step {step} and were not saved; the newest "
                  f"checkpoint in {cfg.out}, if any, holds the last good ones. Lower --lr or --beta")
@@ -1084,7 +1151,10 @@ def save_checkpoint(cfg, m, optimizer, schedule, scaler, step, nonfinite, state,
         states = [state]
     if not master:
         return
-    ckpt = dict(unet=m.unet.state_dict(), optimizer=optimizer.state_dict(), lr_schedule=schedule.state_dict(),
+    weights = m.unet.state_dict()
+    if m.lora:  # the frozen UNet and the frozen starting adapters are rebuilt from the config on resume
+        weights = {k: v for k, v in weights.items() if ".default." in k}
+    ckpt = dict(unet=weights, optimizer=optimizer.state_dict(), lr_schedule=schedule.state_dict(),
                 scaler=scaler.state_dict(), step=step, nonfinite=nonfinite, data_states=states,
                 config=dataclasses.asdict(cfg),
                 rng=dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state()))
@@ -1096,14 +1166,25 @@ def save_checkpoint(cfg, m, optimizer, schedule, scaler, step, nonfinite, state,
     os.replace(link + ".tmp", link)  # ckpt.pt always names the newest complete checkpoint
     for old in sorted(glob.glob(os.path.join(cfg.out, "ckpt-*.pt")))[:-cfg.keep]:
         os.remove(old)
-    unet_dir = os.path.join(cfg.out, "unet")
-    shutil.rmtree(unet_dir + ".tmp", ignore_errors=True)
-    m.unet.save_pretrained(unet_dir + ".tmp")
-    shutil.rmtree(unet_dir + ".old", ignore_errors=True)
-    if os.path.exists(unet_dir):
-        os.replace(unet_dir, unet_dir + ".old")
-    os.replace(unet_dir + ".tmp", unet_dir)
-    shutil.rmtree(unet_dir + ".old", ignore_errors=True)
+    folder = os.path.join(cfg.out, "lora" if m.lora else "unet")  # written whole, then swapped in
+    shutil.rmtree(folder + ".tmp", ignore_errors=True)
+    save_lora(m, folder + ".tmp") if m.lora else m.unet.save_pretrained(folder + ".tmp")
+    shutil.rmtree(folder + ".old", ignore_errors=True)
+    if os.path.exists(folder):
+        os.replace(folder, folder + ".old")
+    os.replace(folder + ".tmp", folder)
+    shutil.rmtree(folder + ".old", ignore_errors=True)
+
+
+def save_lora(m, folder):
+    """The trained adapters in diffusers' LoRA format, with rank and alpha: pipe.load_lora_weights(folder)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(m.unet, adapter_name="default"))
+    pipeline = StableDiffusionXLPipeline if m.xl else StableDiffusionPipeline
+    pipeline.save_lora_weights(folder, unet_lora_layers=layers, weight_name=LORA_FILE,
+                               unet_lora_adapter_metadata=m.unet.peft_config["default"].to_dict())
 
 
 def load_checkpoint(out):
