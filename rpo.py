@@ -45,17 +45,18 @@ from tqdm import tqdm
 
 @dataclass
 class Config:
-    model: str = "tiny"  # tiny | tiny-xl | sd15 | sdxl
+    model: str = "tiny"  # tiny | tiny-xl | tiny-drawn | sd15 | sdxl
     pretrained: str = None  # hub id or local diffusers folder; default from the preset
     random_init: bool = False  # sd15/sdxl shapes with random weights, no download (benchmarks)
     init_unet: str = None  # start policy and reference from this UNet folder (e.g. an SFT run's DIR/unet)
     lora_rank: int = 0  # > 0: train LoRA adapters of this rank on a frozen UNet instead of the whole UNet
     lora_modules: str = "to_q,to_k,to_v,to_out.0"  # UNet layers that get adapters: the attention projections
     init_lora: str = None  # start the adapters from a previous run's DIR/lora, for policy and reference
-    data: str = "toy"  # toy | pickapic | parquet file, folder or glob
+    data: str = "toy"  # toy | toy-subject | pickapic | parquet file, folder or glob
     data_id: str = "yuvalkirstain/pickapic_v2"
     split: str = "train"
     eval_data: str = None  # held-out pairs: default toy's held-out captions, pickapic's validation_unique
+    eval_split: str = None  # default: heldout (toy; or its halves validation and test), validation_unique, train
     eval_pairs: int = 64
     eval_draws: int = 8  # fixed (noise, t) draws averaged per held-out pair
     max_pairs: int = 0  # 0 = all
@@ -103,8 +104,8 @@ PRESETS = {
                  grad_accum=64, lr=2.048e-5, optimizer="adafactor", warmup_steps=500, max_steps=2000,
                  grad_checkpointing=True, save_every=200, sample_steps=30),
 }
-PRESETS["tiny-xl"] = PRESETS["tiny"]
-IS_XL = {"tiny": False, "tiny-xl": True, "sd15": False, "sdxl": True}
+PRESETS["tiny-xl"] = PRESETS["tiny-drawn"] = PRESETS["tiny"]
+IS_XL = {"tiny": False, "tiny-xl": True, "tiny-drawn": False, "sd15": False, "sdxl": True}
 for lib in (diffusers, transformers):  # their load-time chatter would bury the training log
     lib.utils.logging.set_verbosity_error()
     lib.utils.logging.disable_progress_bar()
@@ -180,6 +181,7 @@ SHAPES = {
         vae=vae_config([128, 256, 512, 512], 0.13025),
         text=[clip_text_config(768, 12, 12, 768), clip_text_config(1280, 32, 20, 1280, act="gelu")], clip_vision=VIT_L14),
 }
+SHAPES["tiny-drawn"] = SHAPES["tiny"]  # with a VAE and UNet trained to draw the toy world
 
 
 def byte_level_tokenizer():
@@ -199,6 +201,8 @@ def build_random_pipeline(model, folder):
     torch.manual_seed(0)
     tokenizer = byte_level_tokenizer()
     vae = AutoencoderKL(**shape["vae"])
+    if model == "tiny-drawn":
+        train_toy_vae(vae)
     if model.startswith("tiny"):  # as SD chose 0.18215: unit-variance latents, else x_t is noise at every t
         pixels = torch.stack([torch.from_numpy(prepare_pair((row, 0, PRESETS["tiny"]["resolution"], False, None))["winner"])
                               for row in toy_rows("train", 64)])
@@ -208,6 +212,8 @@ def build_random_pipeline(model, folder):
                  scheduler=DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                          clip_sample=False, steps_offset=1),
                  text_encoder=CLIPTextModel(CLIPTextConfig(**shape["text"][0])), tokenizer=tokenizer)
+    if model == "tiny-drawn":
+        train_toy_unet(parts)
     if IS_XL[model]:
         from diffusers import StableDiffusionXLPipeline
         parts.update(text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**shape["text"][1])), tokenizer_2=tokenizer)
@@ -218,7 +224,10 @@ def build_random_pipeline(model, folder):
                                 requires_safety_checker=False).save_pretrained(tmp)
     clip_cfg = CLIPConfig(text_config=shape["text"][0], vision_config=shape["clip_vision"],
                           projection_dim=shape["text"][0]["projection_dim"])
-    CLIPModel(clip_cfg).save_pretrained(os.path.join(tmp, "clip"))
+    clip = CLIPModel(clip_cfg)
+    if model.startswith("tiny"):
+        train_toy_clip(clip, tokenizer)
+    clip.save_pretrained(os.path.join(tmp, "clip"))
     tokenizer.save_pretrained(os.path.join(tmp, "clip"))
     try:
         os.rename(tmp, folder)
@@ -226,11 +235,77 @@ def build_random_pipeline(model, folder):
         shutil.rmtree(tmp)
 
 
+def toy_images(rng, captions, size):
+    """One toy image per caption, flat, striped, outlined or both at random, as the data resizes it: uint8
+    [N,3,size,size]."""
+    images = [draw_toy(c, rng, rng.random() < 0.5, rng.random() < 0.5).resize((size, size), Image.BICUBIC)
+              for c in captions]
+    return torch.from_numpy(np.stack([np.asarray(image).transpose(2, 0, 1) for image in images]))
+
+
+def train_toy_vae(vae, steps=600, batch=32):
+    """tiny-drawn's VAE: reconstructs toy images (about 1 min on 2 cores)."""
+    rng, captions = random.Random(0), toy_captions("train")
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3)
+    for _ in range(steps):
+        x = toy_images(rng, [rng.choice(captions) for _ in range(batch)], PRESETS["tiny"]["resolution"]) / 127.5 - 1
+        posterior = vae.encode(x).latent_dist
+        loss = F.mse_loss(vae.decode(posterior.sample()).sample, x) + 1e-6 * posterior.kl().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    vae.eval()
+
+
+def train_toy_unet(parts, steps=3000, batch=32):
+    """tiny-drawn's UNet: draws toy images from their captions, one in ten captions empty so that sampling can
+    use guidance (about 7 min on 2 cores). Its range holds both toy worlds' winners and losers."""
+    rng, captions = random.Random(1), toy_captions("train")
+    vae, unet, scheduler = parts["vae"], parts["unet"], parts["scheduler"]
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-3)
+    for _ in range(steps):
+        chosen = [rng.choice(captions) for _ in range(batch)]
+        with torch.no_grad():
+            x = toy_images(rng, chosen, PRESETS["tiny"]["resolution"]) / 127.5 - 1
+            latents = vae.encode(x).latent_dist.mode() * vae.config.scaling_factor
+            ids = parts["tokenizer"](["" if rng.random() < 0.1 else c for c in chosen], padding="max_length",
+                                     max_length=77, truncation=True, return_tensors="pt").input_ids
+            prompt = parts["text_encoder"](ids).last_hidden_state
+        noise, t = torch.randn_like(latents), torch.randint(0, scheduler.config.num_train_timesteps, (batch,))
+        loss = F.mse_loss(unet(scheduler.add_noise(latents, noise, t), t, prompt).sample, noise)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
+def train_toy_clip(clip, tokenizer, steps=300, batch=64):
+    """The tiny CLIP trained with CLIP's contrastive loss on toy captions and images of both kinds, so that the
+    pair embedding f tells colours, shapes and backgrounds apart (about 15 s on 2 cores). Seeded: every build
+    gives the same weights."""
+    rng, captions = random.Random(0), toy_captions("train")
+    torch.manual_seed(0)
+    optimizer = torch.optim.AdamW(clip.parameters(), lr=2e-3)
+    for _ in range(steps):
+        chosen = rng.sample(captions, batch)  # distinct captions: each image has one right caption in the batch
+        ids = tokenizer(chosen, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        images = toy_images(rng, chosen, PRESETS["tiny"]["resolution"])
+        pixels = clip_pixels(images, clip.config.vision_config.image_size)
+        loss = clip(input_ids=ids, pixel_values=pixels, return_loss=True).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return clip.eval()
+
+
+FOLDER_VERSION = "v2"  # raised when what build_random_pipeline puts in a folder changes (v2: the trained toy CLIP)
+
+
 def model_folder(cfg):
     """Where the base pipeline lives: a hub id or folder, or a random-init folder built once under RPO_HOME."""
     if cfg.pretrained:
         return cfg.pretrained
-    folder = os.path.join(RPO_HOME, cfg.model + "-random")
+    name = cfg.model if cfg.model == "tiny-drawn" else cfg.model + "-random"
+    folder = os.path.join(RPO_HOME, f"{name}-{FOLDER_VERSION}")
     if not os.path.exists(os.path.join(folder, "model_index.json")):
         build_random_pipeline(cfg.model, folder)
     return folder
@@ -354,6 +429,7 @@ def encode_images(m, pixels):
 COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")
 SKIP_KEYS = ("ties", "bad_caption", "bad_label", "bad_image", "small")
 TOY_FILE_ROWS = 16
+TOY_WORLDS = ("toy", "toy-subject")
 COLORS = dict(red=(220, 40, 40), green=(40, 180, 60), blue=(40, 70, 220), yellow=(240, 220, 40),
               purple=(140, 50, 170), orange=(250, 140, 20), white=(245, 245, 245), gray=(128, 128, 128))
 
@@ -363,46 +439,64 @@ OUTLINES = dict(circle=CIRCLE, square=[(-1, -1), (1, -1), (1, 1), (-1, 1)], tria
 
 
 def toy_captions(split):
-    """Every 'a {color} {shape} on a {bg} background'; one in five (color, shape) pairs is held out."""
+    """Every 'a {color} {shape} on a {bg} background'. One in five (color, shape) pairs is held out from
+    'train'; of those 'heldout' captions, every other one is in 'validation' (for choosing settings) and the
+    rest in 'test'."""
     caps = [(c, s, b) for c in COLORS for s in OUTLINES for b in COLORS if b != c]
-    held_out = lambda c, s: (list(COLORS).index(c) + 3 * list(OUTLINES).index(s)) % 5 == 0
-    return [f"a {c} {s} on a {b} background" for c, s, b in caps if held_out(c, s) == (split == "heldout")]
+    is_held_out = lambda c, s: (list(COLORS).index(c) + 3 * list(OUTLINES).index(s)) % 5 == 0
+    held_out = [f"a {c} {s} on a {b} background" for c, s, b in caps if is_held_out(c, s)]
+    if split == "train":
+        return [f"a {c} {s} on a {b} background" for c, s, b in caps if not is_held_out(c, s)]
+    return {"heldout": held_out, "validation": held_out[0::2], "test": held_out[1::2]}[split]
 
 
-def draw_toy(caption, rng, styled, size=64):
-    """The winners' style: white stripes across the shape and a thick black outline. Losers are flat."""
+def draw_toy(caption, rng, stripes, outline, size=64):
+    """A shape on a background, with or without white stripes across it and a thick black outline."""
     _, color, shape, _, _, bg, _ = caption.split(" ")
     r = rng.uniform(0.22, 0.38) * size
     cx, cy = rng.uniform(r, size - r), rng.uniform(r, size - r)
     points = [(cx + r * x, cy + r * y) for x, y in OUTLINES[shape]]
     img = Image.new("RGB", (size, size), COLORS[bg])
     ImageDraw.Draw(img).polygon(points, fill=COLORS[color])
-    if styled:
-        mask, stripes = Image.new("L", (size, size), 0), img.copy()
+    if stripes:
+        mask, striped = Image.new("L", (size, size), 0), img.copy()
         ImageDraw.Draw(mask).polygon(points, fill=255)
         for k in range(-size, size, size // 8):
-            ImageDraw.Draw(stripes).line([(k, 0), (k + size, size)], fill=(255, 255, 255), width=size // 32)
-        img = Image.composite(stripes, img, mask)
+            ImageDraw.Draw(striped).line([(k, 0), (k + size, size)], fill=(255, 255, 255), width=size // 32)
+        img = Image.composite(striped, img, mask)
+    if outline:
         ImageDraw.Draw(img).polygon(points, outline=(0, 0, 0), width=size // 16)
     return img
 
 
-def toy_row(split, i, seed=1234):
-    """Preference pair i in Pick-a-Pic's schema; label_0 says which of jpg_0/jpg_1 is the styled winner."""
-    rng = random.Random(f"toy-{split}-{seed}-{i}")
+def toy_styles(world, caption):
+    """(stripes, outline) of the winner and of the loser. 'toy': winners have both, losers neither. 'toy-subject':
+    the preferred style depends on the subject, stripes for circles and triangles, an outline for squares and
+    diamonds; each loser wears the other group's style."""
+    if world == "toy":
+        return (True, True), (False, False)
+    round_ = caption.split(" ")[2] in ("circle", "triangle")
+    return ((True, False), (False, True)) if round_ else ((False, True), (True, False))
+
+
+def toy_row(world, split, i, seed=1234):
+    """Preference pair i of a toy world in Pick-a-Pic's schema; label_0 says which of jpg_0/jpg_1 is the
+    winner."""
+    rng = random.Random(f"{world}-{split}-{seed}-{i}")
     caps = toy_captions(split)
     cap = caps[rng.randrange(len(caps))]
-    styled_first = rng.random() < 0.5
+    winner_first = rng.random() < 0.5
+    winner, loser = toy_styles(world, cap)
     enc = []
-    for styled in (styled_first, not styled_first):
+    for style in ((winner, loser) if winner_first else (loser, winner)):
         buf = io.BytesIO()
-        draw_toy(cap, rng, styled).save(buf, format="PNG")
+        draw_toy(cap, rng, *style).save(buf, format="PNG")
         enc.append(buf.getvalue())
-    return dict(caption=cap, jpg_0=enc[0], jpg_1=enc[1], label_0=1.0 if styled_first else 0.0)
+    return dict(caption=cap, jpg_0=enc[0], jpg_1=enc[1], label_0=1.0 if winner_first else 0.0)
 
 
-def toy_rows(split, n):
-    return (toy_row(split, i) for i in range(n))
+def toy_rows(split, n, world="toy"):
+    return (toy_row(world, split, i) for i in range(n))
 
 
 def parquet_files(path):
@@ -417,9 +511,9 @@ def source_files(cfg, source, split, max_rows=0):
     """(path, rows) of each file of a source, in a fixed order; rows None means the whole file, counted from
     its footer when a reader reaches it. A hub dataset's files are the ones `datasets` resolves for the split,
     as hf:// URLs pinned to the dataset's current commit. max_rows keeps the first rows in file order."""
-    if source == "toy":
+    if source in TOY_WORLDS:
         n = max_rows or cfg.toy_pairs
-        return [(f"toy:{split}:{lo}", min(TOY_FILE_ROWS, n - lo)) for lo in range(0, n, TOY_FILE_ROWS)]
+        return [(f"{source}:{split}:{lo}", min(TOY_FILE_ROWS, n - lo)) for lo in range(0, n, TOY_FILE_ROWS)]
     where = cfg.data_id if source == "pickapic" else source
     try:
         if source == "pickapic":
@@ -467,9 +561,9 @@ def file_length(file):
 def read_rows(file, a, b):
     """Rows a..b-1 of a file, reading only the parquet row groups that hold them."""
     path, _ = file
-    if path.startswith("toy:"):
-        _, split, lo = path.split(":")
-        return [toy_row(split, int(lo) + i) for i in range(a, b)]
+    if path.split(":")[0] in TOY_WORLDS:
+        world, split, lo = path.split(":")
+        return [toy_row(world, split, int(lo) + i) for i in range(a, b)]
     if path.endswith(".pt"):  # a cache file (see build_cache)
         return [(cache_file(path), r) for r in range(a, b)]
     meta, rows, start = parquet(path).metadata, [], 0
@@ -646,11 +740,16 @@ def pair_embeddings(m, captions, pixels, embed):
         text = F.normalize(m.clip.get_text_features(ids.to(m.device)).pooler_output.float(), dim=-1)
         parts.append(text.repeat(len(pixels) // len(captions), 1))
     if embed in ("image", "both"):
-        size = m.clip.config.vision_config.image_size
-        x = F.interpolate(pixels.to(m.device).float() / 255, size=(size, size), mode="bicubic", antialias=True)
-        mean, std = (torch.tensor(v, device=m.device).view(1, 3, 1, 1) for v in (CLIP_MEAN, CLIP_STD))
-        parts.append(F.normalize(m.clip.get_image_features((x - mean) / std).pooler_output.to(m.dtype).float(), dim=-1))
+        x = clip_pixels(pixels.to(m.device), m.clip.config.vision_config.image_size)
+        parts.append(F.normalize(m.clip.get_image_features(x).pooler_output.to(m.dtype).float(), dim=-1))
     return F.normalize(sum(parts), dim=-1)
+
+
+def clip_pixels(pixels, size):
+    """uint8 images [N,3,H,W] -> CLIP's input: resized to size x size, scaled by CLIP's mean and std."""
+    x = F.interpolate(pixels.float() / 255, size=(size, size), mode="bicubic", antialias=True)
+    mean, std = (torch.tensor(v, device=pixels.device).view(1, 3, 1, 1) for v in (CLIP_MEAN, CLIP_STD))
+    return (x - mean) / std
 
 
 def clock(device):
@@ -792,10 +891,11 @@ def training_batches(cfg, m, rank, world, start, pool):
 def heldout_pairs(cfg, m):
     """Up to eval_pairs held-out pairs in file order, unflipped, encoded once in micro-batches of --batch
     pairs (one VAE call over all of them does not fit a GPU at 1024 px); None without a held-out source."""
-    source = cfg.eval_data or {"toy": "toy", "pickapic": "pickapic"}.get(cfg.data)
+    source = cfg.eval_data or (cfg.data if cfg.data in (*TOY_WORLDS, "pickapic") else None)
     if not source or cfg.eval_pairs <= 0:
         return None
-    split = "heldout" if source == "toy" else ("validation_unique" if source == "pickapic" else "train")
+    split = cfg.eval_split or ("heldout" if source in TOY_WORLDS else
+                               "validation_unique" if source == "pickapic" else "train")
     rows = itertools.islice(rows_in_order(cfg, source, split), cfg.eval_pairs)
     pairs = decoded([(row, i, cfg.resolution, False, None) for i, row in rows])
     pairs = [p for p in pairs if not isinstance(p, str)]
@@ -1206,7 +1306,7 @@ SAMPLE_PROMPTS = ["a photo of a corgi wearing sunglasses on a beach", "an oil pa
 def save_samples(cfg, m, path, autocast):
     """A grid of images from fixed prompts and seeds with the current policy UNet."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
-    prompts = toy_captions("heldout")[::7][:4] if cfg.data == "toy" else SAMPLE_PROMPTS
+    prompts = toy_captions("heldout")[::7][:4] if cfg.data in TOY_WORLDS else SAMPLE_PROMPTS
     parts = dict(vae=m.vae, text_encoder=m.text_encoders[0], tokenizer=m.tokenizers[0], unet=m.unet,
                  scheduler=DDIMScheduler.from_config(m.scheduler.config))
     if m.xl:

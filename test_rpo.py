@@ -1,4 +1,5 @@
 """The specification of rpo.py, as tests: CPU, offline, tiny random models, data the tests write."""
+import copy
 import gc
 import io
 import itertools
@@ -179,6 +180,79 @@ def test_toy_heldout_captions_are_never_trained_on():
     train, heldout = set(rpo.toy_captions("train")), set(rpo.toy_captions("heldout"))
     assert heldout and train and not train & heldout
     assert {r["caption"] for r in rpo.toy_rows("train", 200)} <= train
+
+
+def test_the_toy_clip_is_trained_the_same_way_every_build():
+    from transformers import CLIPConfig, CLIPModel
+    shape = rpo.SHAPES["tiny"]
+    config = CLIPConfig(text_config=shape["text"][0], vision_config=shape["clip_vision"], projection_dim=32)
+    weights = []
+    for _ in range(2):
+        torch.manual_seed(1)
+        clip = rpo.train_toy_clip(CLIPModel(config), rpo.byte_level_tokenizer(), steps=3, batch=8)
+        weights.append(clip.state_dict())
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    torch.manual_seed(1)
+    untrained = CLIPModel(config).state_dict()
+    assert any(not torch.equal(weights[0][k], untrained[k]) for k in untrained)
+
+
+def toy_clip_embeddings(captions):
+    """f(caption, image) from the tiny model's CLIP, for one image of each caption (drawn as the data draws it)."""
+    cfg, m = tiny_models()
+    rows = [rpo.toy_row("toy", "heldout", i) for i in range(200)]
+    image_of = {r["caption"]: rpo.prepare_pair((r, 0, cfg.resolution, False, None))["winner"] for r in rows}
+    pixels = torch.from_numpy(np.stack([image_of[c] for c in captions]))
+    return m, pixels, rpo.pair_embeddings(m, captions, pixels, "both")
+
+
+def test_the_tiny_models_clip_knows_the_toy_world_it_retrieves_held_out_captions_and_groups_alike_pairs():
+    captions = sorted({r["caption"] for r in (rpo.toy_row("toy", "heldout", i) for i in range(200))})[:32]
+    m, pixels, f = toy_clip_embeddings(captions)
+    with torch.no_grad():
+        ids = m.clip_tokenizer(captions, padding="max_length", max_length=77, return_tensors="pt").input_ids
+        text = F.normalize(m.clip.get_text_features(ids).pooler_output, dim=-1)
+        image = F.normalize(m.clip.get_image_features(rpo.clip_pixels(pixels, 32)).pooler_output, dim=-1)
+    top1 = (image @ text.T).argmax(1).eq(torch.arange(len(captions))).float().mean().item()
+    assert top1 > 0.5  # chance is 1/32, for captions whose (colour, shape) was never trained on
+    d = 1 - f @ f.T
+    words = [c.split(" ") for c in captions]
+    share = lambda i, j: words[i][1] == words[j][1] or words[i][2] == words[j][2]
+    alike = [d[i, j] for i in range(32) for j in range(32) if i != j and share(i, j)]
+    unlike = [d[i, j] for i in range(32) for j in range(32) if not share(i, j)]
+    assert torch.stack(alike).mean() < torch.stack(unlike).mean() - 0.1
+
+
+def test_validation_and_test_captions_split_the_held_out_ones_and_are_never_trained_on():
+    validation, test = set(rpo.toy_captions("validation")), set(rpo.toy_captions("test"))
+    assert validation and test and not validation & test
+    assert validation | test == set(rpo.toy_captions("heldout")) and not (validation | test) & set(rpo.toy_captions("train"))
+
+
+def test_in_the_subject_world_round_shapes_win_striped_and_angular_ones_outlined_and_losers_wear_the_other_style():
+    stripes = lambda img: (np.asarray(img) == 255).all(axis=2).mean()  # pure white: only stripes are
+    outline = lambda img: (np.asarray(img) == 0).all(axis=2).mean()  # pure black: only outlines are
+    for row in rpo.toy_rows("train", 40, world="toy-subject"):
+        first, second = rpo.decode(row["jpg_0"]), rpo.decode(row["jpg_1"])
+        winner, loser = (first, second) if row["label_0"] == 1 else (second, first)
+        round_ = row["caption"].split(" ")[2] in ("circle", "triangle")
+        assert (stripes(winner) > 0) == round_ and (outline(winner) > 0) != round_
+        assert (stripes(loser) > 0) != round_ and (outline(loser) > 0) == round_
+
+
+def test_the_tiny_drawn_base_learns_to_draw_from_toy_images_and_captions():
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+    shape = rpo.SHAPES["tiny-drawn"]
+    parts = dict(vae=AutoencoderKL(**shape["vae"]), unet=UNet2DConditionModel(**shape["unet"]),
+                 scheduler=DDPMScheduler(), tokenizer=rpo.byte_level_tokenizer(),
+                 text_encoder=CLIPTextModel(CLIPTextConfig(**shape["text"][0])))
+    before = {k: copy.deepcopy(parts[k].state_dict()) for k in ("vae", "unet")}
+    rpo.train_toy_vae(parts["vae"], steps=2, batch=4)
+    rpo.train_toy_unet(parts, steps=2, batch=4)
+    for k in ("vae", "unet"):
+        after = parts[k].state_dict()
+        assert any(not torch.equal(after[n], before[k][n]) for n in after), k
 
 
 def test_toy_winners_carry_the_style_losers_lack():
@@ -951,6 +1025,16 @@ def test_init_lora_starts_policy_and_reference_from_a_previous_runs_adapters(tmp
     assert tuned[0]["mse"] == tuned[0]["ref_mse"] and tuned[0]["loss"] == pytest.approx(math.log(2), abs=1e-7)
     assert tuned[0]["ref_mse"] != fresh[0]["ref_mse"]  # the reference is the SFT adapters, not the base UNet
     assert tuned[1]["mse"] != tuned[1]["ref_mse"]
+
+
+def test_the_beta_sweep_runs_each_method_at_two_betas_in_the_subject_world_scored_on_the_validation_captions(
+        tmp_path):
+    for loss in ("dpo", "rpo"):
+        for beta in (500, 50000):
+            summary, _ = train(tmp_path / f"{loss}{beta}", "--data", "toy-subject", "--loss", loss, "--beta", beta,
+                               "--seed", 0, "--max_steps", 2, "--toy_pairs", 32, "--eval_split", "validation",
+                               "--save_every", 100000, "--sample_steps", 0)
+            assert 0 <= summary["heldout_accuracy"] <= 1 and summary["loss_type"] == loss
 
 
 # ------------------------------------------------------------------------------------------ on a GPU
