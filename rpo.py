@@ -56,7 +56,7 @@ class Config:
     data_id: str = "yuvalkirstain/pickapic_v2"
     split: str = "train"
     eval_data: str = None  # held-out pairs: default toy's held-out captions, pickapic's validation_unique
-    eval_split: str = None  # default: heldout (toy; or its halves validation and test), validation_unique, train
+    eval_split: str = None  # default: heldout (toy; its halves: validation, test), validation_unique, train
     eval_pairs: int = 64
     eval_draws: int = 8  # fixed (noise, t) draws averaged per held-out pair
     max_pairs: int = 0  # 0 = all
@@ -248,7 +248,8 @@ def train_toy_vae(vae, steps=600, batch=32):
     rng, captions = random.Random(0), toy_captions("train")
     optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3)
     for _ in range(steps):
-        x = toy_images(rng, [rng.choice(captions) for _ in range(batch)], PRESETS["tiny"]["resolution"]) / 127.5 - 1
+        chosen = [rng.choice(captions) for _ in range(batch)]
+        x = toy_images(rng, chosen, PRESETS["tiny"]["resolution"]) / 127.5 - 1
         posterior = vae.encode(x).latent_dist
         loss = F.mse_loss(vae.decode(posterior.sample()).sample, x) + 1e-6 * posterior.kl().mean()
         optimizer.zero_grad()
@@ -279,15 +280,16 @@ def train_toy_unet(parts, steps=3000, batch=32):
 
 
 def train_toy_clip(clip, tokenizer, steps=300, batch=64):
-    """The tiny CLIP trained with CLIP's contrastive loss on toy captions and images of both kinds, so that the
-    pair embedding f tells colours, shapes and backgrounds apart (about 15 s on 2 cores). Seeded: every build
-    gives the same weights."""
+    """The tiny CLIP trained with CLIP's contrastive loss on toy captions and images of every style, so that
+    the pair embedding f tells colours, shapes and backgrounds apart (about 15 s on 2 cores). Seeded: every
+    build gives the same weights."""
     rng, captions = random.Random(0), toy_captions("train")
     torch.manual_seed(0)
     optimizer = torch.optim.AdamW(clip.parameters(), lr=2e-3)
     for _ in range(steps):
-        chosen = rng.sample(captions, batch)  # distinct captions: each image has one right caption in the batch
-        ids = tokenizer(chosen, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        chosen = rng.sample(captions, batch)  # distinct captions: each image has one right caption
+        ids = tokenizer(chosen, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+        ids = ids.input_ids
         images = toy_images(rng, chosen, PRESETS["tiny"]["resolution"])
         pixels = clip_pixels(images, clip.config.vision_config.image_size)
         loss = clip(input_ids=ids, pixel_values=pixels, return_loss=True).loss
@@ -297,7 +299,7 @@ def train_toy_clip(clip, tokenizer, steps=300, batch=64):
     return clip.eval()
 
 
-FOLDER_VERSION = "v2"  # raised when what build_random_pipeline puts in a folder changes (v2: the trained toy CLIP)
+FOLDER_VERSION = "v2"  # raised when what build_random_pipeline makes changes (v2: the trained toy CLIP)
 
 
 def model_folder(cfg):
@@ -470,9 +472,9 @@ def draw_toy(caption, rng, stripes, outline, size=64):
 
 
 def toy_styles(world, caption):
-    """(stripes, outline) of the winner and of the loser. 'toy': winners have both, losers neither. 'toy-subject':
-    the preferred style depends on the subject, stripes for circles and triangles, an outline for squares and
-    diamonds; each loser wears the other group's style."""
+    """(stripes, outline) of the winner and of the loser. 'toy': winners have both, losers neither.
+    'toy-subject': the preferred style depends on the subject, stripes for circles and triangles, an outline
+    for squares and diamonds; each loser wears the other group's style."""
     if world == "toy":
         return (True, True), (False, False)
     round_ = caption.split(" ")[2] in ("circle", "triangle")

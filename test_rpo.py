@@ -198,7 +198,7 @@ def test_the_toy_clip_is_trained_the_same_way_every_build():
 
 
 def toy_clip_embeddings(captions):
-    """f(caption, image) from the tiny model's CLIP, for one image of each caption (drawn as the data draws it)."""
+    """f(caption, image) from the tiny model's CLIP, for one image of each caption (drawn as in the data)."""
     cfg, m = tiny_models()
     rows = [rpo.toy_row("toy", "heldout", i) for i in range(200)]
     image_of = {r["caption"]: rpo.prepare_pair((r, 0, cfg.resolution, False, None))["winner"] for r in rows}
@@ -226,10 +226,11 @@ def test_the_tiny_models_clip_knows_the_toy_world_it_retrieves_held_out_captions
 def test_validation_and_test_captions_split_the_held_out_ones_and_are_never_trained_on():
     validation, test = set(rpo.toy_captions("validation")), set(rpo.toy_captions("test"))
     assert validation and test and not validation & test
-    assert validation | test == set(rpo.toy_captions("heldout")) and not (validation | test) & set(rpo.toy_captions("train"))
+    assert validation | test == set(rpo.toy_captions("heldout"))
+    assert not (validation | test) & set(rpo.toy_captions("train"))
 
 
-def test_in_the_subject_world_round_shapes_win_striped_and_angular_ones_outlined_and_losers_wear_the_other_style():
+def test_in_the_subject_world_round_shapes_win_striped_angular_ones_outlined_losers_wear_the_other_style():
     stripes = lambda img: (np.asarray(img) == 255).all(axis=2).mean()  # pure white: only stripes are
     outline = lambda img: (np.asarray(img) == 0).all(axis=2).mean()  # pure black: only outlines are
     for row in rpo.toy_rows("train", 40, world="toy-subject"):
@@ -1031,9 +1032,9 @@ def test_the_beta_sweep_runs_each_method_at_two_betas_in_the_subject_world_score
         tmp_path):
     for loss in ("dpo", "rpo"):
         for beta in (500, 50000):
-            summary, _ = train(tmp_path / f"{loss}{beta}", "--data", "toy-subject", "--loss", loss, "--beta", beta,
-                               "--seed", 0, "--max_steps", 2, "--toy_pairs", 32, "--eval_split", "validation",
-                               "--save_every", 100000, "--sample_steps", 0)
+            summary, _ = train(tmp_path / f"{loss}{beta}", "--data", "toy-subject", "--loss", loss,
+                               "--beta", beta, "--seed", 0, "--max_steps", 2, "--toy_pairs", 32,
+                               "--eval_split", "validation", "--save_every", 100000, "--sample_steps", 0)
             assert 0 <= summary["heldout_accuracy"] <= 1 and summary["loss_type"] == loss
 
 
