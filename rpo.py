@@ -260,7 +260,7 @@ def train_toy_vae(vae, steps=600, batch=32):
 
 def train_toy_unet(parts, steps=3000, batch=32):
     """tiny-drawn's UNet: draws toy images from their captions, one in ten captions empty so that sampling can
-    use guidance (about 7 min on 2 cores). Its range holds both toy worlds' winners and losers."""
+    use guidance (about 10 min on 2 cores). Its range holds both toy worlds' winners and losers."""
     rng, captions = random.Random(1), toy_captions("train")
     vae, unet, scheduler = parts["vae"], parts["unet"], parts["scheduler"]
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-3)
