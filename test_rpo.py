@@ -986,6 +986,24 @@ def test_a_lora_step_trains_the_fp32_adapters_and_leaves_the_frozen_unet_in_the_
     assert len(trained) == sum(".lora_" in n for n, _ in m.unet.named_parameters())
 
 
+def test_lora_adapters_get_the_same_gradients_under_gradient_checkpointing():
+    # the SDXL preset checkpoints; a checkpoint whose inputs need no gradient (a frozen UNet) could silently
+    # drop the adapters' gradients
+    grads = []
+    for checkpointing in ("false", "true"):
+        torch.manual_seed(0)
+        cfg, m = tiny_models("tiny-xl", *map(str, LORA), "--grad_checkpointing", checkpointing)
+        with torch.no_grad():
+            for name, p in m.unet.named_parameters():
+                if ".lora_B." in name:  # nonzero up-projections, so the down-projections get gradients too
+                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.01)
+        rpo.preference_step(cfg, m, m.unet, toy_batch(cfg, m, n=4), 0)[0].backward()
+        grads.append({n: p.grad for n, p in m.unet.named_parameters() if p.requires_grad})
+    assert m.unet.is_gradient_checkpointing and grads[0].keys() == grads[1].keys()
+    assert all(grads[1][n] is not None and grads[1][n].abs().sum() > 0 for n in grads[1])
+    assert all(torch.allclose(grads[0][n], grads[1][n], rtol=1e-4, atol=1e-7) for n in grads[0])
+
+
 @pytest.mark.parametrize("model", ["tiny", "tiny-xl"])
 def test_saved_lora_adapters_load_into_a_stock_diffusers_pipeline_in_one_line_and_draw_the_trained_samples(
         tmp_path, model):
