@@ -27,9 +27,10 @@ import statistics
 import sys
 import time
 import warnings
-from collections import OrderedDict, deque
+from collections import deque
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import diffusers
 import numpy as np
@@ -92,7 +93,8 @@ class Config:
     sample_steps: int = None  # denoising steps of the sample grid saved with each checkpoint; 0 = none
 
 
-HUB_SD15, HUB_SDXL = "stable-diffusion-v1-5/stable-diffusion-v1-5", "stabilityai/stable-diffusion-xl-base-1.0"
+HUB_SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+HUB_SDXL = "stabilityai/stable-diffusion-xl-base-1.0"
 # Diffusion-DPO's recipe: lr 1e-8 scaled by the effective batch of 2048 pairs, 2000 steps, 500 warmup.
 PRESETS = {
     "tiny": dict(resolution=32, batch=8, grad_accum=1, lr=1e-5, optimizer="adamw", warmup_steps=10,
@@ -106,14 +108,20 @@ PRESETS = {
 }
 PRESETS["tiny-xl"] = PRESETS["tiny-drawn"] = PRESETS["tiny"]
 IS_XL = {"tiny": False, "tiny-xl": True, "tiny-drawn": False, "sd15": False, "sdxl": True}
+CHOICES = dict(model=IS_XL, loss=("rpo", "dpo", "sft"), embed=("text", "image", "both"),
+               precision=(None, "bf16", "fp16", "fp32"), optimizer=(None, "adamw", "adafactor"))
 for lib in (diffusers, transformers):  # their load-time chatter would bury the training log
     lib.utils.logging.set_verbosity_error()
     lib.utils.logging.disable_progress_bar()
 RPO_HOME = os.environ.get("RPO_HOME", os.path.expanduser("~/.cache/rpo"))  # random-init model folders
 
 
+def as_bool(text):
+    return str(text).lower() in ("1", "true", "yes", "on")
+
+
 def parse_config(argv=None):
-    as_bool = lambda s: str(s).lower() in ("1", "true", "yes", "on")
+    """Config from the command line: every field a flag, checked; the model's preset fills what is unset."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(Config):
         if f.type is bool:
@@ -121,12 +129,12 @@ def parse_config(argv=None):
         else:
             p.add_argument("--" + f.name, type=f.type, default=f.default)
     cfg = Config(**vars(p.parse_args(argv)))
-    for choice, allowed in (("model", IS_XL), ("loss", ("rpo", "dpo", "sft")), ("embed", ("text", "image", "both")),
-                            ("precision", (None, "bf16", "fp16", "fp32")), ("optimizer", (None, "adamw", "adafactor"))):
-        if getattr(cfg, choice) not in allowed:
-            sys.exit(f"rpo.py: --{choice} must be one of {[a for a in allowed if a]}, got {getattr(cfg, choice)!r}")
+    for name, allowed in CHOICES.items():
+        if getattr(cfg, name) not in allowed:
+            sys.exit(f"rpo.py: --{name} must be one of {[a for a in allowed if a]}, "
+                     f"got {getattr(cfg, name)!r}")
     for k, v in PRESETS[cfg.model].items():
-        if cfg.random_init and k in ("pretrained", "clip"):  # random weights: the CLIP too comes from the built folder
+        if cfg.random_init and k in ("pretrained", "clip"):  # random weights: the build's CLIP too
             continue
         if getattr(cfg, k) is None:
             setattr(cfg, k, v)
@@ -150,36 +158,42 @@ def clip_text_config(hidden, layers, heads, proj, act="quick_gelu", vocab=49408)
 def vae_config(channels, scaling):
     n = len(channels)
     return dict(block_out_channels=channels, down_block_types=["DownEncoderBlock2D"] * n,
-                up_block_types=["UpDecoderBlock2D"] * n, layers_per_block=2 if n > 2 else 1, latent_channels=4,
-                norm_num_groups=min(32, channels[0]), scaling_factor=scaling)
+                up_block_types=["UpDecoderBlock2D"] * n, layers_per_block=2 if n > 2 else 1,
+                latent_channels=4, norm_num_groups=min(32, channels[0]), scaling_factor=scaling)
 
 
 TINY_VOCAB = 514  # 256 byte symbols, the same with '</w>', start and end tokens
-TINY_UNET = dict(sample_size=16, block_out_channels=[32, 64], layers_per_block=1, norm_num_groups=8, attention_head_dim=8,
-                 down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"], up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"])
-TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8)
-VIT_L14 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, image_size=224,
-               patch_size=14)
+TINY_TEXT = clip_text_config(32, 2, 2, 32, vocab=TINY_VOCAB)
+TINY_UNET = dict(sample_size=16, block_out_channels=[32, 64], layers_per_block=1, norm_num_groups=8,
+                 attention_head_dim=8, down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
+                 up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"])
+TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                   image_size=32, patch_size=8)
+VIT_L14 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+               image_size=224, patch_size=14)
 SHAPES = {
     "tiny": dict(unet=dict(TINY_UNET, cross_attention_dim=32), vae=vae_config([16, 32], 0.18215),
-                 text=[clip_text_config(32, 2, 2, 32, vocab=TINY_VOCAB)], clip_vision=TINY_VISION),
+                 text=[TINY_TEXT], clip_vision=TINY_VISION),
     "tiny-xl": dict(
-        unet=dict(TINY_UNET, cross_attention_dim=64, transformer_layers_per_block=[1, 2], use_linear_projection=True,
-                  addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 32),
+        unet=dict(TINY_UNET, cross_attention_dim=64, transformer_layers_per_block=[1, 2],
+                  use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+                  projection_class_embeddings_input_dim=6 * 8 + 32),
         vae=vae_config([16, 32], 0.13025), clip_vision=TINY_VISION,
-        text=[clip_text_config(32, 2, 2, 32, vocab=TINY_VOCAB), clip_text_config(32, 2, 2, 32, act="gelu", vocab=TINY_VOCAB)]),
+        text=[TINY_TEXT, clip_text_config(32, 2, 2, 32, act="gelu", vocab=TINY_VOCAB)]),
     "sd15": dict(
-        unet=dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8),  # the rest: diffusers' defaults = SD1.x
-        vae=vae_config([128, 256, 512, 512], 0.18215), text=[clip_text_config(768, 12, 12, 768)], clip_vision=VIT_L14),
+        unet=dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8),  # the rest: diffusers' SD1
+        vae=vae_config([128, 256, 512, 512], 0.18215), text=[clip_text_config(768, 12, 12, 768)],
+        clip_vision=VIT_L14),
     "sdxl": dict(
         unet=dict(sample_size=128, block_out_channels=[320, 640, 1280], layers_per_block=2,
                   down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
                   up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-                  transformer_layers_per_block=[1, 2, 10], attention_head_dim=[5, 10, 20], cross_attention_dim=2048,
-                  use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
-                  projection_class_embeddings_input_dim=2816),
+                  transformer_layers_per_block=[1, 2, 10], attention_head_dim=[5, 10, 20],
+                  cross_attention_dim=2048, use_linear_projection=True, addition_embed_type="text_time",
+                  addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816),
         vae=vae_config([128, 256, 512, 512], 0.13025),
-        text=[clip_text_config(768, 12, 12, 768), clip_text_config(1280, 32, 20, 1280, act="gelu")], clip_vision=VIT_L14),
+        text=[clip_text_config(768, 12, 12, 768), clip_text_config(1280, 32, 20, 1280, act="gelu")],
+        clip_vision=VIT_L14),
 }
 SHAPES["tiny-drawn"] = SHAPES["tiny"]  # with a VAE and UNet trained to draw the toy world
 
@@ -189,14 +203,14 @@ def byte_level_tokenizer():
     from transformers import CLIPTokenizer
     printable = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
     symbols = [chr(b) for b in printable] + [chr(256 + i) for i in range(256 - len(printable))]
-    vocab = {s: i for i, s in enumerate(symbols + [s + "</w>" for s in symbols] + ["<|startoftext|>", "<|endoftext|>"])}
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+    words = symbols + [s + "</w>" for s in symbols] + ["<|startoftext|>", "<|endoftext|>"]
+    return CLIPTokenizer(vocab={w: i for i, w in enumerate(words)}, merges=[], model_max_length=77)
 
 
 def build_random_pipeline(model, folder):
     """Random-weight pipeline of the given shape, saved as a diffusers folder with a CLIP in folder/clip."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
     shape, tmp = SHAPES[model], f"{folder}.tmp{os.getpid()}"  # runs started together each build their own
     torch.manual_seed(0)
     tokenizer = byte_level_tokenizer()
@@ -204,35 +218,47 @@ def build_random_pipeline(model, folder):
     if model == "tiny-drawn":
         train_toy_vae(vae)
     if model.startswith("tiny"):  # as SD chose 0.18215: unit-variance latents, else x_t is noise at every t
-        pixels = torch.stack([torch.from_numpy(prepare_pair((row, 0, PRESETS["tiny"]["resolution"], False, None))["winner"])
-                              for row in toy_rows("train", 64)])
-        with torch.no_grad():
-            vae.register_to_config(scaling_factor=1 / vae.encode(pixels / 127.5 - 1).latent_dist.mode().std().item())
-    parts = dict(unet=UNet2DConditionModel(**shape["unet"]), vae=vae,
-                 scheduler=DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                         clip_sample=False, steps_offset=1),
+        vae.register_to_config(scaling_factor=unit_variance_scale(vae))
+    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              clip_sample=False, steps_offset=1)
+    parts = dict(unet=UNet2DConditionModel(**shape["unet"]), vae=vae, scheduler=scheduler,
                  text_encoder=CLIPTextModel(CLIPTextConfig(**shape["text"][0])), tokenizer=tokenizer)
     if model == "tiny-drawn":
         train_toy_unet(parts)
     if IS_XL[model]:
         from diffusers import StableDiffusionXLPipeline
-        parts.update(text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**shape["text"][1])), tokenizer_2=tokenizer)
-        StableDiffusionXLPipeline(**parts).save_pretrained(tmp)
+        encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**shape["text"][1]))
+        pipeline = StableDiffusionXLPipeline(**parts, text_encoder_2=encoder_2, tokenizer_2=tokenizer)
+        pipeline.save_pretrained(tmp)
     else:
         from diffusers import StableDiffusionPipeline
         StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
                                 requires_safety_checker=False).save_pretrained(tmp)
-    clip_cfg = CLIPConfig(text_config=shape["text"][0], vision_config=shape["clip_vision"],
-                          projection_dim=shape["text"][0]["projection_dim"])
-    clip = CLIPModel(clip_cfg)
-    if model.startswith("tiny"):
-        train_toy_clip(clip, tokenizer)
-    clip.save_pretrained(os.path.join(tmp, "clip"))
-    tokenizer.save_pretrained(os.path.join(tmp, "clip"))
+    save_random_clip(model, shape, tokenizer, os.path.join(tmp, "clip"))
     try:
         os.rename(tmp, folder)
     except OSError:  # another process finished first; its folder is the same model (seed 0)
         shutil.rmtree(tmp)
+
+
+def save_random_clip(model, shape, tokenizer, folder):
+    """The pair-weight CLIP of a random-init folder: for the tiny models, trained on the toy world."""
+    from transformers import CLIPConfig, CLIPModel
+    clip = CLIPModel(CLIPConfig(text_config=shape["text"][0], vision_config=shape["clip_vision"],
+                                projection_dim=shape["text"][0]["projection_dim"]))
+    if model.startswith("tiny"):
+        train_toy_clip(clip, tokenizer)
+    clip.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+@torch.no_grad()
+def unit_variance_scale(vae):
+    """The latent scaling factor that gives 64 toy training images unit-variance latents."""
+    rows = toy_rows("train", 64)
+    jobs = [PairJob(row, 0, PRESETS["tiny"]["resolution"]) for row in rows]
+    pixels = torch.stack([torch.from_numpy(prepare_pair(job)["winner"]) for job in jobs])
+    return 1 / vae.encode(pixels / 127.5 - 1).latent_dist.mode().std().item()
 
 
 def toy_images(rng, captions, size):
@@ -269,8 +295,9 @@ def train_toy_unet(parts, steps=3000, batch=32):
         with torch.no_grad():
             x = toy_images(rng, chosen, PRESETS["tiny"]["resolution"]) / 127.5 - 1
             latents = vae.encode(x).latent_dist.mode() * vae.config.scaling_factor
-            ids = parts["tokenizer"](["" if rng.random() < 0.1 else c for c in chosen], padding="max_length",
-                                     max_length=77, truncation=True, return_tensors="pt").input_ids
+            conditioning = ["" if rng.random() < 0.1 else c for c in chosen]
+            ids = parts["tokenizer"](conditioning, padding="max_length", max_length=77, truncation=True,
+                                     return_tensors="pt").input_ids
             prompt = parts["text_encoder"](ids).last_hidden_state
         noise, t = torch.randn_like(latents), torch.randint(0, scheduler.config.num_train_timesteps, (batch,))
         loss = F.mse_loss(unet(scheduler.add_noise(latents, noise, t), t, prompt).sample, noise)
@@ -303,7 +330,7 @@ FOLDER_VERSION = "v2"  # raised when what build_random_pipeline makes changes (v
 
 
 def model_folder(cfg):
-    """Where the base pipeline lives: a hub id or folder, or a random-init folder built once under RPO_HOME."""
+    """Where the base pipeline lives: a hub id or folder, or a random-init folder built once in RPO_HOME."""
     if cfg.pretrained:
         return cfg.pretrained
     name = cfg.model if cfg.model == "tiny-drawn" else cfg.model + "-random"
@@ -313,54 +340,90 @@ def model_folder(cfg):
     return folder
 
 
+def first_line(error):
+    """An exception's message cut to one line, for one-line errors."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+
+
 def pretrained(cls, name, **kw):
     """cls.from_pretrained, with one line instead of a traceback when the id or folder cannot be loaded."""
     try:
         return cls.from_pretrained(name, **kw)
-    except (OSError, ValueError) as e:  # offline, a wrong id, a gated repo, not a diffusers/transformers folder
-        sys.exit(f"rpo.py: cannot load {cls.__name__} from {name!r}{' / ' + kw['subfolder'] if 'subfolder' in kw else ''}: "
-                 f"{(str(e).strip().splitlines() or [type(e).__name__])[0][:300]}")
+    except (OSError, ValueError) as e:  # offline, a wrong id, a gated repo, not a diffusers/transformers one
+        where = f"{name!r} / {kw['subfolder']}" if "subfolder" in kw else repr(name)
+        sys.exit(f"rpo.py: cannot load {cls.__name__} from {where}: {first_line(e)}")
+
+
+@dataclass
+class Models:
+    """What load_models gives the training step."""
+    base: str  # the pipeline's hub id or folder
+    xl: bool
+    device: torch.device
+    dtype: torch.dtype  # the compute dtype of everything frozen
+    scheduler: object
+    unet: torch.nn.Module  # the policy
+    ref_unet: torch.nn.Module  # None with LoRA: see `reference`
+    lora: bool
+    vae: torch.nn.Module
+    tokenizers: list  # SDXL: two, with their text encoders
+    text_encoders: list
+    clip: torch.nn.Module  # for the pair weights
+    clip_tokenizer: object
+    empty_prompt: torch.Tensor = None  # what prompt dropout conditions on
+    empty_pooled: torch.Tensor = None
 
 
 def load_models(cfg, device, dtype):
-    """Policy UNet (fp32 master weights), frozen reference copy, VAE, text encoders and the pair-weight CLIP.
-    With LoRA the UNet is frozen in the compute dtype, only its adapters train, and there is no reference
-    copy: the reference is the same UNet with its trained adapters switched off (see `reference`)."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    """Policy and reference UNets, VAE, text encoders and the pair-weight CLIP, all but the policy frozen."""
+    from diffusers import AutoencoderKL, DDPMScheduler
     from transformers import CLIPModel, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-    base = model_folder(cfg)
-    xl = IS_XL[cfg.model]
-    load = lambda cls, sub: pretrained(cls, base, subfolder=sub)
-    m = argparse.Namespace(base=base, xl=xl, dtype=dtype, device=device)
-    m.scheduler = load(DDPMScheduler, "scheduler")
-    if m.scheduler.config.prediction_type != "epsilon":
-        sys.exit(f"rpo.py: {base} predicts {m.scheduler.config.prediction_type}; this script trains epsilon models")
-    m.unet = pretrained(UNet2DConditionModel, cfg.init_unet) if cfg.init_unet else load(UNet2DConditionModel, "unet")
-    m.unet.to(device).train()
-    m.lora = bool(cfg.lora_rank or cfg.init_lora)
-    if m.lora:
-        m.unet.requires_grad_(False).to(dtype)
-        add_lora(cfg, m.unet)
-        m.ref_unet = None
+    base, xl = model_folder(cfg), IS_XL[cfg.model]
+    scheduler = pretrained(DDPMScheduler, base, subfolder="scheduler")
+    if scheduler.config.prediction_type != "epsilon":
+        sys.exit(f"rpo.py: {base} predicts {scheduler.config.prediction_type}; this script trains epsilon "
+                 f"models")
+    unet, ref_unet = load_unets(cfg, base, device, dtype)
+    if cfg.model == "sdxl" and dtype == torch.float16 and not cfg.random_init:  # SDXL's VAE overflows in fp16
+        vae = pretrained(AutoencoderKL, "madebyollin/sdxl-vae-fp16-fix")
     else:
-        m.ref_unet = copy.deepcopy(m.unet).requires_grad_(False).eval().to(dtype)
-    if cfg.grad_checkpointing:
-        m.unet.enable_gradient_checkpointing()
-    if cfg.model == "sdxl" and dtype == torch.float16 and not cfg.random_init:  # SDXL's own VAE overflows in fp16
-        m.vae = pretrained(AutoencoderKL, "madebyollin/sdxl-vae-fp16-fix")
-    else:
-        m.vae = load(AutoencoderKL, "vae")
-    m.tokenizers = [load(CLIPTokenizer, "tokenizer")] + ([load(CLIPTokenizer, "tokenizer_2")] if xl else [])
-    m.text_encoders = [load(CLIPTextModel, "text_encoder")] + ([load(CLIPTextModelWithProjection, "text_encoder_2")] if xl else [])
+        vae = pretrained(AutoencoderKL, base, subfolder="vae")
+    suffixes = ["", "_2"] if xl else [""]
+    tokenizers = [pretrained(CLIPTokenizer, base, subfolder="tokenizer" + s) for s in suffixes]
+    encoder_classes = dict(zip(suffixes, [CLIPTextModel, CLIPTextModelWithProjection]))
+    text_encoders = [pretrained(encoder_classes[s], base, subfolder="text_encoder" + s) for s in suffixes]
     clip_id = cfg.clip or os.path.join(base, "clip")
-    m.clip, m.clip_tokenizer = pretrained(CLIPModel, clip_id), pretrained(CLIPTokenizer, clip_id)
-    for frozen in [m.vae, m.clip, *m.text_encoders]:
+    clip, clip_tokenizer = pretrained(CLIPModel, clip_id), pretrained(CLIPTokenizer, clip_id)
+    for frozen in [vae, clip, *text_encoders]:
         frozen.requires_grad_(False).eval().to(device, dtype)
-    if device.type == "cuda":
-        for unet in (m.unet, m.ref_unet or m.unet):
-            unet.to(memory_format=torch.channels_last)
-    m.empty_prompt, m.empty_pooled = encode_prompts(m, [""])  # what prompt dropout conditions on
+    m = Models(base, xl, device, dtype, scheduler, unet, ref_unet, bool(cfg.lora_rank or cfg.init_lora), vae,
+               tokenizers, text_encoders, clip, clip_tokenizer)
+    m.empty_prompt, m.empty_pooled = encode_prompts(m, [""])
     return m
+
+
+def load_unets(cfg, base, device, dtype):
+    """The policy UNet (fp32 master weights) and a frozen reference copy in the compute dtype. With LoRA the
+    UNet is frozen in the compute dtype, only its adapters train, and there is no copy (None): the reference
+    is the same UNet with its trained adapters switched off (see `reference`)."""
+    from diffusers import UNet2DConditionModel
+    if cfg.init_unet:
+        unet = pretrained(UNet2DConditionModel, cfg.init_unet)
+    else:
+        unet = pretrained(UNet2DConditionModel, base, subfolder="unet")
+    unet.to(device).train()
+    if cfg.lora_rank or cfg.init_lora:
+        unet.requires_grad_(False).to(dtype)
+        add_lora(cfg, unet)
+        ref_unet = None
+    else:
+        ref_unet = copy.deepcopy(unet).requires_grad_(False).eval().to(dtype)
+    if cfg.grad_checkpointing:
+        unet.enable_gradient_checkpointing()
+    if device.type == "cuda":
+        for each in (unet, ref_unet or unet):
+            each.to(memory_format=torch.channels_last)
+    return unet, ref_unet
 
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' name for it, saving and loading
@@ -380,7 +443,7 @@ def add_lora(cfg, unet):
                                            weight_name=LORA_FILE)
         except (OSError, ValueError) as e:
             sys.exit(f"rpo.py: cannot load LoRA adapters from {cfg.init_lora!r} (a run's DIR/lora): "
-                     f"{(str(e).strip().splitlines() or [type(e).__name__])[0][:300]}")
+                     f"{first_line(e)}")
         unet.set_adapters("default")
     else:
         unet.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank, init_lora_weights="gaussian",
@@ -398,23 +461,31 @@ def reference(m):
         yield m.ref_unet
         return
     starting = "reference" in m.unet.peft_config
-    m.unet.set_adapters("reference") if starting else m.unet.disable_adapters()
+    if starting:
+        m.unet.set_adapters("reference")
+    else:
+        m.unet.disable_adapters()
     try:
         yield m.unet
     finally:
-        m.unet.set_adapters("default") if starting else m.unet.enable_adapters()
+        if starting:
+            m.unet.set_adapters("default")
+        else:
+            m.unet.enable_adapters()
 
 
 @torch.no_grad()
 def encode_prompts(m, captions):
-    """SD1.5: last hidden states. SDXL: penultimate states of both encoders concatenated + pooled of the 2nd."""
+    """SD1.5: last hidden states. SDXL: penultimate states of both encoders concatenated, and the pooled
+    output of the second."""
     states = []
-    for tok, enc in zip(m.tokenizers, m.text_encoders):
-        ids = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                  return_tensors="pt").input_ids.to(m.device)
-        out = enc(ids, output_hidden_states=m.xl)
+    for tokenizer, encoder in zip(m.tokenizers, m.text_encoders):
+        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
+                        truncation=True, return_tensors="pt").input_ids.to(m.device)
+        out = encoder(ids, output_hidden_states=m.xl)
         states.append(out.hidden_states[-2] if m.xl else out.last_hidden_state)
-    return torch.cat(states, dim=-1), out.text_embeds if m.xl else None
+    pooled = out.text_embeds if m.xl else None  # out: the second encoder's
+    return torch.cat(states, dim=-1), pooled
 
 
 @torch.no_grad()
@@ -436,19 +507,23 @@ COLORS = dict(red=(220, 40, 40), green=(40, 180, 60), blue=(40, 70, 220), yellow
               purple=(140, 50, 170), orange=(250, 140, 20), white=(245, 245, 245), gray=(128, 128, 128))
 
 CIRCLE = [(math.cos(a * math.pi / 16), math.sin(a * math.pi / 16)) for a in range(32)]
-OUTLINES = dict(circle=CIRCLE, square=[(-1, -1), (1, -1), (1, 1), (-1, 1)], triangle=[(0, -1), (1, 1), (-1, 1)],
-                diamond=[(0, -1), (1, 0), (0, 1), (-1, 0)])
+OUTLINES = dict(circle=CIRCLE, square=[(-1, -1), (1, -1), (1, 1), (-1, 1)],
+                triangle=[(0, -1), (1, 1), (-1, 1)], diamond=[(0, -1), (1, 0), (0, 1), (-1, 0)])
+
+
+def is_held_out(color, shape):
+    """One in five (color, shape) pairs never appears in a training caption."""
+    return (list(COLORS).index(color) + 3 * list(OUTLINES).index(shape)) % 5 == 0
 
 
 def toy_captions(split):
     """Every 'a {color} {shape} on a {bg} background'. One in five (color, shape) pairs is held out from
     'train'; of those 'heldout' captions, every other one is in 'validation' (for choosing settings) and the
     rest in 'test'."""
-    caps = [(c, s, b) for c in COLORS for s in OUTLINES for b in COLORS if b != c]
-    is_held_out = lambda c, s: (list(COLORS).index(c) + 3 * list(OUTLINES).index(s)) % 5 == 0
-    held_out = [f"a {c} {s} on a {b} background" for c, s, b in caps if is_held_out(c, s)]
+    subjects = [(c, s, b) for c in COLORS for s in OUTLINES for b in COLORS if b != c]
     if split == "train":
-        return [f"a {c} {s} on a {b} background" for c, s, b in caps if not is_held_out(c, s)]
+        return [f"a {c} {s} on a {b} background" for c, s, b in subjects if not is_held_out(c, s)]
+    held_out = [f"a {c} {s} on a {b} background" for c, s, b in subjects if is_held_out(c, s)]
     return {"heldout": held_out, "validation": held_out[0::2], "test": held_out[1::2]}[split]
 
 
@@ -489,12 +564,12 @@ def toy_row(world, split, i, seed=1234):
     cap = caps[rng.randrange(len(caps))]
     winner_first = rng.random() < 0.5
     winner, loser = toy_styles(world, cap)
-    enc = []
+    encoded = []
     for style in ((winner, loser) if winner_first else (loser, winner)):
         buf = io.BytesIO()
         draw_toy(cap, rng, *style).save(buf, format="PNG")
-        enc.append(buf.getvalue())
-    return dict(caption=cap, jpg_0=enc[0], jpg_1=enc[1], label_0=1.0 if winner_first else 0.0)
+        encoded.append(buf.getvalue())
+    return dict(caption=cap, jpg_0=encoded[0], jpg_1=encoded[1], label_0=1.0 if winner_first else 0.0)
 
 
 def toy_rows(split, n, world="toy"):
@@ -502,8 +577,10 @@ def toy_rows(split, n, world="toy"):
 
 
 def parquet_files(path):
-    files = sorted(glob.glob(os.path.join(path, "**", "*.parquet"), recursive=True)) if os.path.isdir(path) \
-        else sorted(glob.glob(path))
+    if os.path.isdir(path):
+        files = sorted(glob.glob(os.path.join(path, "**", "*.parquet"), recursive=True))
+    else:
+        files = sorted(glob.glob(path))
     if not files:
         sys.exit(f"rpo.py: no parquet files at {path!r}; pass a parquet file, a folder of them or a glob")
     return files
@@ -511,11 +588,22 @@ def parquet_files(path):
 
 def source_files(cfg, source, split, max_rows=0):
     """(path, rows) of each file of a source, in a fixed order; rows None means the whole file, counted from
-    its footer when a reader reaches it. A hub dataset's files are the ones `datasets` resolves for the split,
-    as hf:// URLs pinned to the dataset's current commit. max_rows keeps the first rows in file order."""
+    its footer when a reader reaches it. max_rows keeps the first rows in file order."""
     if source in TOY_WORLDS:
         n = max_rows or cfg.toy_pairs
         return [(f"{source}:{split}:{lo}", min(TOY_FILE_ROWS, n - lo)) for lo in range(0, n, TOY_FILE_ROWS)]
+    files, left = [], max_rows
+    for path in dataset_paths(cfg, source, split):
+        files.append((path, min(left, file_length((path, None))) if max_rows else None))
+        left -= files[-1][1] or 0
+        if max_rows and not left:
+            break
+    return files
+
+
+def dataset_paths(cfg, source, split):
+    """The parquet files of a local source, or of a hub dataset's split: the ones `datasets` resolves for it,
+    as hf:// URLs pinned to the dataset's current commit. Checked for Pick-a-Pic's columns."""
     where = cfg.data_id if source == "pickapic" else source
     try:
         if source == "pickapic":
@@ -528,19 +616,12 @@ def source_files(cfg, source, split, max_rows=0):
             paths = parquet_files(source)
         missing = [c for c in COLUMNS if c not in parquet(paths[0]).schema_arrow.names]
     except Exception as e:  # any network, auth or format error: one line, with what to do instead
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        sys.exit(f"rpo.py: cannot read dataset {where!r} (split {split!r}): {reason[:300]}. Pass a local "
+        sys.exit(f"rpo.py: cannot read dataset {where!r} (split {split!r}): {first_line(e)}. Pass a local "
                  f"copy with --data /path/to/parquet, or another hub id with --data_id")
     if missing:
         sys.exit(f"rpo.py: dataset {where!r} lacks column(s) {missing}; rows need {list(COLUMNS)} "
                  f"(Pick-a-Pic v2 schema)")
-    files, left = [], max_rows
-    for path in paths:
-        files.append((path, min(left, file_length((path, None))) if max_rows else None))
-        left -= files[-1][1] or 0
-        if max_rows and not left:
-            break
-    return files
+    return paths
 
 
 @functools.lru_cache(maxsize=8)
@@ -608,24 +689,42 @@ def rank_rows(cfg, files, epoch, rank, world, at=None):
     mine = random.Random(f"{cfg.seed}-files-{epoch}").sample(range(len(files)), len(files))[rank::world]
     k, row, window, taken = at or (0, 0, 0, 0)  # the window starts at `row` of this rank's k-th file
     while k < len(mine):
-        rows, ids, k_next, row_next = [], [], k, row
-        while len(rows) < cfg.shuffle_buffer and k_next < len(mine):
-            file = files[mine[k_next]]
-            n = file_length(file)
-            stop = min(n, row_next + cfg.shuffle_buffer - len(rows))
-            rows += read_rows(file, row_next, stop)
-            ids += [f"{mine[k_next]}:{r}" for r in range(row_next, stop)]
-            k_next, row_next = (k_next + 1, 0) if stop == n else (k_next, stop)
-        rng = random.Random(f"{cfg.seed}-window-{epoch}-{rank}-{window}")
-        order = rng.sample(range(len(rows)), len(rows))
+        rows, ids, (k_next, row_next) = read_window(cfg, files, mine, k, row)
+        shuffle = random.Random(f"{cfg.seed}-window-{epoch}-{rank}-{window}")
+        order = shuffle.sample(range(len(rows)), len(rows))
         for t, i in enumerate(order[taken:], taken + 1):
-            yield ids[i], rows[i], (k, row, window, t) if t < len(rows) else (k_next, row_next, window + 1, 0)
+            after = (k, row, window, t) if t < len(rows) else (k_next, row_next, window + 1, 0)
+            yield ids[i], rows[i], after
         k, row, window, taken = k_next, row_next, window + 1, 0
 
 
+def read_window(cfg, files, mine, k, row):
+    """--shuffle_buffer rows (fewer at the end) from `row` of this rank's k-th file on, running on into its
+    next files: the rows, their pair ids and where the next window starts."""
+    rows, ids = [], []
+    while len(rows) < cfg.shuffle_buffer and k < len(mine):
+        file = files[mine[k]]
+        n = file_length(file)
+        stop = min(n, row + cfg.shuffle_buffer - len(rows))
+        rows += read_rows(file, row, stop)
+        ids += [f"{mine[k]}:{r}" for r in range(row, stop)]
+        k, row = (k + 1, 0) if stop == n else (k, stop)
+    return rows, ids, (k, row)
+
+
 def coin(seed, epoch, index, what):
-    """Per-pair random decision fixed by (seed, epoch, pair): the same with or without cache, ranks, resume."""
+    """A per-pair random number fixed by (seed, epoch, pair): the same with or without cache, ranks or
+    resume."""
     return random.Random(f"{seed}-{epoch}-{index}-{what}").random()
+
+
+class PairJob(NamedTuple):
+    """One row for a decoding worker, with how to prepare it."""
+    row: dict
+    index: object  # the pair id
+    resolution: int
+    flip: bool = False
+    crop_seed: str = None  # None: a centre crop
 
 
 def decode(blob):
@@ -637,8 +736,8 @@ def decode(blob):
 
 
 def prepare_pair(job):
-    """Check, decode, winner first, resize short side, crop, flip: in a worker process. Returns a pair or a
-    skip reason."""
+    """Check, decode, winner first, resize and crop, flip: in a worker process. Returns a pair or a skip
+    reason."""
     row, index, resolution, flip, crop_seed = job
     reason = skip_reason(row)
     if reason:
@@ -648,19 +747,26 @@ def prepare_pair(job):
     except Exception:
         return "bad_image"
     winner, loser = (first, second) if row["label_0"] == 1 else (second, first)
-    out = dict(index=index, caption=row["caption"], small=int(min(*winner.size, *loser.size) < resolution))
+    pair = dict(index=index, caption=row["caption"], small=int(min(*winner.size, *loser.size) < resolution))
     for name, img in (("winner", winner), ("loser", loser)):
-        w, h = img.size
-        s = resolution / min(w, h)
-        img = img.resize((max(resolution, round(w * s)), max(resolution, round(h * s))), Image.BICUBIC)
-        rng = random.Random(crop_seed) if crop_seed is not None else None
-        top = rng.randint(0, img.height - resolution) if rng else (img.height - resolution) // 2
-        left = rng.randint(0, img.width - resolution) if rng else (img.width - resolution) // 2
-        img = img.crop((left, top, left + resolution, top + resolution))
-        arr = np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)
-        out[name] = np.ascontiguousarray(arr[:, :, ::-1] if flip else arr)
-        out[name + "_time_ids"] = [h, w, top, left, resolution, resolution]  # SDXL micro-conditioning
-    return out
+        square, time_ids = resize_and_crop(img, resolution, crop_seed)
+        pixels = np.asarray(square, dtype=np.uint8).transpose(2, 0, 1)
+        pair[name] = np.ascontiguousarray(pixels[:, :, ::-1] if flip else pixels)
+        pair[name + "_time_ids"] = time_ids
+    return pair
+
+
+def resize_and_crop(img, resolution, crop_seed):
+    """Short side to resolution, then a centre crop or one seeded by crop_seed; with SDXL's micro-conditioning
+    of the crop: original size, crop corner, target size."""
+    w, h = img.size
+    s = resolution / min(w, h)
+    resized = img.resize((max(resolution, round(w * s)), max(resolution, round(h * s))), Image.BICUBIC)
+    rng = random.Random(crop_seed) if crop_seed is not None else None
+    top = rng.randint(0, resized.height - resolution) if rng else (resized.height - resolution) // 2
+    left = rng.randint(0, resized.width - resolution) if rng else (resized.width - resolution) // 2
+    square = resized.crop((left, top, left + resolution, top + resolution))
+    return square, [h, w, top, left, resolution, resolution]
 
 
 def pair_batches(cfg, rank, world, start=None, pool=None):
@@ -669,46 +775,59 @@ def pair_batches(cfg, rank, world, start=None, pool=None):
     Rows are decoded ahead in --workers processes but taken in order, so pairs, counts and states never depend
     on the workers. A rank that ends its share of an epoch goes on with its next epoch: no rank waits for
     another."""
-    files, prepare = (cache_files(cfg), cached_pair) if cfg.cache else \
-        (source_files(cfg, cfg.data, cfg.split, cfg.max_pairs), prepare_pair)
-    pool = None if cfg.cache else pool
+    if cfg.cache:  # cached pairs are read here, not decoded in the workers
+        files, prepare, pool = cache_files(cfg), cached_pair, None
+    else:
+        files, prepare = source_files(cfg, cfg.data, cfg.split, cfg.max_pairs), prepare_pair
     if len(files) < world:
         sys.exit(f"rpo.py: {len(files)} data file(s) for {world} ranks; each rank reads its own files, so "
                  f"split the data into at least {world} parquet files")
     state = copy.deepcopy(start) if start else dict(epoch=0, at=None, counts={k: 0 for k in SKIP_KEYS})
     while True:
-        epoch, n_batches, batch, window, whole = state["epoch"], 0, [], deque(), state["at"] is None
-        jobs = ((at, (row, pid, cfg.resolution, not cfg.no_flip and coin(cfg.seed, epoch, pid, "flip") < 0.5,
-                      f"{cfg.seed}-{epoch}-{pid}" if cfg.random_crop else None))
-                for pid, row, at in rank_rows(cfg, files, epoch, rank, world, state["at"]))
-        for at, job in itertools.chain(jobs, [(None, None)]):  # a last None drains the window
-            if job is not None:
-                window.append((at, pool.apply_async(prepare, (job,)) if pool else prepare(job)))
-            while window and (job is None or len(window) > 4 * cfg.batch or not pool):
-                state["at"], result = window.popleft()
-                batch = take(result, batch, state["counts"], pool)
-                if len(batch) == cfg.batch:
-                    yield batch, copy.deepcopy(state)
-                    n_batches, batch = n_batches + 1, []
-        if n_batches == 0 and whole:  # not one micro-batch in a whole epoch, so in none
+        epoch, whole_epoch, batch, n_batches = state["epoch"], state["at"] is None, [], 0
+        jobs = epoch_jobs(cfg, files, epoch, rank, world, state["at"])
+        for at, pair in prepared_in_order(prepare, jobs, pool, ahead=4 * cfg.batch):
+            state["at"] = at
+            if isinstance(pair, str):  # a skip reason
+                state["counts"][pair] += 1
+                continue
+            state["counts"]["small"] += pair.pop("small")
+            batch.append(pair)
+            if len(batch) == cfg.batch:
+                yield batch, copy.deepcopy(state)
+                n_batches, batch = n_batches + 1, []
+        if n_batches == 0 and whole_epoch:  # not one micro-batch in a whole epoch, so in none
             where = f"cache {cfg.cache!r}" if cfg.cache else repr(cfg.data)
-            too_few_pairs(cfg, rank, len(batch), where, state)
+            sys.exit(f"rpo.py: {len(batch)} trainable pairs for rank {rank} in {where} (split {cfg.split!r}, "
+                     f"epoch {epoch}), fewer than --batch {cfg.batch}, after dropping ties and bad rows: "
+                     f"{state['counts']}")
         state.update(epoch=epoch + 1, at=None)
 
 
-def too_few_pairs(cfg, rank, n, where, state):
-    sys.exit(f"rpo.py: {n} trainable pairs for rank {rank} in {where} (split {cfg.split!r}, epoch "
-             f"{state['epoch']}), fewer than --batch {cfg.batch}, after dropping ties and bad rows: "
-             f"{state['counts']}")
+def epoch_jobs(cfg, files, epoch, rank, world, at):
+    """(where to resume after the row, PairJob) for this rank's rows of an epoch, with each pair's flip and
+    crop fixed by (seed, epoch, pair)."""
+    for pid, row, after in rank_rows(cfg, files, epoch, rank, world, at):
+        flip = not cfg.no_flip and coin(cfg.seed, epoch, pid, "flip") < 0.5
+        crop_seed = f"{cfg.seed}-{epoch}-{pid}" if cfg.random_crop else None
+        yield after, PairJob(row, pid, cfg.resolution, flip, crop_seed)
 
 
-def take(result, batch, counts, pool):
-    pair = result.get() if pool else result
-    if isinstance(pair, str):
-        counts[pair] += 1
-        return batch
-    counts["small"] += pair.pop("small")
-    return batch + [pair]
+def prepared_in_order(prepare, jobs, pool, ahead):
+    """(at, prepare(job)) for each (at, job), in order; with a pool, up to `ahead` jobs run in the workers
+    while the caller works on the results before them."""
+    if pool is None:
+        for at, job in jobs:
+            yield at, prepare(job)
+        return
+    running = deque()
+    for at, job in jobs:
+        running.append((at, pool.apply_async(prepare, (job,))))
+        if len(running) > ahead:
+            done_at, result = running.popleft()
+            yield done_at, result.get()
+    for done_at, result in running:
+        yield done_at, result.get()
 
 
 def decoded(jobs, pool=None):
@@ -738,7 +857,8 @@ def pair_embeddings(m, captions, pixels, embed):
     """One CLIP vector per (caption, image); pixels uint8 [N,3,H,W] with N a multiple of len(captions)."""
     parts = []
     if embed in ("text", "both"):
-        ids = m.clip_tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        ids = m.clip_tokenizer(captions, padding="max_length", max_length=77, truncation=True,
+                               return_tensors="pt").input_ids
         text = F.normalize(m.clip.get_text_features(ids.to(m.device)).pooler_output.float(), dim=-1)
         parts.append(text.repeat(len(pixels) // len(captions), 1))
     if embed in ("image", "both"):
@@ -750,7 +870,8 @@ def pair_embeddings(m, captions, pixels, embed):
 def clip_pixels(pixels, size):
     """uint8 images [N,3,H,W] -> CLIP's input: resized to size x size, scaled by CLIP's mean and std."""
     x = F.interpolate(pixels.float() / 255, size=(size, size), mode="bicubic", antialias=True)
-    mean, std = (torch.tensor(v, device=pixels.device).view(1, 3, 1, 1) for v in (CLIP_MEAN, CLIP_STD))
+    mean = torch.tensor(CLIP_MEAN, device=pixels.device).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD, device=pixels.device).view(1, 3, 1, 1)
     return (x - mean) / std
 
 
@@ -773,8 +894,9 @@ def encode_pairs(m, batch, embed, with_f=True):
     pixels = torch.cat([batch["winner"], batch["loser"]])
     latents = encode_images(m, pixels)
     prompt, pooled = encode_prompts(m, batch["caption"])
-    enc = dict(index=batch["index"], latents_w=latents[:M], latents_l=latents[M:], prompt=prompt, pooled=pooled,
-               time_ids_w=batch["time_ids_w"].to(m.device), time_ids_l=batch["time_ids_l"].to(m.device))
+    enc = dict(index=batch["index"], latents_w=latents[:M], latents_l=latents[M:], prompt=prompt,
+               pooled=pooled, time_ids_w=batch["time_ids_w"].to(m.device),
+               time_ids_l=batch["time_ids_l"].to(m.device))
     if with_f:
         start = clock(m.device)
         f = pair_embeddings(m, batch["caption"], pixels, embed)
@@ -790,7 +912,7 @@ def cache_meta(cfg, m):
 
 
 def atomic_save(obj, path):
-    """Write then rename: a kill mid-write leaves the previous file whole. JSON for .json paths, else torch.save."""
+    """Write then rename: a kill mid-write leaves the previous file whole. JSON for .json, else torch.save."""
     if path.endswith(".json"):
         with open(path + ".tmp", "w") as fh:
             json.dump(obj, fh)
@@ -806,40 +928,12 @@ def build_cache(cfg, m, rank, world, pool):
     cached epochs skip and count exactly what the uncached ones would."""
     os.makedirs(cfg.cache, exist_ok=True)
     meta, meta_path = cache_meta(cfg, m), os.path.join(cfg.cache, "meta.json")
-    if os.path.exists(meta_path):
-        old = json.load(open(meta_path))
-        if {k: old.get(k) for k in meta} != meta:
-            sys.exit(f"rpo.py: cache {cfg.cache} was built for {old}, not {meta}; use another --cache folder")
-        if "rows" in old:
-            return
-    elif rank == 0:
-        atomic_save(meta, meta_path)
+    if cache_is_built(cfg, meta, meta_path, rank):
+        return
     files = source_files(cfg, cfg.data, cfg.split, cfg.max_pairs)
     for k in tqdm(range(rank, len(files), world), desc="caching", disable=rank != 0):
-        if os.path.exists(cache_path(cfg, k)):
-            continue
-        n, skip, small, parts = file_length(files[k]), [], [], []
-        for a in range(0, n, CACHE_CHUNK):  # CACHE_CHUNK decoded rows in memory at a time
-            rows = read_rows(files[k], a, min(n, a + CACHE_CHUNK))
-            pairs = decoded([(row, f"{k}:{r}", cfg.resolution, False, None) for r, row in enumerate(rows, a)],
-                            pool)
-            skip += [p if isinstance(p, str) else None for p in pairs]
-            pairs = [p for p in pairs if not isinstance(p, str)]
-            small += [p.pop("small") for p in pairs]
-            for i in range(0, len(pairs), cfg.batch):
-                part = collate(pairs[i:i + cfg.batch])
-                mirrored = dict(part, winner=part["winner"].flip(-1), loser=part["loser"].flip(-1))
-                plain, flipped = encode_pairs(m, part, cfg.embed), encode_pairs(m, mirrored, cfg.embed)
-                # [n, flip, winner/loser, ...]
-                both = lambda key: torch.stack([torch.stack([e[key + "_w"], e[key + "_l"]], 1)
-                                                for e in (plain, flipped)], 1)
-                parts.append(dict(latents=both("latents"), f=both("f"), prompt=plain["prompt"],
-                                  pooled=plain["pooled"],
-                                  time_ids=torch.stack([plain["time_ids_w"], plain["time_ids_l"]], 1)))
-        # a few stacked tensors per file: opened with mmap, a pair costs only its own bytes
-        tensors = {key: torch.cat([p[key] for p in parts]).cpu() if parts and parts[0][key] is not None
-                   else None for key in ("latents", "f", "prompt", "pooled", "time_ids")}
-        atomic_save(dict(skip=skip, small=small, **tensors), cache_path(cfg, k))
+        if not os.path.exists(cache_path(cfg, k)):
+            atomic_save(encode_file(cfg, m, files[k], k, pool), cache_path(cfg, k))
     if dist.is_initialized():
         dist.barrier()
     if rank == 0:
@@ -847,6 +941,51 @@ def build_cache(cfg, m, rank, world, pool):
         atomic_save(dict(meta, rows=rows), meta_path)
     if dist.is_initialized():
         dist.barrier()
+
+
+def cache_is_built(cfg, meta, meta_path, rank):
+    """Whether the cache folder holds a finished build for these settings; one built for others is an error.
+    Rank 0 marks a new build by writing the settings."""
+    if os.path.exists(meta_path):
+        old = json.load(open(meta_path))
+        if {k: old.get(k) for k in meta} != meta:
+            sys.exit(f"rpo.py: cache {cfg.cache} was built for {old}, not {meta}; use another --cache folder")
+        return "rows" in old
+    if rank == 0:
+        atomic_save(meta, meta_path)
+    return False
+
+
+def encode_file(cfg, m, file, k, pool):
+    """The cache of source file k: every row's skip reason, and the usable rows' encodings under both flips
+    as a few stacked tensors (opened with mmap, a pair costs only its own bytes)."""
+    n, skip, small, parts = file_length(file), [], [], []
+    for a in range(0, n, CACHE_CHUNK):  # CACHE_CHUNK decoded rows in memory at a time
+        rows = read_rows(file, a, min(n, a + CACHE_CHUNK))
+        prepared = decoded([PairJob(row, f"{k}:{r}", cfg.resolution) for r, row in enumerate(rows, a)], pool)
+        skip += [p if isinstance(p, str) else None for p in prepared]
+        usable = [p for p in prepared if not isinstance(p, str)]
+        small += [p.pop("small") for p in usable]
+        for i in range(0, len(usable), cfg.batch):
+            parts.append(encode_both_flips(cfg, m, collate(usable[i:i + cfg.batch])))
+    tensors = {}
+    for key in ("latents", "f", "prompt", "pooled", "time_ids"):
+        stored = parts and parts[0][key] is not None  # SD1.5 has no pooled states
+        tensors[key] = torch.cat([p[key] for p in parts]).cpu() if stored else None
+    return dict(skip=skip, small=small, **tensors)
+
+
+def encode_both_flips(cfg, m, batch):
+    """A micro-batch's encodings as the cache stores them: latents and f as [n, flip, winner/loser, ...]."""
+    mirrored = dict(batch, winner=batch["winner"].flip(-1), loser=batch["loser"].flip(-1))
+    plain, flipped = encode_pairs(m, batch, cfg.embed), encode_pairs(m, mirrored, cfg.embed)
+    return dict(latents=by_flip_and_side(plain, flipped, "latents"), f=by_flip_and_side(plain, flipped, "f"),
+                prompt=plain["prompt"], pooled=plain["pooled"],
+                time_ids=torch.stack([plain["time_ids_w"], plain["time_ids_l"]], 1))
+
+
+def by_flip_and_side(plain, flipped, key):
+    return torch.stack([torch.stack([e[key + "_w"], e[key + "_l"]], 1) for e in (plain, flipped)], 1)
 
 
 def cache_path(cfg, k):
@@ -880,14 +1019,23 @@ def cached_pair(job):
 def training_batches(cfg, m, rank, world, start, pool):
     """(encoded micro-batch, state to resume after it) forever, from the cache or from decoded rows."""
     for pairs, state in pair_batches(cfg, rank, world, start, pool):
-        if not cfg.cache:
+        if cfg.cache:
+            yield cached_batch(pairs, m), state
+        else:
             yield encode_pairs(m, collate(pairs), cfg.embed, with_f=cfg.loss == "rpo"), state
-            continue
-        get = lambda key: torch.stack([p[key] for p in pairs]).to(m.device)
-        lat, f, tid = get("latents"), get("f"), get("time_ids")
-        yield dict(index=[p["index"] for p in pairs], latents_w=lat[:, 0], latents_l=lat[:, 1],
-                   prompt=get("prompt"), pooled=get("pooled") if m.xl else None, time_ids_w=tid[:, 0],
-                   time_ids_l=tid[:, 1], f_w=f[:, 0], f_l=f[:, 1]), state
+
+
+def cached_batch(pairs, m):
+    """Cached pairs (see cached_pair) -> the tensors the loss needs, all on the device."""
+    latents, f, time_ids = (stack_on(m.device, pairs, key) for key in ("latents", "f", "time_ids"))
+    return dict(index=[p["index"] for p in pairs], latents_w=latents[:, 0], latents_l=latents[:, 1],
+                prompt=stack_on(m.device, pairs, "prompt"),
+                pooled=stack_on(m.device, pairs, "pooled") if m.xl else None,
+                time_ids_w=time_ids[:, 0], time_ids_l=time_ids[:, 1], f_w=f[:, 0], f_l=f[:, 1])
+
+
+def stack_on(device, pairs, key):
+    return torch.stack([p[key] for p in pairs]).to(device)
 
 
 def heldout_pairs(cfg, m):
@@ -896,15 +1044,20 @@ def heldout_pairs(cfg, m):
     source = cfg.eval_data or (cfg.data if cfg.data in (*TOY_WORLDS, "pickapic") else None)
     if not source or cfg.eval_pairs <= 0:
         return None
-    split = cfg.eval_split or ("heldout" if source in TOY_WORLDS else
-                               "validation_unique" if source == "pickapic" else "train")
+    split = cfg.eval_split or default_eval_split(source)
     rows = itertools.islice(rows_in_order(cfg, source, split), cfg.eval_pairs)
-    pairs = decoded([(row, i, cfg.resolution, False, None) for i, row in rows])
-    pairs = [p for p in pairs if not isinstance(p, str)]
+    prepared = decoded([PairJob(row, i, cfg.resolution) for i, row in rows])
+    pairs = [p for p in prepared if not isinstance(p, str)]
     if not pairs:
         sys.exit(f"rpo.py: no usable held-out pairs in {source!r} (split {split!r})")
     return [encode_pairs(m, collate(pairs[i:i + cfg.batch]), cfg.embed, with_f=False)
             for i in range(0, len(pairs), cfg.batch)]
+
+
+def default_eval_split(source):
+    if source in TOY_WORLDS:
+        return "heldout"
+    return "validation_unique" if source == "pickapic" else "train"
 
 
 # ------------------------------------------------------------------------------------- pair weights
@@ -929,12 +1082,14 @@ def rpo_loss(err_w, err_l, ref_err_w, ref_err_l, beta, weights=None):
 
 
 def preference_metrics(err_w, err_l, ref_err_w, ref_err_l, beta, weights=None):
-    """Implicit accuracy (s_w < s_l, ties half), reward margin (beta/2)(s_l - s_w), mean w_ii, policy/ref MSE."""
+    """Implicit accuracy (s_w < s_l, ties half), reward margin (beta/2)(s_l - s_w), mean w_ii, policy and
+    reference MSE."""
     s_w, s_l = (err_w - ref_err_w).detach().float(), (err_l - ref_err_l).detach().float()
     return dict(accuracy=((s_w < s_l).float() + 0.5 * (s_w == s_l).float()).mean(),
                 margin=(beta / 2 * (s_l - s_w)).mean(),
                 w_diag=weights.diagonal().mean() if weights is not None else s_w.new_ones(()),
-                mse=torch.cat([err_w, err_l]).detach().mean(), ref_mse=torch.cat([ref_err_w, ref_err_l]).mean())
+                mse=torch.cat([err_w, err_l]).detach().mean(),
+                ref_mse=torch.cat([ref_err_w, ref_err_l]).mean())
 
 
 def pair_noise(keys, latents, T):
@@ -956,14 +1111,19 @@ def denoising_errors(unet, m, latents, noise, t, prompt, pooled, time_ids):
 
 def pair_errors(unet, m, enc, keys, prompt=None, pooled=None, winners_only=False):
     """Policy (or reference) errors of winners and losers, batched in one forward."""
-    prompt, pooled = (enc["prompt"], enc["pooled"]) if prompt is None else (prompt, pooled)
+    if prompt is None:  # no prompt dropout: the pairs' own captions
+        prompt, pooled = enc["prompt"], enc["pooled"]
     noise, t = pair_noise(keys, enc["latents_w"], m.scheduler.config.num_train_timesteps)
     if winners_only:
         return denoising_errors(unet, m, enc["latents_w"], noise, t, prompt, pooled, enc["time_ids_w"]), None
-    two = lambda a: None if a is None else torch.cat([a, a])
-    err = denoising_errors(unet, m, torch.cat([enc["latents_w"], enc["latents_l"]]), two(noise), two(t), two(prompt),
-                           two(pooled), torch.cat([enc["time_ids_w"], enc["time_ids_l"]]))
+    err = denoising_errors(unet, m, torch.cat([enc["latents_w"], enc["latents_l"]]), twice(noise), twice(t),
+                           twice(prompt), twice(pooled), torch.cat([enc["time_ids_w"], enc["time_ids_l"]]))
     return err.chunk(2)
+
+
+def twice(x):
+    """x for the winners, then again for the losers (SD1.5's pooled states stay None)."""
+    return None if x is None else torch.cat([x, x])
 
 
 def gather(x):
@@ -974,7 +1134,9 @@ def gather(x):
     dist.all_gather(parts, x.detach().contiguous())
     own = x.view_as(x)
     if own.requires_grad:
-        own.register_hook(lambda grad: grad * world)
+        def times_world(grad):
+            return grad * world
+        own.register_hook(times_world)
     parts[dist.get_rank()] = own
     return torch.cat(parts)
 
@@ -982,7 +1144,8 @@ def gather(x):
 def preference_step(cfg, m, policy, enc, epoch):
     """Loss and metrics of one micro-batch; prompt dropout blanks the conditioning, never the pair weights."""
     keys = [f"noise-{cfg.seed}-{epoch}-{i}" for i in enc["index"]]
-    drop = torch.tensor([coin(cfg.seed, epoch, i, "drop") < cfg.drop_prompt for i in enc["index"]], device=m.device)
+    dropped = [coin(cfg.seed, epoch, i, "drop") < cfg.drop_prompt for i in enc["index"]]
+    drop = torch.tensor(dropped, device=m.device)
     prompt = torch.where(drop[:, None, None], m.empty_prompt, enc["prompt"])
     pooled = torch.where(drop[:, None], m.empty_pooled, enc["pooled"]) if m.xl else None
     if cfg.loss == "sft":
@@ -991,13 +1154,11 @@ def preference_step(cfg, m, policy, enc, epoch):
     err_w, err_l = pair_errors(policy, m, enc, keys, prompt, pooled)
     with torch.no_grad(), reference(m) as ref_unet:
         ref_err_w, ref_err_l = pair_errors(ref_unet, m, enc, keys, prompt, pooled)
-    f_w, f_l = enc.get("f_w"), enc.get("f_l")
-    if cfg.global_contrast and dist.is_initialized():
-        err_w, err_l, ref_err_w, ref_err_l = map(gather, (err_w, err_l, ref_err_w, ref_err_l))
-        f_w, f_l = (gather(f) if f is not None else None for f in (f_w, f_l))
-    weights = contrast_weights(f_w, f_l, cfg.tau) if cfg.loss == "rpo" else None
-    loss = rpo_loss(err_w, err_l, ref_err_w, ref_err_l, cfg.beta, weights)
-    return loss, preference_metrics(err_w, err_l, ref_err_w, ref_err_l, cfg.beta, weights)
+    errors, f = [err_w, err_l, ref_err_w, ref_err_l], [enc.get("f_w"), enc.get("f_l")]
+    if cfg.global_contrast and dist.is_initialized():  # the M x M matrix spans every rank's pairs
+        errors, f = [gather(e) for e in errors], [None if x is None else gather(x) for x in f]
+    weights = contrast_weights(*f, cfg.tau) if cfg.loss == "rpo" else None
+    return rpo_loss(*errors, cfg.beta, weights), preference_metrics(*errors, cfg.beta, weights)
 
 
 @torch.no_grad()
@@ -1018,34 +1179,175 @@ def evaluate(cfg, m, heldout, autocast):
             errs.append([torch.stack(e).mean(0) for e in zip(*draws)])
     m.unet.train(was_training)
     mean = [torch.cat(e) for e in zip(*errs)]
-    return {k: float(v) for k, v in preference_metrics(*mean, cfg.beta).items() if k in ("accuracy", "margin")}
+    metrics = preference_metrics(*mean, cfg.beta)
+    return dict(accuracy=float(metrics["accuracy"]), margin=float(metrics["margin"]))
 
 
 # ---------------------------------------------------------------------------------------- training
-PEAK_BF16_FLOPS = 989e12  # one H100 SXM, dense bf16; the end-of-run MFU on any CUDA device is quoted against it
+PEAK_BF16_FLOPS = 989e12  # one H100 SXM, dense bf16; the end-of-run MFU on any CUDA device is against it
 
 
-# micro-step FLOPs = 4 x one UNet forward over its 2M images: policy forward + backward 3, reference 1
-# (SFT: 1.5); LoRA: 3 (SFT: 1): the frozen UNet's backward computes activation gradients, not weight ones
+@dataclass
+class Run:
+    """Where this process trains, set once by set_up."""
+    device: torch.device
+    rank: int
+    world: int
+    local_rank: int
+    ddp: bool  # under torchrun, even with one process: one code path
+    precision: str
+    dtype: torch.dtype
+    autocast: object  # the mixed-precision context of every forward
 
-@torch.no_grad()
-def step_flops(cfg, m, enc):
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
-    # the counter misses CPU's fused attention; on CUDA it counts the fused kernels (MATH would take GBs)
-    math_attention = sdpa_kernel(SDPBackend.MATH) if m.device.type == "cpu" else nullcontext()
-    with FlopCounterMode(display=False) as counter, math_attention, reference(m) as ref_unet:
-        unet = getattr(ref_unet, "_orig_mod", ref_unet)  # the eager module under --compile
-        pair_errors(unet, m, enc, [f"flops-{i}" for i in enc["index"]])
-    policy = 1 + (1 if m.lora else 2)
-    return counter.get_total_flops() * (policy / 2 if cfg.loss == "sft" else policy + 1)
+    @property
+    def master(self):
+        return self.rank == 0
+
+
+def set_up(cfg):
+    """Device, process group (under torchrun) and precision; then the random-init model folder, built once
+    per machine, and the seeds."""
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if ddp:  # NCCL takes only GPU tensors: everything the loop reduces or gathers is made on `device`
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        wait = datetime.timedelta(minutes=30)  # while rank 0 evaluates and saves alone, the others wait
+        dist.init_process_group(backend, timeout=wait, device_id=device if device.type == "cuda" else None)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    precision = cfg.precision or ("bf16" if bf16 else "fp32")
+    dtype = dict(bf16=torch.bfloat16, fp16=torch.float16, fp32=torch.float32)[precision]
+    autocast = torch.autocast(device.type, dtype=dtype) if precision != "fp32" else nullcontext()
+    if local_rank == 0:
+        model_folder(cfg)  # builds the random-init folder once per machine
+    if ddp:
+        dist.barrier()
+    # seeded after any folder build, which draws random weights: new LoRA adapters depend on the seed only
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    return Run(device, rank, world, local_rank, ddp, precision, dtype, autocast)
+
+
+@dataclass
+class Trainer:
+    """What the optimizer step updates."""
+    policy: torch.nn.Module  # m.unet as the step calls it: under DDP, compiled
+    params: list  # the trained parameters: the whole UNet, or its LoRA adapters
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LambdaLR  # linear warmup
+    scaler: torch.amp.GradScaler  # fp16 only
+
+
+def make_trainer(cfg, m, run):
+    """The policy under DDP and --compile (the reference compiled too), its optimizer, warmup and scaler."""
+    policy = m.unet
+    if run.ddp:
+        device_ids = [run.local_rank] if run.device.type == "cuda" else None
+        policy = torch.nn.parallel.DistributedDataParallel(m.unet, device_ids=device_ids)
+    if cfg.compile:
+        policy = torch.compile(policy)
+        m.ref_unet = torch.compile(m.ref_unet) if m.ref_unet is not None else None
+    params = [p for p in m.unet.parameters() if p.requires_grad]
+    optimizer = make_optimizer(cfg, params, run.device)
+
+    def warmup(step):
+        return min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup)
+    scaler = torch.amp.GradScaler(run.device.type, enabled=run.precision == "fp16")
+    return Trainer(policy, params, optimizer, schedule, scaler)
 
 
 def make_optimizer(cfg, params, device):
     if cfg.optimizer == "adafactor":  # Diffusion-DPO's choice for SDXL: no second-moment matrix per weight
         from transformers.optimization import Adafactor
-        return Adafactor(params, lr=cfg.lr, scale_parameter=False, relative_step=False, warmup_init=False, weight_decay=1e-2)
+        return Adafactor(params, lr=cfg.lr, scale_parameter=False, relative_step=False, warmup_init=False,
+                         weight_decay=1e-2)
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2, fused=device.type == "cuda")
+
+
+def resume(cfg, m, trainer, run):
+    """Under --resume, the newest checkpoint in --out restores the trained weights, optimizer, schedule,
+    scaler and random states. Returns the step, the non-finite steps so far and every rank's data state
+    (0, 0, None without one)."""
+    ckpt = load_checkpoint(cfg.out) if cfg.resume else None
+    if ckpt is None:
+        return 0, 0, None
+    if len(ckpt["data_states"]) != run.world:  # the data order depends on the world size
+        sys.exit(f"rpo.py: checkpoint was written by {len(ckpt['data_states'])} ranks; resume with as many")
+    missing, unexpected = m.unet.load_state_dict(ckpt["unet"], strict=False)  # LoRA: adapters only
+    if unexpected or [k for k in missing if not m.lora or ".default." in k]:
+        sys.exit(f"rpo.py: the checkpoint in {cfg.out} holds other weights than this run trains; "
+                 f"resume with its --lora_rank, --lora_modules and --init_lora")
+    trainer.optimizer.load_state_dict(ckpt["optimizer"])
+    trainer.schedule.load_state_dict(ckpt["lr_schedule"])
+    trainer.scaler.load_state_dict(ckpt["scaler"])
+    random.setstate(ckpt["rng"]["python"])
+    np.random.set_state(ckpt["rng"]["numpy"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    if run.master and ckpt["step"]:
+        print(f"resumed from step {ckpt['step']}", file=sys.stderr)
+    return ckpt["step"], ckpt["nonfinite"], ckpt["data_states"]
+
+
+def cut_metrics_log(out, step):
+    """DIR/metrics.jsonl keeps the steps up to `step`: those after it (all, from step 0) are logged again."""
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "metrics.jsonl")
+    lines = open(path).readlines() if os.path.exists(path) else []
+    with open(path, "w") as fh:
+        fh.writelines(line for line in lines if json.loads(line)["step"] <= step)
+
+
+def describe(cfg, m, run, trainer):
+    ranks = f"{run.world} rank(s) ({dist.get_backend()})" if run.ddp else "1 process"
+    trained = sum(p.numel() for p in trainer.params) / 1e6
+    return (f"training {cfg.model} ({m.base}) with {cfg.loss} on {cfg.data}: {ranks} x {cfg.batch} pairs x "
+            f"{cfg.grad_accum} accumulation, {run.precision}, {trained:.1f}M trainable parameters"
+            f"{' (LoRA)' if m.lora else ''}")
+
+
+def train(cfg, m, run, trainer, batches, heldout, step, nonfinite_total):
+    """The training loop from `step` to --max_steps. Every --save_every steps and at the end: held-out
+    metrics, a checkpoint and samples. Returns the logged records, the loop's timing, its last micro-batch."""
+    start_step, nonfinite_run, history, step_seconds, saving, enc = step, 0, [], [], 0.0, None
+    bar = tqdm(total=cfg.max_steps, initial=step, disable=not run.master, dynamic_ncols=True)
+    WEIGHT_TIMES.clear()  # count only the training loop's pair embeddings
+    t0 = t_first = time.perf_counter()
+    while step < cfg.max_steps:
+        t_step, lr = time.perf_counter(), trainer.schedule.get_last_lr()[0]
+        sums, enc, state = accumulate_gradients(cfg, m, trainer.policy, batches, run.autocast, trainer.scaler,
+                                                run.ddp)
+        logged, finite, absorbed = optimizer_step(trainer, sums, state["counts"], run)
+        nonfinite_run = 0 if finite or absorbed else nonfinite_run + 1
+        nonfinite_total += not finite
+        step += 1
+        step_seconds.append(time.perf_counter() - t_step)
+        if step == start_step + 1:  # the throughput leaves out the first step (compilation, warm-up)
+            t_first = time.perf_counter()
+        record = dict(step=step, lr=lr, **logged, nonfinite=nonfinite_total)
+        history.append(record)
+        stop = nonfinite_run >= cfg.max_nonfinite
+        if step % cfg.save_every == 0 or step == cfg.max_steps or stop:
+            t_save = time.perf_counter()
+            record.update(save_point(cfg, m, run, trainer, heldout, step, nonfinite_total, state))
+            saving += time.perf_counter() - t_save
+        if run.master:
+            log_step(cfg, record, bar)
+        if stop:
+            sys.exit(f"rpo.py: {nonfinite_run} non-finite steps (loss or gradient) in a row at step {step}; "
+                     f"stopped with a checkpoint of the last good weights in {cfg.out}. Lower --lr or "
+                     f"--beta, or use --precision bf16/fp32")
+    bar.close()
+    end = time.perf_counter()
+    # saving: seconds of evaluation, checkpoints and samples, kept out of the throughput
+    timing = dict(steps=step - start_step, seconds=end - t0, timed=end - t_first - saving, saving=saving,
+                  step_seconds=step_seconds)
+    return history, timing, enc
 
 
 def accumulate_gradients(cfg, m, policy, batches, autocast, scaler, ddp):
@@ -1064,6 +1366,29 @@ def accumulate_gradients(cfg, m, policy, batches, autocast, scaler, ddp):
     return sums, enc, state
 
 
+def optimizer_step(trainer, sums, counts, run):
+    """Clip the gradient, reduce what the step logs over the ranks, and step unless the loss or gradient is
+    non-finite. Returns the logged values, whether they are finite, and whether the fp16 loss scaler absorbs
+    the overflow."""
+    trainer.scaler.unscale_(trainer.optimizer)
+    sums["grad_norm"] = torch.nn.utils.clip_grad_norm_(trainer.params, 1.0)
+    names, vec = step_vector(sums, counts, run.device)
+    values = (mean_over_ranks(names, vec, run.world) if run.ddp else vec).tolist()
+    logged = {k: int(v) if k in SKIP_KEYS else v for k, v in zip(names, values)}
+    # a NaN gradient under a finite loss (bf16 has no GradScaler to catch it) would turn every weight NaN
+    finite = math.isfinite(logged["loss"]) and math.isfinite(logged["grad_norm"])
+    # fp16: an overflow under a finite loss is the GradScaler's to absorb (it halves its scale), unless
+    # the scale is already below 1; only then does it count towards --max_nonfinite
+    overflow = not finite and math.isfinite(logged["loss"]) and trainer.scaler.is_enabled()
+    absorbed = overflow and trainer.scaler.get_scale() >= 1
+    if finite:
+        trainer.scaler.step(trainer.optimizer)
+        trainer.schedule.step()
+    trainer.scaler.update()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    return logged, finite, absorbed
+
+
 def step_vector(sums, counts, device):
     """What a step logs, as names and one float64 tensor on the training device: one all-reduce, one copy to
     the host."""
@@ -1079,198 +1404,149 @@ def mean_over_ranks(names, vec, world):
     return torch.where(summed, vec, vec / world)
 
 
-def weights_are_finite(unet):
-    return bool(torch.stack([p.isfinite().all() for p in unet.parameters()]).all())
+def save_point(cfg, m, run, trainer, heldout, step, nonfinite_total, state):
+    """Held-out metrics (returned, to log), a checkpoint and a sample grid."""
+    logged = {}
+    if heldout is not None:
+        logged = {"heldout_" + k: v for k, v in evaluate(cfg, m, heldout, run.autocast).items()}
+    save_checkpoint(cfg, m, trainer, step, nonfinite_total, state, run)
+    if run.master and cfg.sample_steps:
+        save_samples(cfg, m, os.path.join(cfg.out, f"samples_{step}.png"), run.autocast)
+    return logged
+
+
+def log_step(cfg, record, bar):
+    with open(os.path.join(cfg.out, "metrics.jsonl"), "a") as fh:
+        fh.write(json.dumps(record) + "\n")
+    bar.update(1)
+    skipped = sum(record[k] for k in SKIP_KEYS if k not in ("ties", "small"))
+    bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record.get('accuracy', float('nan')):.2f}",
+                    skipped=skipped)
+
+
+# micro-step FLOPs = 4 x one UNet forward over its 2M images: policy forward + backward 3, reference 1
+# (SFT: 1.5); LoRA: 3 (SFT: 1): the frozen UNet's backward computes activation gradients, not weight ones
+@torch.no_grad()
+def step_flops(cfg, m, enc):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    # the counter misses CPU's fused attention; on CUDA it counts the fused kernels (MATH would take GBs)
+    math_attention = sdpa_kernel(SDPBackend.MATH) if m.device.type == "cpu" else nullcontext()
+    with FlopCounterMode(display=False) as counter, math_attention, reference(m) as ref_unet:
+        unet = getattr(ref_unet, "_orig_mod", ref_unet)  # the eager module under --compile
+        pair_errors(unet, m, enc, [f"flops-{i}" for i in enc["index"]])
+    policy = 1 + (1 if m.lora else 2)
+    return counter.get_total_flops() * (policy / 2 if cfg.loss == "sft" else policy + 1)
+
+
+def end_of_run(cfg, m, run, history, timing, enc):
+    """The end-of-run summary: throughput, FLOPs and peak memory (what benchmarks read), final metrics."""
+    n_timed = max(timing["steps"] - 1, 0)
+    steps_per_s = n_timed / timing["timed"] if n_timed else timing["steps"] / timing["seconds"]
+    if run.device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(run.device)
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    flops_per_s = step_flops(cfg, m, enc) * cfg.grad_accum * steps_per_s  # per rank; counted after the peak
+    last = history[-10:]
+    train_accuracy = sum(r.get("accuracy", float("nan")) for r in last) / len(last)
+    step_ms = 1000 * statistics.median(timing["step_seconds"][1:] or timing["step_seconds"])
+    return dict(steps=timing["steps"], seconds=round(timing["seconds"], 2), steps_per_s=round(steps_per_s, 4),
+                pairs_per_s=round(steps_per_s * cfg.batch * cfg.grad_accum * run.world, 2),
+                median_step_ms=round(step_ms, 2), tflops_per_s=round(flops_per_s / 1e12, 4),
+                mfu=round(flops_per_s / PEAK_BF16_FLOPS, 4) if run.device.type == "cuda" else None,
+                peak_mem_mb=round(peak / 2**20, 1),
+                weight_time_share=round(weight_seconds() / (timing["seconds"] - timing["saving"]), 4),
+                loss=history[-1]["loss"], train_accuracy=round(train_accuracy, 4),
+                heldout_accuracy=history[-1].get("heldout_accuracy"),
+                heldout_margin=history[-1].get("heldout_margin"),
+                model=cfg.model, loss_type=cfg.loss, batch=cfg.batch, world=run.world,
+                precision=run.precision)
 
 
 def main(argv=None):
     cfg = parse_config(argv)
     # JPEG decoders are forked first, before a process group or CUDA state exists
     pool = multiprocessing.get_context("fork").Pool(cfg.workers) if cfg.workers > 0 else None
-    ddp = int(os.environ.get("RANK", -1)) != -1  # under torchrun, even with one process: one code path
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if ddp:  # NCCL takes only GPU tensors: everything the loop reduces or gathers is made on `device`
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        wait = datetime.timedelta(minutes=30)  # while rank 0 evaluates and saves alone, the others wait
-        dist.init_process_group(backend, timeout=wait, device_id=device if device.type == "cuda" else None)
-    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
-    precision = cfg.precision or ("bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32")
-    dtype = dict(bf16=torch.bfloat16, fp16=torch.float16, fp32=torch.float32)[precision]
-    autocast = torch.autocast(device.type, dtype=dtype) if precision != "fp32" else nullcontext()
-    master = rank == 0
-
-    if local_rank == 0:
-        model_folder(cfg)  # builds the random-init folder once per machine
-    if ddp:
-        dist.barrier()
-    # seeded after any folder build, which draws random weights: new LoRA adapters depend on the seed only
-    random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
-    m = load_models(cfg, device, dtype)
-    policy = torch.nn.parallel.DistributedDataParallel(m.unet, device_ids=[local_rank] if device.type == "cuda" else None) \
-        if ddp else m.unet
-    if cfg.compile:
-        policy = torch.compile(policy)
-        m.ref_unet = torch.compile(m.ref_unet) if m.ref_unet is not None else None
-    trained = [p for p in m.unet.parameters() if p.requires_grad]  # the whole UNet, or its LoRA adapters
-    optimizer = make_optimizer(cfg, trained, device)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-
-    step, nonfinite_total, data_states, metrics_path = 0, 0, None, os.path.join(cfg.out, "metrics.jsonl")
-    if cfg.resume:
-        ckpt = load_checkpoint(cfg.out)
-        if ckpt is not None:
-            if len(ckpt["data_states"]) != world:  # the data order depends on the world size
-                sys.exit(f"rpo.py: checkpoint was written by {len(ckpt['data_states'])} ranks; "
-                         f"resume with as many")
-            missing, unexpected = m.unet.load_state_dict(ckpt["unet"], strict=False)  # LoRA: adapters only
-            if unexpected or [k for k in missing if not m.lora or ".default." in k]:
-                sys.exit(f"rpo.py: the checkpoint in {cfg.out} holds other weights than this run trains; "
-                         f"resume with its --lora_rank, --lora_modules and --init_lora")
-            optimizer.load_state_dict(ckpt["optimizer"])
-            schedule.load_state_dict(ckpt["lr_schedule"])
-            scaler.load_state_dict(ckpt["scaler"])
-            step, nonfinite_total, data_states = ckpt["step"], ckpt["nonfinite"], ckpt["data_states"]
-            random.setstate(ckpt["rng"]["python"]), np.random.set_state(ckpt["rng"]["numpy"])
-            torch.set_rng_state(ckpt["rng"]["torch"])
-    if master:  # metrics of steps after the checkpoint (all of them, from step 0) will be logged again
-        os.makedirs(cfg.out, exist_ok=True)
-        lines = open(metrics_path).readlines() if os.path.exists(metrics_path) else []
-        with open(metrics_path, "w") as fh:
-            fh.writelines(l for l in lines if json.loads(l)["step"] <= step)
-        if step:
-            print(f"resumed from step {step}", file=sys.stderr)
-
+    run = set_up(cfg)
+    m = load_models(cfg, run.device, run.dtype)
+    trainer = make_trainer(cfg, m, run)
+    step, nonfinite_total, data_states = resume(cfg, m, trainer, run)
+    if run.master:
+        cut_metrics_log(cfg.out, step)
     if cfg.cache:
-        build_cache(cfg, m, rank, world, pool)
-    eval_enc = heldout_pairs(cfg, m) if master else None
-    state = data_states[rank] if data_states else None
-    batches = training_batches(cfg, m, rank, world, state, pool)
-    if master:
-        ranks = f"{world} rank(s) ({dist.get_backend()})" if ddp else "1 process"
-        print(f"training {cfg.model} ({m.base}) with {cfg.loss} on {cfg.data}: {ranks} x {cfg.batch} pairs x "
-              f"{cfg.grad_accum} accumulation, {precision}, {sum(p.numel() for p in trained) / 1e6:.1f}M "
-              f"trainable parameters{' (LoRA)' if m.lora else ''}", file=sys.stderr)
+        build_cache(cfg, m, run.rank, run.world, pool)
+    heldout = heldout_pairs(cfg, m) if run.master else None
+    start = data_states[run.rank] if data_states else None
+    batches = training_batches(cfg, m, run.rank, run.world, start, pool)
+    if run.master:
+        print(describe(cfg, m, run, trainer), file=sys.stderr)
 
-    nonfinite_run, history, start_step, step_seconds = 0, [], step, []
-    bar = tqdm(total=cfg.max_steps, initial=step, disable=not master, dynamic_ncols=True)
-    WEIGHT_TIMES.clear()  # count only the training loop's pair embeddings
-    t0 = t_first = time.perf_counter()
-    saving = 0.0  # seconds spent on evaluation, checkpoints and samples, kept out of the throughput
-    while step < cfg.max_steps:
-        t_step, lr = time.perf_counter(), schedule.get_last_lr()[0]
-        sums, enc, state = accumulate_gradients(cfg, m, policy, batches, autocast, scaler, ddp)
-        scaler.unscale_(optimizer)
-        sums["grad_norm"] = torch.nn.utils.clip_grad_norm_(trained, 1.0)
-        names, vec = step_vector(sums, state["counts"], device)
-        logged = dict(zip(names, (mean_over_ranks(names, vec, world) if ddp else vec).tolist()))
-        # a NaN gradient under a finite loss (bf16 has no GradScaler to catch it) would turn every weight NaN
-        finite = math.isfinite(logged["loss"]) and math.isfinite(logged["grad_norm"])
-        # fp16: an overflow under a finite loss is the GradScaler's to absorb (it halves its scale), unless
-        # the scale is already below 1; only then does it count towards --max_nonfinite
-        overflow = not finite and math.isfinite(logged["loss"]) and scaler.is_enabled()
-        absorbed = overflow and scaler.get_scale() >= 1
-        if finite:
-            scaler.step(optimizer)
-            schedule.step()
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        nonfinite_run = 0 if finite or absorbed else nonfinite_run + 1
-        nonfinite_total += not finite
-        step += 1
-        step_seconds.append(time.perf_counter() - t_step)
-        if step == start_step + 1:
-            t_first = time.perf_counter()
-        record = dict(step=step, lr=lr, **{k: int(v) if k in SKIP_KEYS else v for k, v in logged.items()},
-                      nonfinite=nonfinite_total)
-        history.append(record)
-        stop = nonfinite_run >= cfg.max_nonfinite
-        if step % cfg.save_every == 0 or step == cfg.max_steps or stop:
-            t_save = time.perf_counter()
-            if eval_enc is not None:
-                record.update({"heldout_" + k: v for k, v in evaluate(cfg, m, eval_enc, autocast).items()})
-            save_checkpoint(cfg, m, optimizer, schedule, scaler, step, nonfinite_total, state, world, master)
-            if master and cfg.sample_steps:
-                save_samples(cfg, m, os.path.join(cfg.out, f"samples_{step}.png"), autocast)
-            saving += time.perf_counter() - t_save
-        if master:
-            with open(metrics_path, "a") as fh:
-                fh.write(json.dumps(record) + "\n")
-            bar.update(1)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record.get('accuracy', float('nan')):.2f}",
-                            skipped=sum(record[k] for k in SKIP_KEYS if k not in ("ties", "small")))
-        if stop:
-            sys.exit(f"rpo.py: {nonfinite_run} non-finite steps (loss or gradient) in a row at step {step}; "
-                     f"stopped with a checkpoint of the last good weights in {cfg.out}. Lower --lr or "
-                     f"--beta, or use --precision bf16/fp32")
-    bar.close()
-    seconds, timed = time.perf_counter() - t0, time.perf_counter() - t_first - saving
-    if master and history:
-        n_timed = max(step - start_step - 1, 0)
-        steps_per_s = n_timed / timed if n_timed else (step - start_step) / seconds
-        last = history[-10:]
-        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else \
-            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        flops_per_s = step_flops(cfg, m, enc) * cfg.grad_accum * steps_per_s  # per rank; counted after the peak
-        summary = dict(steps=step - start_step, seconds=round(seconds, 2), steps_per_s=round(steps_per_s, 4),
-                       pairs_per_s=round(steps_per_s * cfg.batch * cfg.grad_accum * world, 2),
-                       median_step_ms=round(1000 * statistics.median(step_seconds[1:] or step_seconds), 2),
-                       tflops_per_s=round(flops_per_s / 1e12, 4),
-                       mfu=round(flops_per_s / PEAK_BF16_FLOPS, 4) if device.type == "cuda" else None,
-                       peak_mem_mb=round(peak / 2**20, 1), weight_time_share=round(weight_seconds() / (seconds - saving), 4),
-                       loss=history[-1]["loss"], train_accuracy=round(sum(r.get("accuracy", float("nan")) for r in last) / len(last), 4),
-                       heldout_accuracy=history[-1].get("heldout_accuracy"), heldout_margin=history[-1].get("heldout_margin"),
-                       model=cfg.model, loss_type=cfg.loss, batch=cfg.batch, world=world, precision=precision)
-        print(json.dumps(summary), flush=True)
+    history, timing, last_enc = train(cfg, m, run, trainer, batches, heldout, step, nonfinite_total)
+
+    if run.master and history:
+        print(json.dumps(end_of_run(cfg, m, run, history, timing, last_enc)), flush=True)
     if pool:
         pool.terminate()
-    if ddp:
+    if run.ddp:
         # DDP's Reducer holds the process group. Freed after destroy_process_group, it would be the last
         # holder and destroy gloo's group with the GIL held, while a gloo worker thread may need the GIL to
         # free a finished collective's tensors: a deadlock at exit. Freed first, the group goes with
         # destroy_process_group, which releases the GIL.
         if cfg.compile:
             torch.compiler.reset()  # compiled code may keep the module it was compiled from alive
-        del policy
+        del trainer  # the only holder of the DDP module
         dist.destroy_process_group()
 
 
 # ------------------------------------------------------------------------------------------ saving
-def save_checkpoint(cfg, m, optimizer, schedule, scaler, step, nonfinite, state, world, master):
+def save_checkpoint(cfg, m, trainer, step, nonfinite, state, run):
     """DIR/ckpt-STEP.pt (resume state, written then renamed; the last `keep` kept, ckpt.pt links the newest)
     and DIR/unet (diffusers), or with LoRA DIR/lora (what a diffusers pipeline's load_lora_weights reads)."""
     if not weights_are_finite(m.unet):  # the same weights on every rank: every rank stops here
         sys.exit(f"rpo.py: the weights became non-finite by step {step} and were not saved; the newest "
                  f"checkpoint in {cfg.out}, if any, holds the last good ones. Lower --lr or --beta")
-    states = [None] * world  # every rank's data state: epoch, place in its share, skip counts
+    states = [None] * run.world  # every rank's data state: epoch, place in its share, skip counts
     if dist.is_initialized():
         dist.all_gather_object(states, state)
     else:
         states = [state]
-    if not master:
+    if not run.master:
         return
     weights = m.unet.state_dict()
     if m.lora:  # the frozen UNet and the frozen starting adapters are rebuilt from the config on resume
         weights = {k: v for k, v in weights.items() if ".default." in k}
-    ckpt = dict(unet=weights, optimizer=optimizer.state_dict(), lr_schedule=schedule.state_dict(),
-                scaler=scaler.state_dict(), step=step, nonfinite=nonfinite, data_states=states,
-                config=dataclasses.asdict(cfg),
-                rng=dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state()))
-    path, link = os.path.join(cfg.out, f"ckpt-{step:07d}.pt"), os.path.join(cfg.out, "ckpt.pt")
+    rng = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
+    ckpt = dict(unet=weights, optimizer=trainer.optimizer.state_dict(),
+                lr_schedule=trainer.schedule.state_dict(), scaler=trainer.scaler.state_dict(), step=step,
+                nonfinite=nonfinite, data_states=states, config=dataclasses.asdict(cfg), rng=rng)
+    path = os.path.join(cfg.out, f"ckpt-{step:07d}.pt")
     atomic_save(ckpt, path)
+    link_newest(path, os.path.join(cfg.out, "ckpt.pt"))
+    for old in sorted(glob.glob(os.path.join(cfg.out, "ckpt-*.pt")))[:-cfg.keep]:
+        os.remove(old)
+    save_weights(m, os.path.join(cfg.out, "lora" if m.lora else "unet"))
+
+
+def weights_are_finite(unet):
+    return bool(torch.stack([p.isfinite().all() for p in unet.parameters()]).all())
+
+
+def link_newest(path, link):
+    """Point `link` at `path` in one rename: it always names a complete checkpoint."""
     if os.path.lexists(link + ".tmp"):
         os.remove(link + ".tmp")
     os.symlink(os.path.basename(path), link + ".tmp")
-    os.replace(link + ".tmp", link)  # ckpt.pt always names the newest complete checkpoint
-    for old in sorted(glob.glob(os.path.join(cfg.out, "ckpt-*.pt")))[:-cfg.keep]:
-        os.remove(old)
-    folder = os.path.join(cfg.out, "lora" if m.lora else "unet")  # written whole, then swapped in
+    os.replace(link + ".tmp", link)
+
+
+def save_weights(m, folder):
+    """The UNet (diffusers) or its adapters (LoRA), written whole beside `folder`, then swapped in."""
     shutil.rmtree(folder + ".tmp", ignore_errors=True)
-    save_lora(m, folder + ".tmp") if m.lora else m.unet.save_pretrained(folder + ".tmp")
+    if m.lora:
+        save_lora(m, folder + ".tmp")
+    else:
+        m.unet.save_pretrained(folder + ".tmp")
     shutil.rmtree(folder + ".old", ignore_errors=True)
     if os.path.exists(folder):
         os.replace(folder, folder + ".old")
@@ -1295,37 +1571,47 @@ def load_checkpoint(out):
         try:
             return torch.load(path, map_location="cpu", weights_only=False)
         except Exception as e:
-            print(f"rpo.py: checkpoint {path} is unreadable ({type(e).__name__}); trying an older one", file=sys.stderr)
+            print(f"rpo.py: checkpoint {path} is unreadable ({type(e).__name__}); trying an older one",
+                  file=sys.stderr)
     print(f"rpo.py: no checkpoint in {out}; starting from step 0", file=sys.stderr)
     return None
 
 
-SAMPLE_PROMPTS = ["a photo of a corgi wearing sunglasses on a beach", "an oil painting of a lighthouse in a storm",
-                  "a bowl of ramen, studio lighting", "a watercolor fox in a snowy forest"]
+SAMPLE_PROMPTS = ["a photo of a corgi wearing sunglasses on a beach",
+                  "an oil painting of a lighthouse in a storm", "a bowl of ramen, studio lighting",
+                  "a watercolor fox in a snowy forest"]
 
 
 @torch.no_grad()
 def save_samples(cfg, m, path, autocast):
     """A grid of images from fixed prompts and seeds with the current policy UNet."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
     prompts = toy_captions("heldout")[::7][:4] if cfg.data in TOY_WORLDS else SAMPLE_PROMPTS
-    parts = dict(vae=m.vae, text_encoder=m.text_encoders[0], tokenizer=m.tokenizers[0], unet=m.unet,
-                 scheduler=DDIMScheduler.from_config(m.scheduler.config))
-    if m.xl:
-        pipe = StableDiffusionXLPipeline(**parts, text_encoder_2=m.text_encoders[1], tokenizer_2=m.tokenizers[1],
-                                         add_watermarker=False)
-    else:
-        pipe = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = sample_pipeline(m)
     m.unet.eval()
     with autocast:
-        images = [pipe(p, num_inference_steps=cfg.sample_steps, height=cfg.resolution, width=cfg.resolution,
-                       generator=torch.Generator(m.device).manual_seed(i)).images[0] for i, p in enumerate(prompts)]
+        images = [pipe(prompt, num_inference_steps=cfg.sample_steps, height=cfg.resolution,
+                       width=cfg.resolution, generator=torch.Generator(m.device).manual_seed(i)).images[0]
+                  for i, prompt in enumerate(prompts)]
     m.unet.train()
     grid = Image.new("RGB", (cfg.resolution * len(images), cfg.resolution))
     for i, img in enumerate(images):
         grid.paste(img, (i * cfg.resolution, 0))
     grid.save(path)
+
+
+def sample_pipeline(m):
+    """A diffusers pipeline over the training models (no copies), with DDIM for few-step sampling."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+    parts = dict(vae=m.vae, text_encoder=m.text_encoders[0], tokenizer=m.tokenizers[0], unet=m.unet,
+                 scheduler=DDIMScheduler.from_config(m.scheduler.config))
+    if m.xl:
+        pipe = StableDiffusionXLPipeline(**parts, text_encoder_2=m.text_encoders[1],
+                                         tokenizer_2=m.tokenizers[1], add_watermarker=False)
+    else:
+        pipe = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 if __name__ == "__main__":
