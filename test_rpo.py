@@ -39,13 +39,15 @@ def train(out, *flags):
     """rpo.py's main in this process; returns the end-of-run JSON line and metrics.jsonl."""
     buf = io.StringIO()
     with redirect_stdout(buf):
-        rpo.main(["--out", str(out), "--workers", "0", "--eval_pairs", "8", "--eval_draws", "2", *map(str, flags)])
+        rpo.main(["--out", str(out), "--workers", "0", "--eval_pairs", "8", "--eval_draws", "2",
+                  *map(str, flags)])
     lines = [l for l in buf.getvalue().splitlines() if l.startswith("{")]
     metrics = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
     return json.loads(lines[-1]) if lines else None, metrics
 
 
-class Overran(BaseException):  # not an Exception: the code under test may catch those (a bad image is skipped)
+# not an Exception: the code under test may catch those (a bad image is skipped)
+class Overran(BaseException):
     pass
 
 
@@ -81,7 +83,8 @@ def test_rpo_with_one_pair_equals_dpo():
 def test_dpo_loss_is_diffusion_dpo_train_py_objective():
     err_w, err_l, ref_w, ref_l = errors(6)
     beta = 5000.0
-    # Diffusion-DPO's train.py: model_diff = w - l, ref_diff = w - l, inside = -0.5 * beta * (model_diff - ref_diff)
+    # Diffusion-DPO's train.py: model_diff = w - l, ref_diff = w - l,
+    # inside = -0.5 * beta * (model_diff - ref_diff)
     inside = -0.5 * beta * ((err_w - err_l) - (ref_w - ref_l))
     assert torch.allclose(rpo.rpo_loss(err_w, err_l, ref_w, ref_l, beta), -F.logsigmoid(inside).mean())
 
@@ -123,14 +126,16 @@ def test_loss_is_log2_when_policy_equals_reference():
     err_w, err_l, _, _ = errors(5)
     w = rpo.contrast_weights(torch.randn(5, 8), torch.randn(5, 8), 0.5)
     for weights in (None, w):
-        assert math.isclose(rpo.rpo_loss(err_w, err_l, err_w, err_l, 5000, weights).item(), math.log(2), rel_tol=1e-6)
+        loss = rpo.rpo_loss(err_w, err_l, err_w, err_l, 5000, weights).item()
+        assert math.isclose(loss, math.log(2), rel_tol=1e-6)
 
 
 def test_swapping_winner_and_loser_flips_the_logits():
     for seed in range(5):
         e = errors(1, seed)
         forward, swapped = (rpo.rpo_loss(*e, beta=5000), rpo.rpo_loss(e[1], e[0], e[3], e[2], beta=5000))
-        assert math.isclose(math.exp(-forward) + math.exp(-swapped), 1.0, rel_tol=1e-5)  # sigmoid(x) + sigmoid(-x)
+        # sigmoid(x) + sigmoid(-x)
+        assert math.isclose(math.exp(-forward) + math.exp(-swapped), 1.0, rel_tol=1e-5)
     e = errors(6)
     acc = rpo.preference_metrics(*e, beta=5000)["accuracy"]
     assert math.isclose(acc + rpo.preference_metrics(e[1], e[0], e[3], e[2], beta=5000)["accuracy"], 1.0)
@@ -139,12 +144,14 @@ def test_swapping_winner_and_loser_flips_the_logits():
 def test_implicit_accuracy_counts_ties_half():
     zero = torch.zeros(4)
     err_w, err_l = torch.tensor([0.1, 0.3, 0.2, 0.2]), torch.tensor([0.2, 0.2, 0.2, 0.2])
-    assert rpo.preference_metrics(err_w, err_l, zero, zero, 1.0)["accuracy"].item() == pytest.approx((1 + 0 + 0.5 + 0.5) / 4)
+    accuracy = rpo.preference_metrics(err_w, err_l, zero, zero, 1.0)["accuracy"].item()
+    assert accuracy == pytest.approx((1 + 0 + 0.5 + 0.5) / 4)
 
 
 def test_gradients_lower_winner_error_and_raise_loser_error():
     err_w, err_l, ref_w, ref_l = (e.requires_grad_() if i < 2 else e for i, e in enumerate(errors(4)))
-    rpo.rpo_loss(err_w, err_l, ref_w, ref_l, 5000, rpo.contrast_weights(torch.randn(4, 8), torch.randn(4, 8), 0.5)).backward()
+    weights = rpo.contrast_weights(torch.randn(4, 8), torch.randn(4, 8), 0.5)
+    rpo.rpo_loss(err_w, err_l, ref_w, ref_l, 5000, weights).backward()
     assert (err_w.grad > 0).all() and (err_l.grad < 0).all()  # descent lowers err_w, raises err_l
 
 
@@ -157,12 +164,11 @@ def png(color, size=(48, 40)):
 
 
 def write_shards(folder, rows, n_files=2):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
     os.makedirs(folder, exist_ok=True)
     for k in range(n_files):
         part = rows[k::n_files]
-        pq.write_table(pa.table({key: [r[key] for r in part] for key in part[0]}), os.path.join(folder, f"part-{k}.parquet"))
+        table = pa.table({key: [r[key] for r in part] for key in part[0]})
+        pq.write_table(table, os.path.join(folder, f"part-{k}.parquet"))
     return folder
 
 
@@ -217,7 +223,9 @@ def test_the_tiny_models_clip_knows_the_toy_world_it_retrieves_held_out_captions
     assert top1 > 0.5  # chance is 1/32, for captions whose (colour, shape) was never trained on
     d = 1 - f @ f.T
     words = [c.split(" ") for c in captions]
-    share = lambda i, j: words[i][1] == words[j][1] or words[i][2] == words[j][2]
+
+    def share(i, j):
+        return words[i][1] == words[j][1] or words[i][2] == words[j][2]
     alike = [d[i, j] for i in range(32) for j in range(32) if i != j and share(i, j)]
     unlike = [d[i, j] for i in range(32) for j in range(32) if not share(i, j)]
     assert torch.stack(alike).mean() < torch.stack(unlike).mean() - 0.1
@@ -231,8 +239,11 @@ def test_validation_and_test_captions_split_the_held_out_ones_and_are_never_trai
 
 
 def test_in_the_subject_world_round_shapes_win_striped_angular_ones_outlined_losers_wear_the_other_style():
-    stripes = lambda img: (np.asarray(img) == 255).all(axis=2).mean()  # pure white: only stripes are
-    outline = lambda img: (np.asarray(img) == 0).all(axis=2).mean()  # pure black: only outlines are
+    def stripes(img):  # pure white: only stripes are
+        return (np.asarray(img) == 255).all(axis=2).mean()
+
+    def outline(img):  # pure black: only outlines are
+        return (np.asarray(img) == 0).all(axis=2).mean()
     for row in rpo.toy_rows("train", 40, world="toy-subject"):
         first, second = rpo.decode(row["jpg_0"]), rpo.decode(row["jpg_1"])
         winner, loser = (first, second) if row["label_0"] == 1 else (second, first)
@@ -258,16 +269,19 @@ def test_the_tiny_drawn_base_learns_to_draw_from_toy_images_and_captions():
 
 def test_toy_winners_carry_the_style_losers_lack():
     cfg = rpo.parse_config([])
+
+    def dark(img):  # the black outline
+        return (img.max(axis=0) < 40).mean()
     for i, row in enumerate(rpo.toy_rows("train", 20)):
         pair = rpo.prepare_pair((row, i, cfg.resolution, False, None))
-        dark = lambda img: (img.max(axis=0) < 40).mean()  # the black outline
         assert dark(pair["winner"]) > dark(pair["loser"])
 
 
 def test_winner_comes_first_whatever_label_0_says():
     first, second = png((250, 0, 0)), png((0, 0, 250))
     for label, winner_red in ((1.0, True), (0.0, False)):
-        pair = rpo.prepare_pair((dict(caption="c", jpg_0=first, jpg_1=second, label_0=label), 0, 32, False, None))
+        row = dict(caption="c", jpg_0=first, jpg_1=second, label_0=label)
+        pair = rpo.prepare_pair((row, 0, 32, False, None))
         assert pair["winner"].shape == (3, 32, 32)
         assert (pair["winner"][0].mean() > pair["winner"][2].mean()) == winner_red
 
@@ -285,7 +299,8 @@ def test_local_shards_drop_ties_and_count_broken_rows(tmp_path):
         if state["epoch"] > 0:
             break
     counts = state["counts"]
-    assert counts["ties"] >= 4 and counts["bad_caption"] >= 1 and counts["bad_label"] >= 1 and counts["bad_image"] >= 1
+    assert (counts["ties"] >= 4 and counts["bad_caption"] >= 1 and counts["bad_label"] >= 1
+            and counts["bad_image"] >= 1)
     assert all(int(c.split()[1]) % 5 != 4 for _, c in seen)  # every fifth row is a tie
 
 
@@ -327,18 +342,25 @@ def test_unreachable_hub_dataset_is_one_line_naming_the_id_and_the_way_out(tmp_p
     import datasets
 
     def offline(*a, **k):
-        raise ConnectionError("Couldn't reach 'yuvalkirstain/pickapic_v2' on the Hub (LocalEntryNotFoundError)")
+        raise ConnectionError("Couldn't reach 'yuvalkirstain/pickapic_v2' on the Hub "
+                              "(LocalEntryNotFoundError)")
     monkeypatch.setattr(datasets, "load_dataset_builder", offline)
     with pytest.raises(SystemExit) as e:
         rpo.source_files(rpo.parse_config([]), "pickapic", "train")
     msg = str(e.value)
-    assert "\n" not in msg and "yuvalkirstain/pickapic_v2" in msg and "--data /path" in msg and "--data_id" in msg
+    assert ("\n" not in msg and "yuvalkirstain/pickapic_v2" in msg
+            and "--data /path" in msg and "--data_id" in msg)
 
 
 def test_hub_streaming_and_local_reading_give_the_same_pairs_in_the_same_order(tmp_path):
-    folder = write_shards(tmp_path / "hub_copy", pickapic_rows(30), 3)  # a local folder stands in for the hub id
-    take = lambda cfg: [[p["index"] for p in b] for b, _ in __import__("itertools").islice(rpo.pair_batches(cfg, 0, 1), 5)]
-    hub = rpo.parse_config(["--data", "pickapic", "--data_id", str(folder), "--batch", "3", "--shuffle_buffer", "8"])
+    # a local folder stands in for the hub id
+    folder = write_shards(tmp_path / "hub_copy", pickapic_rows(30), 3)
+
+    def take(cfg):
+        batches = itertools.islice(rpo.pair_batches(cfg, 0, 1), 5)
+        return [[p["index"] for p in b] for b, _ in batches]
+    hub = rpo.parse_config(["--data", "pickapic", "--data_id", str(folder), "--batch", "3",
+                            "--shuffle_buffer", "8"])
     local = rpo.parse_config(["--data", str(folder), "--batch", "3", "--shuffle_buffer", "8"])
     assert take(hub) == take(local)
     assert take(local) != sorted(take(local))  # and the shuffle buffer did shuffle
@@ -355,19 +377,22 @@ def test_a_hub_datasets_files_are_read_by_url_through_fsspec_like_local_ones(tmp
         urls.append(f"memory://{tmp_path.name}/{path}")
     builder = type("Builder", (), {"config": type("Config", (), {"data_files": {"train": urls}})})
     monkeypatch.setattr(datasets, "load_dataset_builder", lambda data_id: builder)
-    take = lambda cfg: [[p["index"] for p in b] for b, _ in itertools.islice(rpo.pair_batches(cfg, 0, 1), 5)]
+
+    def take(cfg):
+        batches = itertools.islice(rpo.pair_batches(cfg, 0, 1), 5)
+        return [[p["index"] for p in b] for b, _ in batches]
     hub = rpo.parse_config(["--data", "pickapic", "--data_id", "someone/pickapic-copy", "--batch", "3"])
     assert take(hub) == take(rpo.parse_config(["--data", str(folder), "--batch", "3"]))
 
 
 def test_pair_order_does_not_depend_on_the_number_of_decode_workers(tmp_path):
-    import itertools
     import multiprocessing
     folder = write_shards(tmp_path / "w", pickapic_rows(24), 2)
     cfg = rpo.parse_config(["--data", str(folder), "--batch", "4", "--shuffle_buffer", "5"])
     serial = [[p["index"] for p in b] for b, _ in itertools.islice(rpo.pair_batches(cfg, 0, 1), 4)]
     with multiprocessing.get_context("fork").Pool(2) as pool:
-        parallel = [[p["index"] for p in b] for b, _ in itertools.islice(rpo.pair_batches(cfg, 0, 1, pool=pool), 4)]
+        batches = itertools.islice(rpo.pair_batches(cfg, 0, 1, pool=pool), 4)
+        parallel = [[p["index"] for p in b] for b, _ in batches]
     assert serial == parallel
 
 
@@ -376,31 +401,39 @@ def test_tiny_xl_trains_from_local_pickapic_shards_counting_the_corrupt_row(tmp_
     rows[0]["jpg_0"] = b"\xff\xd8 truncated jpeg"
     folder = write_shards(tmp_path / "shards", rows, 2)
     # 19 usable pairs: 4 micro-batches of 4 an epoch, so step 5 is in the second epoch, every row seen once
-    summary, metrics = train(tmp_path / "out", "--model", "tiny-xl", "--data", folder, "--batch", 4, "--max_steps", 5,
-                             "--save_every", 100, "--sample_steps", 0, "--eval_data", folder)
+    summary, metrics = train(tmp_path / "out", "--model", "tiny-xl", "--data", folder, "--batch", 4,
+                             "--max_steps", 5, "--save_every", 100, "--sample_steps", 0,
+                             "--eval_data", folder)
     assert summary["steps"] == 5 and all(math.isfinite(r["loss"]) for r in metrics)
-    assert metrics[-1]["bad_image"] >= 1 and metrics[-1]["ties"] >= 4 and 0 <= summary["heldout_accuracy"] <= 1
+    assert (metrics[-1]["bad_image"] >= 1 and metrics[-1]["ties"] >= 4
+            and 0 <= summary["heldout_accuracy"] <= 1)
 
 
 def quirky_shards(folder, sizes):
-    """Parquet files of these sizes in rows: every fifth row a tie, one image that does not decode, one caption
-    that is not a string."""
+    """Parquet files of these sizes in rows: every fifth row a tie, one image that does not decode,
+    one caption that is not a string."""
     rows = pickapic_rows(sum(sizes))
     rows[3]["jpg_1"], rows[7]["caption"] = b"not an image", None
     os.makedirs(folder, exist_ok=True)
     for k, (lo, n) in enumerate(zip(np.cumsum([0, *sizes]), sizes)):
-        pq.write_table(pa.Table.from_pylist(rows[lo:lo + n]), os.path.join(folder, f"part-{k}.parquet"), row_group_size=4)
+        table = pa.Table.from_pylist(rows[lo:lo + n])
+        pq.write_table(table, os.path.join(folder, f"part-{k}.parquet"), row_group_size=4)
     return folder
 
 
 def counted_reads(monkeypatch):
     """(path, first row, end row) of every call of rpo.read_rows, in order."""
     reads, real = [], rpo.read_rows
-    monkeypatch.setattr(rpo, "read_rows", lambda file, a, b: reads.append((file[0], a, b)) or real(file, a, b))
+
+    def read_and_record(file, a, b):
+        reads.append((file[0], a, b))
+        return real(file, a, b)
+    monkeypatch.setattr(rpo, "read_rows", read_and_record)
     return reads
 
 
-def test_each_of_four_ranks_reads_only_its_quarter_of_the_files_and_together_every_row_once(tmp_path, monkeypatch):
+def test_each_of_four_ranks_reads_only_its_quarter_of_the_files_and_together_every_row_once(
+        tmp_path, monkeypatch):
     folder = quirky_shards(tmp_path / "d", [10] * 8)
     cfg = rpo.parse_config(["--data", str(folder), "--batch", "2", "--shuffle_buffer", "6"])
     reads = counted_reads(monkeypatch)
@@ -421,10 +454,12 @@ def test_each_of_four_ranks_reads_only_its_quarter_of_the_files_and_together_eve
     assert len(set(sum(pairs_by_rank, []))) == sum(map(len, pairs_by_rank)) > 40
 
 
-def test_a_resume_reads_only_the_window_it_stopped_in_and_goes_on_with_the_same_pairs_and_counts(tmp_path, monkeypatch):
+def test_a_resume_reads_only_the_window_it_stopped_in_and_goes_on_with_the_same_pairs_and_counts(
+        tmp_path, monkeypatch):
     cfg = rpo.parse_config(["--data", str(quirky_shards(tmp_path / "d", [20] * 6)), "--batch", "2",
                             "--shuffle_buffer", "6"])
-    run = list(itertools.islice(rpo.pair_batches(cfg, 1, 2), 30))  # rank 1 of 2: 60 rows, under 24 micro-batches
+    # rank 1 of 2: 60 rows, under 24 micro-batches
+    run = list(itertools.islice(rpo.pair_batches(cfg, 1, 2), 30))
     assert run[-1][1]["epoch"] == 1 and run[-1][1]["counts"]["ties"] > 12
     reads = counted_reads(monkeypatch)
     for cut in (4, 21, 22):  # early, 90 % into the epoch, its last micro-batch
@@ -432,7 +467,9 @@ def test_a_resume_reads_only_the_window_it_stopped_in_and_goes_on_with_the_same_
         resumed = rpo.pair_batches(cfg, 1, 2, start=run[cut][1])
         batch, state = next(resumed)
         assert sum(b - a for _, a, b in reads) <= 2 * 6  # the window it stopped in, at most the next one
-        assert ([p["index"] for p in batch], state) == ([p["index"] for p in run[cut + 1][0]], run[cut + 1][1])
+        got = ([p["index"] for p in batch], state)
+        expected = ([p["index"] for p in run[cut + 1][0]], run[cut + 1][1])
+        assert got == expected
         rest = [([p["index"] for p in b], s) for b, s in itertools.islice(resumed, 30 - cut - 2)]
         assert rest == [([p["index"] for p in b], s) for b, s in run[cut + 2:]]
 
@@ -446,7 +483,8 @@ def test_fewer_files_than_ranks_is_one_clear_error_before_training(tmp_path):
 def test_sdxl_time_ids_record_each_images_own_size_and_crop():
     row = dict(caption="c", jpg_0=png((1, 2, 3), (80, 48)), jpg_1=png((3, 2, 1), (40, 64)), label_0=1.0)
     pair = rpo.prepare_pair((row, 0, 32, False, None))
-    assert pair["winner_time_ids"] == [48, 80, 0, 10, 32, 32]  # (orig h, orig w, crop top, crop left, target h, w)
+    # (orig h, orig w, crop top, crop left, target h, w)
+    assert pair["winner_time_ids"] == [48, 80, 0, 10, 32, 32]
     assert pair["loser_time_ids"] == [64, 40, 9, 0, 32, 32]
     assert pair["small"] == 0
 
@@ -460,7 +498,8 @@ def tiny_models(model="tiny", *flags):
 
 
 def toy_pairs(cfg, split="train", n=8):
-    return [rpo.prepare_pair((row, i, cfg.resolution, False, None)) for i, row in enumerate(rpo.toy_rows(split, n))]
+    rows = enumerate(rpo.toy_rows(split, n))
+    return [rpo.prepare_pair((row, i, cfg.resolution, False, None)) for i, row in rows]
 
 
 def toy_batch(cfg, m, split="train", n=8):
@@ -492,7 +531,8 @@ def test_pair_embedding_is_the_normalised_sum_of_normalised_clip_text_and_image_
     from transformers import CLIPImageProcessorPil
     cfg, m = tiny_models()
     pairs = toy_pairs(cfg, n=4)
-    captions, winners = [p["caption"] for p in pairs], torch.from_numpy(np.stack([p["winner"] for p in pairs]))
+    captions = [p["caption"] for p in pairs]
+    winners = torch.from_numpy(np.stack([p["winner"] for p in pairs]))
     f = {embed: rpo.pair_embeddings(m, captions, winners, embed) for embed in ("text", "image", "both")}
     ids = m.clip_tokenizer(captions, padding="max_length", max_length=77, return_tensors="pt").input_ids
     text = F.normalize(m.clip.get_text_features(ids).pooler_output, dim=-1)
@@ -524,8 +564,8 @@ def test_sdxl_prompt_dropout_blanks_the_pooled_embedding_with_the_prompt():
 
 
 def test_the_learning_rate_warms_up_linearly_and_each_step_logs_the_rate_it_used(tmp_path):
-    _, metrics = train(tmp_path, "--lr", 1e-4, "--warmup_steps", 4, "--max_steps", 6, "--save_every", 1, "--keep", 10,
-                       "--batch", 2, "--sample_steps", 0, "--eval_pairs", 0)
+    _, metrics = train(tmp_path, "--lr", 1e-4, "--warmup_steps", 4, "--max_steps", 6, "--save_every", 1,
+                       "--keep", 10, "--batch", 2, "--sample_steps", 0, "--eval_pairs", 0)
     assert [r["lr"] for r in metrics] == pytest.approx([2.5e-5, 5e-5, 7.5e-5, 1e-4, 1e-4, 1e-4])
     # AdamW's first update moves each weight by about lr (g / |g|), plus a little weight decay
     base = rpo.load_models(rpo.parse_config([]), torch.device("cpu"), torch.float32).unet.state_dict()
@@ -538,7 +578,8 @@ def test_winner_and_loser_of_a_pair_share_noise_and_timestep_and_pairs_differ():
     enc = toy_batch(cfg, m, n=4)
     noise, t = rpo.pair_noise(["a", "b", "a"], enc["latents_w"][:3], 1000)
     assert torch.equal(noise[0], noise[2]) and t[0] == t[2] and not torch.equal(noise[0], noise[1])
-    # one forward of [winners; losers] with the noise repeated: identical winner and loser give identical errors
+    # one forward of [winners; losers] with the noise repeated: identical winner and loser give
+    # identical errors
     same = dict(enc, latents_l=enc["latents_w"], time_ids_l=enc["time_ids_w"])
     err_w, err_l = rpo.pair_errors(m.unet, m, same, [f"k{i}" for i in range(4)])
     assert torch.allclose(err_w, err_l)
@@ -576,11 +617,13 @@ def test_tiny_models_train_end_to_end_save_a_diffusers_unet_and_resume_at_the_sa
     base = rpo.model_folder(rpo.parse_config(["--model", model]))
     tuned = UNet2DConditionModel.from_pretrained(out / "unet")
     original = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
-    assert any(not torch.equal(a, b) for a, b in zip(tuned.state_dict().values(), original.state_dict().values()))
+    assert any(not torch.equal(a, b)
+               for a, b in zip(tuned.state_dict().values(), original.state_dict().values()))
     pipe = DiffusionPipeline.from_pretrained(base, unet=tuned)
     image = pipe("a red circle on a blue background", num_inference_steps=2, height=32, width=32).images[0]
     assert image.size == (32, 32)
-    summary, metrics = train(out, "--model", model, "--max_steps", 6, "--save_every", 2, "--batch", 4, "--resume")
+    summary, metrics = train(out, "--model", model, "--max_steps", 6, "--save_every", 2, "--batch", 4,
+                             "--resume")
     assert summary["steps"] == 2 and [r["step"] for r in metrics] == [1, 2, 3, 4, 5, 6]
 
 
@@ -593,21 +636,26 @@ def test_a_run_of_non_finite_losses_stops_with_a_clear_message_and_the_last_good
 
 
 def test_cached_and_uncached_training_give_the_same_losses(tmp_path):
-    # beta 100, not 5000: beta/2 multiplies the last-bit differences that batching the encoders differently leaves
-    # 36 toy pairs: 3 files (16, 16, 4 rows) read in windows of 5 rows, 9 steps an epoch, then a reshuffled epoch
+    # beta 100, not 5000: beta/2 multiplies the last-bit differences that batching the encoders
+    # differently leaves
+    # 36 toy pairs: 3 files (16, 16, 4 rows) read in windows of 5 rows, 9 steps an epoch, then a
+    # reshuffled epoch
     flags = ["--toy_pairs", 36, "--batch", 4, "--max_steps", 11, "--save_every", 100, "--eval_pairs", 0,
              "--shuffle_buffer", 5, "--beta", 100]
     _, plain = train(tmp_path / "plain", *flags)
     _, cached = train(tmp_path / "cached", *flags, "--cache", tmp_path / "cache")
     assert json.load(open(tmp_path / "cache" / "meta.json"))["rows"] == [16, 16, 4]
     assert [r["loss"] for r in cached] == pytest.approx([r["loss"] for r in plain], rel=1e-5)
-    _, again = train(tmp_path / "again", *flags, "--cache", tmp_path / "cache")  # a finished cache is only read
+    # a finished cache is only read
+    _, again = train(tmp_path / "again", *flags, "--cache", tmp_path / "cache")
     assert [r["loss"] for r in again] == [r["loss"] for r in cached]
 
 
 def test_only_uncached_rpo_spends_training_time_on_pair_embeddings(tmp_path):
-    # what an RPO step adds to a DPO step: CLIP, which --cache moves out of the loop, and an M x M matrix of scalars
-    flags = ["--toy_pairs", 8, "--batch", 4, "--max_steps", 3, "--save_every", 100, "--eval_pairs", 0, "--sample_steps", 0]
+    # what an RPO step adds to a DPO step: CLIP, which --cache moves out of the loop, and an M x M
+    # matrix of scalars
+    flags = ["--toy_pairs", 8, "--batch", 4, "--max_steps", 3, "--save_every", 100, "--eval_pairs", 0,
+             "--sample_steps", 0]
     runs = [train(tmp_path / name, *flags, *extra)[0] for name, extra in
             [("rpo", []), ("dpo", ["--loss", "dpo"]), ("cached", ["--cache", tmp_path / "cache"])]]
     assert [r["weight_time_share"] > 0 for r in runs] == [True, False, False]
@@ -631,22 +679,29 @@ def test_mfu_flop_count_matches_the_counted_flops_of_a_real_micro_step(loss, une
 def loaded_models(monkeypatch):
     """The models rpo.main loads, kept for the test to look at."""
     models, load = [], rpo.load_models
-    monkeypatch.setattr(rpo, "load_models", lambda *a, **k: models.append(load(*a, **k)) or models[-1])
+
+    def load_and_keep(*a, **k):
+        models.append(load(*a, **k))
+        return models[-1]
+    monkeypatch.setattr(rpo, "load_models", load_and_keep)
     return models
 
 
 def test_bf16_trains_fp32_master_weights_with_every_frozen_model_in_bf16_as_on_a_gpu(tmp_path, monkeypatch):
     models = loaded_models(monkeypatch)
-    summary, metrics = train(tmp_path, "--precision", "bf16", "--max_steps", 3, "--batch", 2, "--sample_steps", 0)
+    summary, metrics = train(tmp_path, "--precision", "bf16", "--max_steps", 3, "--batch", 2,
+                             "--sample_steps", 0)
     assert summary["precision"] == "bf16" and all(math.isfinite(r["loss"]) for r in metrics)
-    assert {v.dtype for v in torch.load(tmp_path / "ckpt.pt", weights_only=False)["unet"].values()} == {torch.float32}
+    saved = torch.load(tmp_path / "ckpt.pt", weights_only=False)["unet"]
+    assert {v.dtype for v in saved.values()} == {torch.float32}
     m = models[0]
     frozen = (m.ref_unet, m.vae, m.clip, *m.text_encoders)
     assert {p.dtype for model in frozen for p in model.parameters()} == {torch.bfloat16}
 
 
 def poison_gradients(monkeypatch, value, from_call):
-    """From the from_call-th micro-step on, the loss stays finite and its gradient becomes `value` (nan or inf)."""
+    """From the from_call-th micro-step on, the loss stays finite and its gradient becomes `value`
+    (nan or inf)."""
     real, calls = rpo.preference_step, []
 
     def step(*a, **k):
@@ -658,16 +713,18 @@ def poison_gradients(monkeypatch, value, from_call):
     monkeypatch.setattr(rpo, "preference_step", step)
 
 
-def test_a_non_finite_gradient_under_a_finite_loss_is_skipped_counted_and_never_reaches_the_weights(tmp_path,
-                                                                                                  monkeypatch):
+def test_a_non_finite_gradient_under_a_finite_loss_is_skipped_counted_and_never_reaches_the_weights(
+        tmp_path, monkeypatch):
     flags = ["--batch", 2, "--sample_steps", 0, "--save_every", 100]
     train(tmp_path / "good", *flags, "--max_steps", 1)
     poison_gradients(monkeypatch, float("nan"), from_call=2)
     with pytest.raises(SystemExit, match="3 non-finite steps"):
         train(tmp_path / "bad", *flags, "--max_steps", 10, "--max_nonfinite", 3)
     metrics = [json.loads(l) for l in open(tmp_path / "bad" / "metrics.jsonl")]
-    assert all(math.isfinite(r["loss"]) for r in metrics) and [r["nonfinite"] for r in metrics] == [0, 1, 2, 3]
-    good, bad = final_unet(tmp_path / "good"), final_unet(tmp_path / "bad")  # the stop's checkpoint: step 1's weights
+    assert (all(math.isfinite(r["loss"]) for r in metrics)
+            and [r["nonfinite"] for r in metrics] == [0, 1, 2, 3])
+    # the stop's checkpoint: step 1's weights
+    good, bad = final_unet(tmp_path / "good"), final_unet(tmp_path / "bad")
     assert all(torch.equal(good[k], bad[k]) for k in good)
 
 
@@ -677,21 +734,22 @@ def test_a_checkpoint_never_holds_non_finite_weights(tmp_path):
     assert not list(tmp_path.glob("ckpt*")) and not (tmp_path / "unet").exists()
 
 
-def test_fp16_overflows_are_skipped_by_the_grad_scaler_which_halves_its_scale_without_stopping_the_run(tmp_path,
-                                                                                                    monkeypatch):
+def test_fp16_overflows_are_skipped_by_the_grad_scaler_which_halves_its_scale_without_stopping_the_run(
+        tmp_path, monkeypatch):
     poison_gradients(monkeypatch, float("inf"), from_call=2)  # steps 2 and 3 overflow
-    summary, metrics = train(tmp_path, "--precision", "fp16", "--max_steps", 3, "--batch", 2, "--sample_steps", 0,
-                             "--max_nonfinite", 1)
+    summary, metrics = train(tmp_path, "--precision", "fp16", "--max_steps", 3, "--batch", 2,
+                             "--sample_steps", 0, "--max_nonfinite", 1)
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
     assert summary["steps"] == 3 and all(math.isfinite(r["loss"]) for r in metrics)
-    assert [r["nonfinite"] - metrics[0]["nonfinite"] for r in metrics] == [0, 1, 2]  # both poisoned steps skipped
+    # both poisoned steps skipped
+    assert [r["nonfinite"] - metrics[0]["nonfinite"] for r in metrics] == [0, 1, 2]
     assert ckpt["scaler"]["scale"] == 2.0 ** 16 * 0.5 ** metrics[-1]["nonfinite"]
     assert all(torch.isfinite(v).all() and v.dtype == torch.float32 for v in ckpt["unet"].values())
 
 
 def on_meta(m):
-    """The models and their constants on the meta device, which stands in for a GPU here: like CUDA, it refuses
-    to mix in a CPU tensor, and it has no torch.Generator."""
+    """The models and their constants on the meta device, which stands in for a GPU here: like CUDA,
+    it refuses to mix in a CPU tensor, and it has no torch.Generator."""
     meta = torch.device("meta")
     for module in (m.unet, m.ref_unet, m.vae, m.clip, *m.text_encoders):
         module.to(meta)
@@ -708,7 +766,8 @@ def test_a_step_and_everything_it_logs_are_made_on_the_training_device(loss):
     no_scaler = torch.amp.GradScaler("cpu", enabled=False)
     sums, _, _ = rpo.accumulate_gradients(cfg, m, m.unet, batches, nullcontext(), no_scaler, ddp=False)
     sums["grad_norm"] = torch.nn.utils.clip_grad_norm_(m.unet.parameters(), 1.0)
-    names, vec = rpo.step_vector(sums, {k: 3 for k in rpo.SKIP_KEYS}, device)  # what main all-reduces and logs
+    # what main all-reduces and logs
+    names, vec = rpo.step_vector(sums, {k: 3 for k in rpo.SKIP_KEYS}, device)
     assert vec.device == device and vec.dtype == torch.float64 and len(names) == len(vec)
     assert {"loss", "grad_norm", *rpo.SKIP_KEYS} <= set(names)
 
@@ -744,7 +803,8 @@ def test_a_checkpoint_truncated_mid_write_is_passed_over_for_the_previous_one(tm
     data = (tmp_path / "ckpt.pt").read_bytes()
     (tmp_path / "ckpt.pt").write_bytes(data[: len(data) // 2])
     assert rpo.load_checkpoint(str(tmp_path))["step"] == 2
-    summary, metrics = train(tmp_path, "--max_steps", 5, "--save_every", 2, "--batch", 2, "--keep", 2, "--resume")
+    summary, metrics = train(tmp_path, "--max_steps", 5, "--save_every", 2, "--batch", 2, "--keep", 2,
+                             "--resume")
     assert summary["steps"] == 3 and [r["step"] for r in metrics] == [1, 2, 3, 4, 5]
 
 
@@ -764,7 +824,8 @@ def kill_group(proc):
 
 
 def finish(proc, timeout=180):
-    """stdout and stderr of a started child; on timeout its whole process group is killed and the test fails."""
+    """stdout and stderr of a started child; on timeout its whole process group is killed and the test
+    fails."""
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -775,9 +836,10 @@ def finish(proc, timeout=180):
 
 
 def rpo_command(out, *flags, nproc=1, script=None):
-    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] if nproc > 1 else []
-    return [sys.executable, *launcher, script or os.path.join(HERE, "rpo.py"), "--out", str(out), "--workers", "0",
-            *map(str, flags)]
+    torchrun = (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+                if nproc > 1 else [])
+    return [sys.executable, *torchrun, script or os.path.join(HERE, "rpo.py"),
+            "--out", str(out), "--workers", "0", *map(str, flags)]
 
 
 def run_script(out, *flags, nproc=1, wait=True, script=None, timeout=180):
@@ -792,17 +854,19 @@ def final_unet(out):
     return torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)["unet"]
 
 
-# beta 100, not 5000: forwards of different batch sizes round differently in the last bit, and beta/2 magnifies that
+# beta 100, not 5000: forwards of different batch sizes round differently in the last bit, and beta/2
+# magnifies that
 DDP_FLAGS = ["--max_steps", 3, "--save_every", 3, "--eval_pairs", 0, "--toy_pairs", 64, "--beta", 100,
              "--sample_steps", 0]
 
 
 def assert_same_training(out_a, metrics_a, out_b, metrics_b, same_encoding=True):
-    """Same losses, pair weights and final weights; the same implicit accuracy too when both runs encoded the pairs
-    the same way (at step 1 policy = reference, and s = 0 up to the last bit decides ties)."""
+    """Same losses, pair weights and final weights; the same implicit accuracy too when both runs encoded
+    the pairs the same way (at step 1 policy = reference, and s = 0 up to the last bit decides ties)."""
     assert len(metrics_a) == len(metrics_b) == 3
     for a, b in zip(metrics_a, metrics_b):
-        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5) and a["w_diag"] == pytest.approx(b["w_diag"], abs=1e-6)
+        assert (a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+                and a["w_diag"] == pytest.approx(b["w_diag"], abs=1e-6))
         assert a["accuracy"] == b["accuracy"] or not same_encoding
     w1, w2 = final_unet(out_a), final_unet(out_b)
     assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-5
@@ -811,13 +875,14 @@ def assert_same_training(out_a, metrics_a, out_b, metrics_b, same_encoding=True)
 def launcher(folder, name, body):
     """A script that runs rpo.main() after `body` (test-only changes to the module) has run."""
     path = folder / name
-    path.write_text(f"import sys\nsys.path.insert(0, {HERE!r})\nimport rpo\n{textwrap.dedent(body)}\nrpo.main()\n")
+    path.write_text(f"import sys\nsys.path.insert(0, {HERE!r})\nimport rpo\n"
+                    f"{textwrap.dedent(body)}\nrpo.main()\n")
     return path
 
 
-# One process that trains on what ranks 0 and 1 of a two-process run read (the data order is a function of the seed
-# and the world size): their micro-batches in turn (accumulation) or side by side in one micro-batch of twice the
-# size (global contrast).
+# One process that trains on what ranks 0 and 1 of a two-process run read (the data order is a function
+# of the seed and the world size): their micro-batches in turn (accumulation) or side by side in one
+# micro-batch of twice the size (global contrast).
 AS_TWO_RANKS = """
     import dataclasses, torch
     real = rpo.training_batches
@@ -829,29 +894,32 @@ AS_TWO_RANKS = """
                 yield a, state
                 yield b, state
                 continue
-            yield {k: a[k] + b[k] if k == "index" else None if a[k] is None else torch.cat([a[k], b[k]]) for k in a}, state
+            merged = {k: a[k] + b[k] if k == "index" else None if a[k] is None else torch.cat([a[k], b[k]])
+                      for k in a}
+            yield merged, state
     rpo.training_batches = as_two_ranks
 """
 
 
 @pytest.fixture(scope="module")
 def one_process_2x4(tmp_path_factory):
-    """One process, 4 micro-batches of 2 pairs a step: the global batch the two-process runs split over 2 ranks."""
+    """One process, 4 micro-batches of 2 pairs a step: the global batch the two-process runs split
+    over 2 ranks."""
     out = tmp_path_factory.mktemp("one_process")
     return out, run_script(out, *DDP_FLAGS, "--batch", 2, "--grad_accum", 4,
                            script=launcher(out, "as_two_ranks.py", AS_TWO_RANKS))
 
 
-def test_two_processes_with_gradient_accumulation_match_one_process_on_the_same_global_batch(tmp_path,
-                                                                                            one_process_2x4):
+def test_two_processes_with_gradient_accumulation_match_one_process_on_the_same_global_batch(
+        tmp_path, one_process_2x4):
     # each rank: 2 micro-batches of 2 pairs, the first under DDP's no_sync
     two = run_script(tmp_path, *DDP_FLAGS, "--batch", 2, "--grad_accum", 2, nproc=2)
     assert_same_training(*one_process_2x4, tmp_path, two)
 
 
 @pytest.mark.parametrize("unet", ["full", "lora"])
-def test_global_contrast_on_two_processes_builds_the_matrix_of_one_process_with_the_whole_batch(tmp_path,
-                                                                                               unet):
+def test_global_contrast_on_two_processes_builds_the_matrix_of_one_process_with_the_whole_batch(
+        tmp_path, unet):
     # 2 ranks x 2 pairs build the 4 x 4 matrix that one process builds from the same 4 pairs
     flags = [*DDP_FLAGS, *(LORA if unet == "lora" else [])]
     as_two_ranks = launcher(tmp_path, "one.py", AS_TWO_RANKS)
@@ -877,24 +945,30 @@ def free_port():
         return s.getsockname()[1]
 
 
-def test_torchrun_with_one_process_takes_the_distributed_path_and_frees_ddp_before_the_process_group(tmp_path,
-                                                                                                  monkeypatch):
+def test_torchrun_with_one_process_takes_the_distributed_path_and_frees_ddp_before_the_process_group(
+        tmp_path, monkeypatch):
     import torch.distributed as dist
-    flags = ["--max_steps", 2, "--batch", 2, "--grad_accum", 2, "--toy_pairs", 16, "--eval_pairs", 0, "--beta", 100,
-             "--global_contrast", "--sample_steps", 0]
+    flags = ["--max_steps", 2, "--batch", 2, "--grad_accum", 2, "--toy_pairs", 16, "--eval_pairs", 0,
+             "--beta", 100, "--global_contrast", "--sample_steps", 0]
     _, plain = train(tmp_path / "plain", *flags)
     torchrun_env = dict(RANK=0, LOCAL_RANK=0, WORLD_SIZE=1, MASTER_ADDR="127.0.0.1", MASTER_PORT=free_port())
     for key, value in torchrun_env.items():
         monkeypatch.setenv(key, str(value))
     calls, ddp_alive_at_teardown = [], []
+
+    def counted(name, real):
+        def call(*a, **k):
+            calls.append(name)
+            return real(*a, **k)
+        return call
     for name in ("all_reduce", "all_gather", "all_gather_object"):
         real = getattr(dist, name)
-        monkeypatch.setattr(dist, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+        monkeypatch.setattr(dist, name, counted(name, real))
     destroy = dist.destroy_process_group
 
     def destroy_and_look(*a, **k):
-        # a DDP still alive here would free its Reducer, the group's last holder, after this call: with the GIL
-        # held, while gloo's threads may need it (the exit deadlock of two-process runs)
+        # a DDP still alive here would free its Reducer, the group's last holder, after this call: with
+        # the GIL held, while gloo's threads may need it (the exit deadlock of two-process runs)
         ddp = torch.nn.parallel.DistributedDataParallel
         ddp_alive_at_teardown.extend(o for o in gc.get_objects() if type(o) is ddp)
         return destroy(*a, **k)
@@ -905,11 +979,13 @@ def test_torchrun_with_one_process_takes_the_distributed_path_and_frees_ddp_befo
     assert [r["loss"] for r in distributed] == pytest.approx([r["loss"] for r in plain], abs=1e-6)
 
 
-def test_an_interrupted_run_resumes_to_exactly_the_metrics_of_an_uninterrupted_one_skip_counts_included(tmp_path):
+def test_an_interrupted_run_resumes_to_exactly_the_metrics_of_an_uninterrupted_one_skip_counts_included(
+        tmp_path):
     import time
     # 3 files, 40 rows: 8 ties, a broken image and a broken caption leave 30 pairs, 7 steps an epoch
     data = quirky_shards(tmp_path / "d", [16, 16, 8])
-    flags = ["--data", data, "--max_steps", 9, "--save_every", 2, "--eval_pairs", 0, "--batch", 4, "--shuffle_buffer", 6]
+    flags = ["--data", data, "--max_steps", 9, "--save_every", 2, "--eval_pairs", 0, "--batch", 4,
+             "--shuffle_buffer", 6]
     full = run_script(tmp_path / "full", *flags)
     proc = run_script(tmp_path / "cut", *flags, wait=False)
     metrics = tmp_path / "cut" / "metrics.jsonl"
@@ -922,12 +998,13 @@ def test_an_interrupted_run_resumes_to_exactly_the_metrics_of_an_uninterrupted_o
     kill_group(proc)
     assert len(metrics.read_text().splitlines()) < 9, "the run finished before it could be interrupted"
     resumed = run_script(tmp_path / "cut", *flags, "--resume")
-    assert resumed == full and full[-1]["ties"] >= 8 and full[-1]["bad_image"] >= 1 and full[-1]["bad_caption"] >= 1
+    assert (resumed == full and full[-1]["ties"] >= 8 and full[-1]["bad_image"] >= 1
+            and full[-1]["bad_caption"] >= 1)
 
 
 def test_two_ranks_with_uneven_files_cross_epochs_without_a_hang_and_resume_exactly(tmp_path):
-    # 3 files of 24, 12 and 6 rows: each epoch deals 2 files to one rank and 1 to the other, so the ranks' epochs
-    # end at different steps; a rank that runs out starts its next epoch instead of waiting
+    # 3 files of 24, 12 and 6 rows: each epoch deals 2 files to one rank and 1 to the other, so the
+    # ranks' epochs end at different steps; a rank that runs out starts its next epoch instead of waiting
     data = quirky_shards(tmp_path / "d", [24, 12, 6])
     flags = ["--data", data, "--batch", 2, "--eval_pairs", 0, "--save_every", 100, "--sample_steps", 0,
              "--shuffle_buffer", 8]
@@ -942,10 +1019,11 @@ def test_two_ranks_with_uneven_files_cross_epochs_without_a_hang_and_resume_exac
 
 def test_replication_loop_reports_heldout_accuracy_and_rpo_with_one_pair_is_dpo(tmp_path):
     runs = {}
-    for loss in ("dpo", "rpo"):  # the README's loop: one rpo.py run per method, end-of-run JSON line read back
+    # the README's loop: one rpo.py run per method, end-of-run JSON line read back
+    for loss in ("dpo", "rpo"):
         out = tmp_path / loss
-        summary, metrics = train(out, "--loss", loss, "--batch", 1, "--seed", 0, "--max_steps", 3, "--toy_pairs", 32,
-                                 "--save_every", 100000, "--sample_steps", 0)
+        summary, metrics = train(out, "--loss", loss, "--batch", 1, "--seed", 0, "--max_steps", 3,
+                                 "--toy_pairs", 32, "--save_every", 100000, "--sample_steps", 0)
         runs[loss] = summary, metrics
         assert 0.0 <= summary["heldout_accuracy"] <= 1.0
         assert summary["loss_type"] == loss and summary["batch"] == 1 and len(metrics) == 3
@@ -1017,7 +1095,9 @@ def test_saved_lora_adapters_load_into_a_stock_diffusers_pipeline_in_one_line_an
     m = rpo.load_models(cfg, torch.device("cpu"), torch.float32)
     m.unet = pipe.unet
     rpo.save_samples(cfg, m, str(tmp_path / "loaded.png"), nullcontext())
-    pixels = lambda path: np.asarray(Image.open(path), dtype=np.int16)
+
+    def pixels(path):
+        return np.asarray(Image.open(path), dtype=np.int16)
     assert np.array_equal(pixels(tmp_path / "loaded.png"), pixels(out / "samples_3.png"))
     pipe.unload_lora_weights()  # the base UNet draws other samples: the adapters are in the file
     rpo.save_samples(cfg, m, str(tmp_path / "base.png"), nullcontext())
@@ -1057,9 +1137,10 @@ def test_the_beta_sweep_runs_each_method_at_two_betas_in_the_subject_world_score
 
 
 # ------------------------------------------------------------------------------------------ on a GPU
-# Skipped without CUDA, so always in CI. On a GPU machine the README's command (section Tests) runs just these:
-# sd15 and sdxl shapes with random weights (folders built once under this session's RPO_HOME), every loss, bf16
-# and fp16, --cache, --compile, torchrun with one process (NCCL), SDXL at 1024 px with the default held-out set.
+# Skipped without CUDA, so always in CI. On a GPU machine the README's command (section Tests) runs just
+# these: sd15 and sdxl shapes with random weights (folders built once under this session's RPO_HOME),
+# every loss, bf16 and fp16, --cache, --compile, torchrun with one process (NCCL), SDXL at 1024 px with
+# the default held-out set.
 on_a_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 SDXL_PEAK_BOUND_MB = 40 * 1024  # an SDXL M = 4 step at 1024 px peaked at 31.2 GB on an H100 (commit 960c675)
 
@@ -1083,15 +1164,16 @@ def gpu_run(tmp_path, *flags, torchrun=False, timeout=400):
     return summary, metrics, stderr
 
 
-SD15 = ["--model", "sd15", "--random_init", "--batch", 4, "--grad_accum", 1, "--max_steps", 3, "--toy_pairs", 64,
-        "--eval_pairs", 8, "--eval_draws", 2]
+SD15 = ["--model", "sd15", "--random_init", "--batch", 4, "--grad_accum", 1, "--max_steps", 3,
+        "--toy_pairs", 64, "--eval_pairs", 8, "--eval_draws", 2]
 
 
 @on_a_gpu
 @pytest.mark.parametrize("loss, precision", [("rpo", "bf16"), ("dpo", "fp16"), ("sft", "bf16")])
 def test_on_a_gpu_sd15_shapes_train_with_each_loss_and_precision(tmp_path, loss, precision):
     samples = 2 if loss == "rpo" else 0  # the sample grid through diffusers' pipeline, once
-    summary, metrics, _ = gpu_run(tmp_path, *SD15, "--loss", loss, "--precision", precision, "--sample_steps", samples)
+    summary, metrics, _ = gpu_run(tmp_path, *SD15, "--loss", loss, "--precision", precision,
+                                  "--sample_steps", samples)
     assert summary["steps"] == 3 and summary["precision"] == precision and summary["mfu"] > 0
     assert 0 <= summary["heldout_accuracy"] <= 1 and len(metrics) == 3
     assert precision == "fp16" or all(math.isfinite(r["loss"]) for r in metrics)  # fp16 may skip an overflow
@@ -1099,8 +1181,9 @@ def test_on_a_gpu_sd15_shapes_train_with_each_loss_and_precision(tmp_path, loss,
 
 @on_a_gpu
 def test_on_a_gpu_one_torchrun_process_runs_nccl_with_global_contrast_accumulation_and_a_cache(tmp_path):
-    summary, metrics, stderr = gpu_run(tmp_path, *SD15, "--global_contrast", "--grad_accum", 2, "--max_steps", 2,
-                                       "--cache", tmp_path / "cache", "--sample_steps", 0, torchrun=True)
+    summary, metrics, stderr = gpu_run(tmp_path, *SD15, "--global_contrast", "--grad_accum", 2,
+                                       "--max_steps", 2, "--cache", tmp_path / "cache", "--sample_steps", 0,
+                                       torchrun=True)
     assert "1 rank(s) (nccl)" in stderr and summary["world"] == 1 and summary["steps"] == 2
     assert all(math.isfinite(r["loss"]) and r["w_diag"] < 1 for r in metrics)
 
@@ -1115,11 +1198,11 @@ def test_on_a_gpu_compile_trains_the_tiny_model(tmp_path):
 @on_a_gpu
 def test_on_a_gpu_sdxl_at_1024_px_trains_m4_and_evaluates_the_default_held_out_set_under_the_memory_bound(
         tmp_path):
-    # the preset: 1024 px, M = 4, gradient checkpointing, Adafactor; 64 held-out pairs = 128 images at 1024 px,
-    # encoded and evaluated one micro-batch at a time
-    summary, metrics, _ = gpu_run(tmp_path, "--model", "sdxl", "--random_init", "--grad_accum", 1, "--max_steps", 2,
-                                  "--toy_pairs", 16, "--eval_pairs", 64, "--eval_draws", 1, "--sample_steps", 0,
-                                  timeout=560)
+    # the preset: 1024 px, M = 4, gradient checkpointing, Adafactor; 64 held-out pairs = 128 images at
+    # 1024 px, encoded and evaluated one micro-batch at a time
+    summary, metrics, _ = gpu_run(tmp_path, "--model", "sdxl", "--random_init", "--grad_accum", 1,
+                                  "--max_steps", 2, "--toy_pairs", 16, "--eval_pairs", 64, "--eval_draws", 1,
+                                  "--sample_steps", 0, timeout=560)
     assert summary["batch"] == 4 and summary["precision"] == "bf16" and 0 <= summary["heldout_accuracy"] <= 1
     assert summary["peak_mem_mb"] < SDXL_PEAK_BOUND_MB, summary["peak_mem_mb"]
 
@@ -1147,7 +1230,8 @@ def run_style(*argv):
 def style_data(tmp_path_factory):
     """make-data on tiny: 12 toy captions edited by a random InstructPix2Pix, every 4th held out."""
     d = tmp_path_factory.mktemp("style")
-    run_style("make-data", "--model", "tiny", "--n", 12, "--test_every", 4, "--steps", 2, "--out", d / "style.parquet")
+    run_style("make-data", "--model", "tiny", "--n", 12, "--test_every", 4, "--steps", 2,
+              "--out", d / "style.parquet")
     return d
 
 
@@ -1155,8 +1239,8 @@ def style_data(tmp_path_factory):
 def trained(style_data):
     out = style_data / "out"
     with redirect_stdout(io.StringIO()):
-        rpo.main(["--model", "tiny", "--data", str(style_data / "style.parquet"), "--max_steps", "2", "--batch", "4",
-                  "--workers", "0", "--eval_pairs", "0", "--out", str(out)])
+        rpo.main(["--model", "tiny", "--data", str(style_data / "style.parquet"), "--max_steps", "2",
+                  "--batch", "4", "--workers", "0", "--eval_pairs", "0", "--out", str(out)])
     return out
 
 
@@ -1175,13 +1259,16 @@ def test_frechet_distance_is_symmetric():
 
 def test_frechet_distance_matches_the_closed_form_for_two_gaussians():
     rng = np.random.default_rng(2)
-    mu_a, mu_b, var_a, var_b = rng.normal(size=6), rng.normal(size=6), rng.uniform(0.1, 3, 6), rng.uniform(0.1, 3, 6)
+    mu_a, mu_b = rng.normal(size=6), rng.normal(size=6)
+    var_a, var_b = rng.uniform(0.1, 3, 6), rng.uniform(0.1, 3, 6)
     # same eigenbasis R: FD = |mu_a - mu_b|^2 + sum (sqrt(s_a) - sqrt(s_b))^2, whatever the rotation
     closed = ((mu_a - mu_b) ** 2).sum() + ((np.sqrt(var_a) - np.sqrt(var_b)) ** 2).sum()
     for R in (np.eye(6), np.linalg.qr(rng.normal(size=(6, 6)))[0]):
         s_a, s_b = R @ np.diag(var_a) @ R.T, R @ np.diag(var_b) @ R.T
         assert eval_style.gaussian_frechet(mu_a, s_a, mu_b, s_b) == pytest.approx(closed, rel=1e-9)
-    samples = lambda mu, var, n: mu + np.sqrt(var) * rng.normal(size=(n, 6))
+
+    def samples(mu, var, n):
+        return mu + np.sqrt(var) * rng.normal(size=(n, 6))
     fd = eval_style.frechet_distance(samples(mu_a, var_a, 200_000), samples(mu_b, var_b, 200_000))
     assert fd == pytest.approx(closed, rel=0.02)
 
@@ -1194,7 +1281,8 @@ def test_frechet_distance_is_exact_when_n_is_below_d():
     for n in (1, 2, 5, 30):
         x, shift = rng.normal(size=(n, 64)), rng.normal(0, 0.3, size=64)
         # (the square roots of the ~64 - n rounding-level eigenvalues leave about 1e-5 of the trace)
-        assert eval_style.frechet_distance(x, x + shift) == pytest.approx((shift ** 2).sum(), rel=1e-4, abs=1e-9)
+        assert eval_style.frechet_distance(x, x + shift) == pytest.approx(
+            (shift ** 2).sum(), rel=1e-4, abs=1e-9)
         y = rng.normal(0.5, 2, size=(n, 64))
         assert eval_style.frechet_distance(x @ rotation, y @ rotation) == pytest.approx(
             eval_style.frechet_distance(x, y), rel=1e-4)
@@ -1241,8 +1329,9 @@ def test_rpo_trains_on_the_style_parquet(trained):
 
 
 def test_score_prints_a_table_and_json_for_base_and_tuned_models(style_data, trained):
-    out = run_style("score", "--model", "tiny", "--unet", trained / "unet", "--prompts", style_data / "style_test.parquet",
-              "--steps", 2, "--save", style_data / "generated")
+    out = run_style("score", "--model", "tiny", "--unet", trained / "unet",
+                    "--prompts", style_data / "style_test.parquet", "--steps", 2,
+                    "--save", style_data / "generated")
     assert "FD (CLIP)" in out and "Gram" in out and "CLIP score" in out
     result = json.loads(out.strip().splitlines()[-1])
     for name in ("base", "tuned"):
@@ -1255,15 +1344,17 @@ def test_score_prints_a_table_and_json_for_base_and_tuned_models(style_data, tra
 def test_scoring_the_reference_images_themselves_gives_zero_distances(style_data, tmp_path):
     for k, r in enumerate(pq.read_table(style_data / "style_test.parquet").to_pylist()):
         rpo.decode(r["jpg_0"]).save(tmp_path / f"{k}.png")
-    out = run_style("score", "--model", "tiny", "--images", tmp_path, "--ref", style_data / "style_test.parquet",
-              "--prompts", style_data / "style_test.parquet")
+    out = run_style("score", "--model", "tiny", "--images", tmp_path,
+                    "--ref", style_data / "style_test.parquet",
+                    "--prompts", style_data / "style_test.parquet")
     r = json.loads(out.strip().splitlines()[-1])[tmp_path.name]
     assert r["fd"] == pytest.approx(0, abs=1e-4) and r["gram"] == pytest.approx(0, abs=1e-6)
 
 
 def test_unknown_style_without_instruction_exits_with_one_line(tmp_path):
     with pytest.raises(SystemExit, match="eval_style.py: unknown style 'cubism'"):
-        run_style("make-data", "--model", "tiny", "--style", "cubism", "--n", 4, "--out", tmp_path / "s.parquet")
+        run_style("make-data", "--model", "tiny", "--style", "cubism", "--n", 4,
+                  "--out", tmp_path / "s.parquet")
 
 
 def test_missing_prompts_file_exits_with_one_line(tmp_path):
