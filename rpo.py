@@ -1314,7 +1314,8 @@ def describe(cfg, m, run, trainer):
 def train(cfg, m, run, trainer, batches, heldout, step, nonfinite_total):
     """The training loop from `step` to --max_steps. Every --save_every steps and at the end: held-out
     metrics, a checkpoint and samples. Returns the logged records, the loop's timing, its last micro-batch."""
-    start_step, nonfinite_run, history, step_seconds, saving, enc = step, 0, [], [], 0.0, None
+    start_step, nonfinite_run, history, enc = step, 0, [], None
+    step_seconds, saving = [], 0.0  # saving: seconds of evaluation, checkpoints and samples: not throughput
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not run.master, dynamic_ncols=True)
     WEIGHT_TIMES.clear()  # count only the training loop's pair embeddings
     t0 = t_first = time.perf_counter()
@@ -1344,7 +1345,6 @@ def train(cfg, m, run, trainer, batches, heldout, step, nonfinite_total):
                      f"--beta, or use --precision bf16/fp32")
     bar.close()
     end = time.perf_counter()
-    # saving: seconds of evaluation, checkpoints and samples, kept out of the throughput
     timing = dict(steps=step - start_step, seconds=end - t0, timed=end - t_first - saving, saving=saving,
                   step_seconds=step_seconds)
     return history, timing, enc
