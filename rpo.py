@@ -180,8 +180,8 @@ SHAPES = {
                   projection_class_embeddings_input_dim=6 * 8 + 32),
         vae=vae_config([16, 32], 0.13025), clip_vision=TINY_VISION,
         text=[TINY_TEXT, clip_text_config(32, 2, 2, 32, act="gelu", vocab=TINY_VOCAB)]),
-    "sd15": dict(
-        unet=dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8),  # the rest: diffusers' SD1
+    "sd15": dict(  # the UNet's other fields: diffusers' defaults, which are SD1.x's
+        unet=dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8),
         vae=vae_config([128, 256, 512, 512], 0.18215), text=[clip_text_config(768, 12, 12, 768)],
         clip_vision=VIT_L14),
     "sdxl": dict(
@@ -1240,7 +1240,7 @@ class Trainer:
     params: list  # the trained parameters: the whole UNet, or its LoRA adapters
     optimizer: torch.optim.Optimizer
     schedule: torch.optim.lr_scheduler.LambdaLR  # linear warmup
-    scaler: torch.amp.GradScaler  # fp16 only
+    scaler: torch.amp.GradScaler  # enabled under fp16 only
 
 
 def make_trainer(cfg, m, run):
