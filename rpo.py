@@ -71,7 +71,8 @@ class Config:
     resolution: int = None
     batch: int = None  # M pairs per micro-batch per rank
     grad_accum: int = None
-    lr: float = None
+    lr: float = None  # set outright; None: lr_per_pair x effective batch (batch x grad_accum x world size)
+    lr_per_pair: float = None  # Diffusion-DPO's --scale_lr: the learning rate per pair of the effective batch
     optimizer: str = None  # adamw | adafactor
     warmup_steps: int = None
     max_steps: int = None
@@ -81,10 +82,11 @@ class Config:
     drop_prompt: float = 0.2  # Diffusion-DPO's share of empty conditioning captions
     random_crop: bool = False
     no_flip: bool = False
+    time_ids: str = "constant"  # SDXL size and crop conditioning: constant (res, res, 0, 0, res, res) | image
     workers: int = 4  # processes decoding JPEGs
     shuffle_buffer: int = 1000
     cache: str = ""  # folder of encoded pairs (VAE latents, text states, CLIP features)
-    out: str = "out"
+    out: str = None  # the run's folder; default out/run-N, a new N per fresh run, the newest N under --resume
     save_every: int = None
     keep: int = 2
     resume: bool = False
@@ -95,21 +97,27 @@ class Config:
 
 HUB_SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 HUB_SDXL = "stabilityai/stable-diffusion-xl-base-1.0"
-# Diffusion-DPO's recipe: lr 1e-8 scaled by the effective batch of 2048 pairs, 2000 steps, 500 warmup.
+# Diffusion-DPO's recipe: lr 1e-8 per pair times the effective batch (2048 pairs on 8 GPUs: 2.048e-5), 2000
+# steps, 500 warmup. The toy's rate is 1e-5 at its 8 pairs a step.
 PRESETS = {
-    "tiny": dict(resolution=32, batch=8, grad_accum=1, lr=1e-5, optimizer="adamw", warmup_steps=10,
-                 max_steps=300, grad_checkpointing=False, save_every=150, sample_steps=8),
+    "tiny": dict(resolution=32, batch=8, grad_accum=1, lr_per_pair=1e-5 / 8, optimizer="adamw",
+                 warmup_steps=10, max_steps=300, grad_checkpointing=False, save_every=150, sample_steps=8),
     "sd15": dict(pretrained=HUB_SD15, clip="openai/clip-vit-large-patch14", resolution=512, batch=8,
-                 grad_accum=32, lr=2.048e-5, optimizer="adamw", warmup_steps=500, max_steps=2000,
+                 grad_accum=32, lr_per_pair=1e-8, optimizer="adamw", warmup_steps=500, max_steps=2000,
                  grad_checkpointing=False, save_every=200, sample_steps=30),
     "sdxl": dict(pretrained=HUB_SDXL, clip="openai/clip-vit-large-patch14", resolution=1024, batch=4,
-                 grad_accum=64, lr=2.048e-5, optimizer="adafactor", warmup_steps=500, max_steps=2000,
+                 grad_accum=64, lr_per_pair=1e-8, optimizer="adafactor", warmup_steps=500, max_steps=2000,
                  grad_checkpointing=True, save_every=200, sample_steps=30),
 }
+# What may change on --resume: the rest shapes the data order, the model or the loss, and must match.
+FREE_ON_RESUME = ("max_steps", "save_every", "keep", "workers", "eval_data", "eval_split", "eval_pairs",
+                  "eval_draws", "sample_steps", "max_nonfinite", "compile", "grad_checkpointing", "cache",
+                  "out", "resume")
 PRESETS["tiny-xl"] = PRESETS["tiny-drawn"] = PRESETS["tiny"]
 IS_XL = {"tiny": False, "tiny-xl": True, "tiny-drawn": False, "sd15": False, "sdxl": True}
 CHOICES = dict(model=IS_XL, loss=("rpo", "dpo", "sft"), embed=("text", "image", "both"),
-               precision=(None, "bf16", "fp16", "fp32"), optimizer=(None, "adamw", "adafactor"))
+               precision=(None, "bf16", "fp16", "fp32"), optimizer=(None, "adamw", "adafactor"),
+               time_ids=("constant", "image"))
 for lib in (diffusers, transformers):  # their load-time chatter would bury the training log
     lib.utils.logging.set_verbosity_error()
     lib.utils.logging.disable_progress_bar()
@@ -725,6 +733,7 @@ class PairJob(NamedTuple):
     resolution: int
     flip: bool = False
     crop_seed: str = None  # None: a centre crop
+    time_ids: str = "image"  # SDXL's conditioning on the image's own size and crop, or "constant"
 
 
 def decode(blob):
@@ -738,7 +747,7 @@ def decode(blob):
 def prepare_pair(job):
     """Check, decode, winner first, resize and crop, flip: in a worker process. Returns a pair or a skip
     reason."""
-    row, index, resolution, flip, crop_seed = job
+    row, index, resolution, flip, crop_seed, time_ids = PairJob(*job)
     reason = skip_reason(row)
     if reason:
         return reason
@@ -749,16 +758,18 @@ def prepare_pair(job):
     winner, loser = (first, second) if row["label_0"] == 1 else (second, first)
     pair = dict(index=index, caption=row["caption"], small=int(min(*winner.size, *loser.size) < resolution))
     for name, img in (("winner", winner), ("loser", loser)):
-        square, time_ids = resize_and_crop(img, resolution, crop_seed)
-        pixels = np.asarray(square, dtype=np.uint8).transpose(2, 0, 1)
-        pair[name] = np.ascontiguousarray(pixels[:, :, ::-1] if flip else pixels)
-        pair[name + "_time_ids"] = time_ids
+        square, own_size_and_crop = resize_and_crop(img, resolution, crop_seed, flip)
+        pair[name] = np.ascontiguousarray(np.asarray(square, dtype=np.uint8).transpose(2, 0, 1))
+        # constant: as if every image were a res x res original, so winner and loser are conditioned alike
+        uncropped = [resolution, resolution, 0, 0, resolution, resolution]
+        pair[name + "_time_ids"] = own_size_and_crop if time_ids == "image" else uncropped
     return pair
 
 
-def resize_and_crop(img, resolution, crop_seed):
-    """Short side to resolution, then a centre crop or one seeded by crop_seed; with SDXL's micro-conditioning
-    of the crop: original size, crop corner, target size."""
+def resize_and_crop(img, resolution, crop_seed, flip):
+    """Short side to resolution, then a centre crop or one seeded by crop_seed, then the flip; with SDXL's
+    micro-conditioning of the crop: original size, crop corner (mirrored with the image, as SDXL trains),
+    target size."""
     w, h = img.size
     s = resolution / min(w, h)
     resized = img.resize((max(resolution, round(w * s)), max(resolution, round(h * s))), Image.BICUBIC)
@@ -766,6 +777,8 @@ def resize_and_crop(img, resolution, crop_seed):
     top = rng.randint(0, resized.height - resolution) if rng else (resized.height - resolution) // 2
     left = rng.randint(0, resized.width - resolution) if rng else (resized.width - resolution) // 2
     square = resized.crop((left, top, left + resolution, top + resolution))
+    if flip:
+        square, left = square.transpose(Image.Transpose.FLIP_LEFT_RIGHT), resized.width - resolution - left
     return square, [h, w, top, left, resolution, resolution]
 
 
@@ -810,7 +823,7 @@ def epoch_jobs(cfg, files, epoch, rank, world, at):
     for pid, row, after in rank_rows(cfg, files, epoch, rank, world, at):
         flip = not cfg.no_flip and coin(cfg.seed, epoch, pid, "flip") < 0.5
         crop_seed = f"{cfg.seed}-{epoch}-{pid}" if cfg.random_crop else None
-        yield after, PairJob(row, pid, cfg.resolution, flip, crop_seed)
+        yield after, PairJob(row, pid, cfg.resolution, flip, crop_seed, cfg.time_ids)
 
 
 def prepared_in_order(prepare, jobs, pool, ahead):
@@ -848,7 +861,7 @@ def collate(pairs):
 # embeddings f. They are computed on the fly, or once per dataset with --cache and read back every epoch.
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 CACHE_CHUNK = 256  # rows decoded and encoded at a time while building the cache
-WEIGHT_TIMES = []  # (start, end) of each pair-embedding computation, for the end-of-run time share
+WEIGHT_TIME = dict(seconds=0.0, in_flight=deque())  # pair-embedding time, for the end-of-run time share
 
 
 # f(c, x) = normalize(normalize(text(c)) + normalize(image(x)));  --embed text | image | both
@@ -883,8 +896,17 @@ def clock(device):
     return time.perf_counter()
 
 
-def weight_seconds():
-    return sum(b - a if isinstance(a, float) else a.elapsed_time(b) / 1000 for a, b in WEIGHT_TIMES)
+def add_weight_time(interval=None):
+    """Adds a (start, end) of pair-embedding time to the running total, with any earlier ones now done:
+    perf_counter seconds, or CUDA events, read once the GPU has passed them (a query, never a sync), so only
+    the few intervals still in flight are kept. Returns the total so far."""
+    in_flight = WEIGHT_TIME["in_flight"]
+    if interval:
+        in_flight.append(interval)
+    while in_flight and (isinstance(in_flight[0][1], float) or in_flight[0][1].query()):
+        start, end = in_flight.popleft()
+        WEIGHT_TIME["seconds"] += end - start if isinstance(start, float) else start.elapsed_time(end) / 1000
+    return WEIGHT_TIME["seconds"]
 
 
 @torch.no_grad()
@@ -900,7 +922,7 @@ def encode_pairs(m, batch, embed, with_f=True):
     if with_f:
         start = clock(m.device)
         f = pair_embeddings(m, batch["caption"], pixels, embed)
-        WEIGHT_TIMES.append((start, clock(m.device)))
+        add_weight_time((start, clock(m.device)))
         enc.update(f_w=f[:M], f_l=f[M:])
     return enc
 
@@ -908,7 +930,7 @@ def encode_pairs(m, batch, embed, with_f=True):
 def cache_meta(cfg, m):
     return dict(base=m.base, model=cfg.model, resolution=cfg.resolution, clip=cfg.clip, embed=cfg.embed,
                 data=cfg.data, data_id=cfg.data_id if cfg.data == "pickapic" else None, split=cfg.split,
-                max_pairs=cfg.max_pairs, dtype=str(m.dtype))
+                max_pairs=cfg.max_pairs, time_ids=cfg.time_ids, dtype=str(m.dtype))
 
 
 def atomic_save(obj, path):
@@ -962,12 +984,16 @@ def encode_file(cfg, m, file, k, pool):
     n, skip, small, parts = file_length(file), [], [], []
     for a in range(0, n, CACHE_CHUNK):  # CACHE_CHUNK decoded rows in memory at a time
         rows = read_rows(file, a, min(n, a + CACHE_CHUNK))
-        prepared = decoded([PairJob(row, f"{k}:{r}", cfg.resolution) for r, row in enumerate(rows, a)], pool)
-        skip += [p if isinstance(p, str) else None for p in prepared]
-        usable = [p for p in prepared if not isinstance(p, str)]
-        small += [p.pop("small") for p in usable]
+        jobs = [PairJob(row, f"{k}:{r}", cfg.resolution, time_ids=cfg.time_ids)
+                for r, row in enumerate(rows, a)]
+        plain, flipped = decoded(jobs, pool), decoded([job._replace(flip=True) for job in jobs], pool)
+        skip += [p if isinstance(p, str) else None for p in plain]
+        usable = [(p, q) for p, q in zip(plain, flipped) if not isinstance(p, str)]
+        small += [p.pop("small") for p, _ in usable]
         for i in range(0, len(usable), cfg.batch):
-            parts.append(encode_both_flips(cfg, m, collate(usable[i:i + cfg.batch])))
+            chunk = usable[i:i + cfg.batch]
+            plain_batch, flipped_batch = collate([p for p, _ in chunk]), collate([q for _, q in chunk])
+            parts.append(encode_both_flips(cfg, m, plain_batch, flipped_batch))
     tensors = {}
     for key in ("latents", "f", "prompt", "pooled", "time_ids"):
         stored = parts and parts[0][key] is not None  # SD1.5 has no pooled states
@@ -975,13 +1001,12 @@ def encode_file(cfg, m, file, k, pool):
     return dict(skip=skip, small=small, **tensors)
 
 
-def encode_both_flips(cfg, m, batch):
-    """A micro-batch's encodings as the cache stores them: latents and f as [n, flip, winner/loser, ...]."""
-    mirrored = dict(batch, winner=batch["winner"].flip(-1), loser=batch["loser"].flip(-1))
+def encode_both_flips(cfg, m, batch, mirrored):
+    """A micro-batch's encodings, unflipped and flipped, as the cache stores them: latents, f and time ids as
+    [n, flip, winner/loser, ...]."""
     plain, flipped = encode_pairs(m, batch, cfg.embed), encode_pairs(m, mirrored, cfg.embed)
-    return dict(latents=by_flip_and_side(plain, flipped, "latents"), f=by_flip_and_side(plain, flipped, "f"),
-                prompt=plain["prompt"], pooled=plain["pooled"],
-                time_ids=torch.stack([plain["time_ids_w"], plain["time_ids_l"]], 1))
+    return dict(prompt=plain["prompt"], pooled=plain["pooled"],
+                **{key: by_flip_and_side(plain, flipped, key) for key in ("latents", "f", "time_ids")})
 
 
 def by_flip_and_side(plain, flipped, key):
@@ -1007,13 +1032,13 @@ def cache_file(path):
 
 def cached_pair(job):
     """A cached row as prepare_pair would give it: its skip reason, or its encodings under the job's flip."""
-    (c, r), index, _, flip, _ = job
+    (c, r), index, flip = job.row, job.index, job.flip
     if c["skip"][r]:
         return c["skip"][r]
     s = c["slot"][r]
     return dict(index=index, small=c["small"][s], latents=c["latents"][s, int(flip)], f=c["f"][s, int(flip)],
                 prompt=c["prompt"][s], pooled=None if c["pooled"] is None else c["pooled"][s],
-                time_ids=c["time_ids"][s])
+                time_ids=c["time_ids"][s, int(flip)])
 
 
 def training_batches(cfg, m, rank, world, start, pool):
@@ -1046,7 +1071,7 @@ def heldout_pairs(cfg, m):
         return None
     split = cfg.eval_split or default_eval_split(source)
     rows = itertools.islice(rows_in_order(cfg, source, split), cfg.eval_pairs)
-    prepared = decoded([PairJob(row, i, cfg.resolution) for i, row in rows])
+    prepared = decoded([PairJob(row, i, cfg.resolution, time_ids=cfg.time_ids) for i, row in rows])
     pairs = [p for p in prepared if not isinstance(p, str)]
     if not pairs:
         sys.exit(f"rpo.py: no usable held-out pairs in {source!r} (split {split!r})")
@@ -1082,12 +1107,12 @@ def rpo_loss(err_w, err_l, ref_err_w, ref_err_l, beta, weights=None):
 
 
 def preference_metrics(err_w, err_l, ref_err_w, ref_err_l, beta, weights=None):
-    """Implicit accuracy (s_w < s_l, ties half), reward margin (beta/2)(s_l - s_w), mean w_ii, policy and
-    reference MSE."""
+    """Implicit accuracy (s_w < s_l, ties half), reward margin (beta/2)(s_l - s_w), mean w_ii and the
+    diagonal's effective beta x w_ii, policy and reference MSE."""
     s_w, s_l = (err_w - ref_err_w).detach().float(), (err_l - ref_err_l).detach().float()
+    w_diag = weights.diagonal().mean() if weights is not None else s_w.new_ones(())
     return dict(accuracy=((s_w < s_l).float() + 0.5 * (s_w == s_l).float()).mean(),
-                margin=(beta / 2 * (s_l - s_w)).mean(),
-                w_diag=weights.diagonal().mean() if weights is not None else s_w.new_ones(()),
+                margin=(beta / 2 * (s_l - s_w)).mean(), w_diag=w_diag, beta_w_diag=beta * w_diag,
                 mse=torch.cat([err_w, err_l]).detach().mean(),
                 ref_mse=torch.cat([ref_err_w, ref_err_l]).mean())
 
@@ -1218,6 +1243,7 @@ def set_up(cfg):
         wait = datetime.timedelta(minutes=30)  # while rank 0 evaluates and saves alone, the others wait
         dist.init_process_group(backend, timeout=wait, device_id=device if device.type == "cuda" else None)
     rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+    cfg.out = run_folder(cfg, rank, ddp)
     bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     precision = cfg.precision or ("bf16" if bf16 else "fp32")
     dtype = dict(bf16=torch.bfloat16, fp16=torch.float16, fp32=torch.float32)[precision]
@@ -1231,6 +1257,41 @@ def set_up(cfg):
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     return Run(device, rank, world, local_rank, ddp, precision, dtype, autocast)
+
+
+def run_folder(cfg, rank, ddp):
+    """--out, or out/run-N: a new N for a fresh run (claimed by creating it, so runs started together differ),
+    the newest under --resume; rank 0 picks and every rank takes its pick. A fresh run never writes into a
+    folder that holds another run."""
+    out = cfg.out
+    if out is None:
+        if rank == 0:
+            numbers = [p[len("out/run-"):] for p in glob.glob("out/run-*")]
+            taken = [int(n) for n in numbers if n.isdigit()]
+            if cfg.resume:
+                n = max(taken, default=1)
+            else:
+                n = max(taken, default=0) + 1
+                while not claim(f"out/run-{n}"):
+                    n += 1
+            out = f"out/run-{n}"
+        if ddp:
+            picked = [out]
+            dist.broadcast_object_list(picked, src=0)
+            out = picked[0]
+    ran = checkpoints(out) + glob.glob(os.path.join(out, "metrics.jsonl"))
+    if not cfg.resume and any(os.path.getsize(p) for p in ran):
+        sys.exit(f"rpo.py: --out {out} holds a run (checkpoints or metrics.jsonl); pass --resume to continue "
+                 f"it, or choose another --out")
+    return out
+
+
+def claim(folder):
+    try:
+        os.makedirs(folder)
+        return True
+    except FileExistsError:
+        return False
 
 
 @dataclass
@@ -1253,7 +1314,7 @@ def make_trainer(cfg, m, run):
         policy = torch.compile(policy)
         m.ref_unet = torch.compile(m.ref_unet) if m.ref_unet is not None else None
     params = [p for p in m.unet.parameters() if p.requires_grad]
-    optimizer = make_optimizer(cfg, params, run.device)
+    optimizer = make_optimizer(cfg, params, learning_rate(cfg, run.world), run.device)
 
     def warmup(step):
         return min(1.0, (step + 1) / max(1, cfg.warmup_steps))
@@ -1262,12 +1323,17 @@ def make_trainer(cfg, m, run):
     return Trainer(policy, params, optimizer, schedule, scaler)
 
 
-def make_optimizer(cfg, params, device):
+# lr = lr_per_pair x batch x grad_accum x world size  (Diffusion-DPO's --scale_lr); --lr sets it outright
+def learning_rate(cfg, world):
+    return cfg.lr if cfg.lr is not None else cfg.lr_per_pair * cfg.batch * cfg.grad_accum * world
+
+
+def make_optimizer(cfg, params, lr, device):
     if cfg.optimizer == "adafactor":  # Diffusion-DPO's choice for SDXL: no second-moment matrix per weight
         from transformers.optimization import Adafactor
-        return Adafactor(params, lr=cfg.lr, scale_parameter=False, relative_step=False, warmup_init=False,
+        return Adafactor(params, lr=lr, scale_parameter=False, relative_step=False, warmup_init=False,
                          weight_decay=1e-2)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2, fused=device.type == "cuda")
+    return torch.optim.AdamW(params, lr=lr, weight_decay=1e-2, fused=device.type == "cuda")
 
 
 def resume(cfg, m, trainer, run):
@@ -1275,14 +1341,27 @@ def resume(cfg, m, trainer, run):
     scaler and random states. Returns the step, the non-finite steps so far and every rank's data state
     (0, 0, None without one)."""
     ckpt = load_checkpoint(cfg.out) if cfg.resume else None
+    if cfg.resume and run.ddp:  # each rank reads --out itself: nodes that do not share it would diverge
+        step = torch.tensor([ckpt["step"] if ckpt else 0], device=run.device)
+        lowest, highest = step.clone(), step.clone()
+        dist.all_reduce(lowest, op=dist.ReduceOp.MIN)
+        dist.all_reduce(highest, op=dist.ReduceOp.MAX)
+        if lowest != highest:
+            sys.exit(f"rpo.py: the ranks found checkpoints of different steps in {cfg.out} ({int(lowest)} to "
+                     f"{int(highest)}): --out (and --cache) must be on a filesystem every node sees")
     if ckpt is None:
         return 0, 0, None
+    changed = changed_settings(ckpt["config"], cfg)
+    if changed:
+        sys.exit(f"rpo.py: {cfg.out} was trained with other settings: {', '.join(changed)}. They shape the "
+                 f"data order, the model or the loss: resume with the run's values, or start a new --out")
     if len(ckpt["data_states"]) != run.world:  # the data order depends on the world size
         sys.exit(f"rpo.py: checkpoint was written by {len(ckpt['data_states'])} ranks; resume with as many")
     missing, unexpected = m.unet.load_state_dict(ckpt["unet"], strict=False)  # LoRA: adapters only
-    if unexpected or [k for k in missing if not m.lora or ".default." in k]:
-        sys.exit(f"rpo.py: the checkpoint in {cfg.out} holds other weights than this run trains; "
-                 f"resume with its --lora_rank, --lora_modules and --init_lora")
+    missing = [k for k in missing if not m.lora or ".default." in k]
+    if unexpected or missing:
+        sys.exit(f"rpo.py: the checkpoint in {cfg.out} holds other weights than this run trains, such as "
+                 f"{(unexpected or missing)[0]}")
     trainer.optimizer.load_state_dict(ckpt["optimizer"])
     trainer.schedule.load_state_dict(ckpt["lr_schedule"])
     trainer.scaler.load_state_dict(ckpt["scaler"])
@@ -1292,6 +1371,12 @@ def resume(cfg, m, trainer, run):
     if run.master and ckpt["step"]:
         print(f"resumed from step {ckpt['step']}", file=sys.stderr)
     return ckpt["step"], ckpt["nonfinite"], ckpt["data_states"]
+
+
+def changed_settings(saved, cfg):
+    """'--flag saved (now new)' for each setting that differs from a checkpoint's config and may not."""
+    return [f"--{k} {saved.get(k, '(unset)')} (now {v})" for k, v in dataclasses.asdict(cfg).items()
+            if k not in FREE_ON_RESUME and saved.get(k, "(unset)") != v]
 
 
 def cut_metrics_log(out, step):
@@ -1304,11 +1389,18 @@ def cut_metrics_log(out, step):
 
 
 def describe(cfg, m, run, trainer):
+    """The start-up line: what trains on what, the effective batch and the learning rate it gives, and how
+    many pairs each row of w is normalised over (the diagonal's logit is scaled by w_ii, about 1 / that)."""
     ranks = f"{run.world} rank(s) ({dist.get_backend()})" if run.ddp else "1 process"
     trained = sum(p.numel() for p in trainer.params) / 1e6
-    return (f"training {cfg.model} ({m.base}) with {cfg.loss} on {cfg.data}: {ranks} x {cfg.batch} pairs x "
-            f"{cfg.grad_accum} accumulation, {run.precision}, {trained:.1f}M trainable parameters"
-            f"{' (LoRA)' if m.lora else ''}")
+    pairs = cfg.batch * cfg.grad_accum * run.world
+    scaled = f" = {cfg.lr_per_pair:g} per pair x {pairs}" if cfg.lr is None else " (--lr)"
+    row = cfg.batch * (run.world if cfg.global_contrast else 1)
+    weights = f", each row of w over {row} pairs" if cfg.loss == "rpo" else ""
+    return (f"training {cfg.model} ({m.base}) with {cfg.loss} on {cfg.data} into {cfg.out}: {ranks} x "
+            f"{cfg.batch} pairs x {cfg.grad_accum} accumulation = {pairs} pairs a step, lr "
+            f"{learning_rate(cfg, run.world):g}{scaled}{weights}, {run.precision}, {trained:.1f}M trainable "
+            f"parameters{' (LoRA)' if m.lora else ''}")
 
 
 def train(cfg, m, run, trainer, batches, heldout, step, nonfinite_total):
@@ -1317,7 +1409,7 @@ def train(cfg, m, run, trainer, batches, heldout, step, nonfinite_total):
     start_step, nonfinite_run, history, enc = step, 0, [], None
     step_seconds, saving = [], 0.0  # saving: seconds of evaluation, checkpoints and samples: not throughput
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not run.master, dynamic_ncols=True)
-    WEIGHT_TIMES.clear()  # count only the training loop's pair embeddings
+    WEIGHT_TIME.update(seconds=0.0, in_flight=deque())  # count only the training loop's pair embeddings
     t0 = t_first = time.perf_counter()
     while step < cfg.max_steps:
         t_step, lr = time.perf_counter(), trainer.schedule.get_last_lr()[0]
@@ -1383,8 +1475,10 @@ def optimizer_step(trainer, sums, counts, run):
     absorbed = overflow and trainer.scaler.get_scale() >= 1
     if finite:
         trainer.scaler.step(trainer.optimizer)
-        trainer.schedule.step()
     trainer.scaler.update()
+    with warnings.catch_warnings():  # torch warns when a skipped first step steps the schedule: intended
+        warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler.step\(\)` before")
+        trainer.schedule.step()  # every step, skipped or not: the warmup follows the step number
     trainer.optimizer.zero_grad(set_to_none=True)
     return logged, finite, absorbed
 
@@ -1415,9 +1509,15 @@ def save_point(cfg, m, run, trainer, heldout, step, nonfinite_total, state):
     return logged
 
 
+def json_line(record):
+    """Strict JSON: a value that is not a finite number (a skipped step's loss, SFT's accuracy) is null."""
+    return json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v
+                       for k, v in record.items()}, allow_nan=False)
+
+
 def log_step(cfg, record, bar):
     with open(os.path.join(cfg.out, "metrics.jsonl"), "a") as fh:
-        fh.write(json.dumps(record) + "\n")
+        fh.write(json_line(record) + "\n")
     bar.update(1)
     skipped = sum(record[k] for k in SKIP_KEYS if k not in ("ties", "small"))
     bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record.get('accuracy', float('nan')):.2f}",
@@ -1444,20 +1544,20 @@ def end_of_run(cfg, m, run, history, timing, enc):
     n_timed = max(timing["steps"] - 1, 0)
     steps_per_s = n_timed / timing["timed"] if n_timed else timing["steps"] / timing["seconds"]
     if run.device.type == "cuda":
+        torch.cuda.synchronize(run.device)  # every pair-embedding interval is done
         peak = torch.cuda.max_memory_allocated(run.device)
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     flops_per_s = step_flops(cfg, m, enc) * cfg.grad_accum * steps_per_s  # per rank; counted after the peak
-    last = history[-10:]
-    train_accuracy = sum(r.get("accuracy", float("nan")) for r in last) / len(last)
+    last = [r["accuracy"] for r in history[-10:] if "accuracy" in r]  # SFT has none
     step_ms = 1000 * statistics.median(timing["step_seconds"][1:] or timing["step_seconds"])
     return dict(steps=timing["steps"], seconds=round(timing["seconds"], 2), steps_per_s=round(steps_per_s, 4),
                 pairs_per_s=round(steps_per_s * cfg.batch * cfg.grad_accum * run.world, 2),
                 median_step_ms=round(step_ms, 2), tflops_per_s=round(flops_per_s / 1e12, 4),
                 mfu=round(flops_per_s / PEAK_BF16_FLOPS, 4) if run.device.type == "cuda" else None,
                 peak_mem_mb=round(peak / 2**20, 1),
-                weight_time_share=round(weight_seconds() / (timing["seconds"] - timing["saving"]), 4),
-                loss=history[-1]["loss"], train_accuracy=round(train_accuracy, 4),
+                weight_time_share=round(add_weight_time() / (timing["seconds"] - timing["saving"]), 4),
+                loss=history[-1]["loss"], train_accuracy=round(statistics.fmean(last), 4) if last else None,
                 heldout_accuracy=history[-1].get("heldout_accuracy"),
                 heldout_margin=history[-1].get("heldout_margin"),
                 model=cfg.model, loss_type=cfg.loss, batch=cfg.batch, world=run.world,
@@ -1485,7 +1585,7 @@ def main(argv=None):
     history, timing, last_enc = train(cfg, m, run, trainer, batches, heldout, step, nonfinite_total)
 
     if run.master and history:
-        print(json.dumps(end_of_run(cfg, m, run, history, timing, last_enc)), flush=True)
+        print(json_line(end_of_run(cfg, m, run, history, timing, last_enc)), flush=True)
     if pool:
         pool.terminate()
     if run.ddp:
@@ -1523,7 +1623,8 @@ def save_checkpoint(cfg, m, trainer, step, nonfinite, state, run):
     path = os.path.join(cfg.out, f"ckpt-{step:07d}.pt")
     atomic_save(ckpt, path)
     link_newest(path, os.path.join(cfg.out, "ckpt.pt"))
-    for old in sorted(glob.glob(os.path.join(cfg.out, "ckpt-*.pt")))[:-cfg.keep]:
+    own = [p for p in checkpoints(cfg.out) if checkpoint_step(p) <= step]  # a later step is another run's
+    for old in own[:-cfg.keep]:
         os.remove(old)
     save_weights(m, os.path.join(cfg.out, "lora" if m.lora else "unet"))
 
@@ -1565,11 +1666,23 @@ def save_lora(m, folder):
                                unet_lora_adapter_metadata=m.unet.peft_config["default"].to_dict())
 
 
+def checkpoints(out):
+    """DIR/ckpt-STEP.pt, oldest first."""
+    paths = glob.glob(os.path.join(out, "ckpt-*.pt"))
+    return sorted([p for p in paths if checkpoint_step(p) is not None], key=checkpoint_step)
+
+
+def checkpoint_step(path):
+    step = os.path.basename(path)[len("ckpt-"):-len(".pt")]
+    return int(step) if step.isdigit() else None
+
+
 def load_checkpoint(out):
-    """The newest checkpoint that loads; a truncated or corrupt file is reported and passed over."""
-    for path in sorted(glob.glob(os.path.join(out, "ckpt-*.pt")), reverse=True):
+    """The newest checkpoint that loads; a truncated or corrupt file is reported and passed over. It is
+    memory-mapped: the ranks of one host share its pages instead of each holding a copy."""
+    for path in reversed(checkpoints(out)):
         try:
-            return torch.load(path, map_location="cpu", weights_only=False)
+            return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
         except Exception as e:
             print(f"rpo.py: checkpoint {path} is unreadable ({type(e).__name__}); trying an older one",
                   file=sys.stderr)

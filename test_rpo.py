@@ -1,4 +1,5 @@
 """The specification of rpo.py, as tests: CPU, offline, tiny random models, data the tests write."""
+import collections
 import copy
 import gc
 import io
@@ -42,8 +43,18 @@ def train(out, *flags):
         rpo.main(["--out", str(out), "--workers", "0", "--eval_pairs", "8", "--eval_draws", "2",
                   *map(str, flags)])
     lines = [l for l in buf.getvalue().splitlines() if l.startswith("{")]
-    metrics = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
-    return json.loads(lines[-1]) if lines else None, metrics
+    return strict_json(lines[-1]) if lines else None, logged(out)
+
+
+def logged(out):
+    return [strict_json(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+
+
+def strict_json(line):
+    """json.loads, refusing NaN and Infinity, which are not JSON."""
+    def refuse(constant):
+        raise ValueError(f"{constant} in {line!r}")
+    return json.loads(line, parse_constant=refuse)
 
 
 # not an Exception: the code under test may catch those (a bad image is skipped)
@@ -489,6 +500,45 @@ def test_sdxl_time_ids_record_each_images_own_size_and_crop():
     assert pair["small"] == 0
 
 
+def test_with_image_time_ids_a_flipped_image_is_conditioned_on_its_mirrored_crop():
+    # 80 x 48 resized to 53 x 32: the centre crop starts 10 px from the left and ends 11 px from the right
+    row = dict(caption="c", jpg_0=png((1, 2, 3), (80, 48)), jpg_1=png((3, 2, 1), (40, 64)), label_0=1.0)
+    plain, flipped = (rpo.prepare_pair(rpo.PairJob(row, 0, 32, flip, time_ids="image")) for flip in (0, 1))
+    assert flipped["winner_time_ids"] == [48, 80, 0, 11, 32, 32]
+    assert flipped["loser_time_ids"] == [64, 40, 9, 0, 32, 32]  # 40 px wide: no horizontal crop to mirror
+    assert np.array_equal(flipped["winner"], plain["winner"][:, :, ::-1])
+
+
+def test_by_default_sdxl_conditions_winner_and_loser_alike_as_uncropped_images_of_the_training_size(tmp_path):
+    # Pick-a-Pic's original sizes tell which generator made an image, and so correlate with the label
+    data = write_shards(tmp_path / "d", pickapic_rows(10))
+    cfg = rpo.parse_config(["--model", "tiny-xl", "--data", str(data)])
+    jobs = [job for _, job in rpo.epoch_jobs(cfg, rpo.source_files(cfg, cfg.data, cfg.split), 0, 0, 1, None)]
+
+    def usable(jobs):
+        return [p for p in map(rpo.prepare_pair, jobs) if not isinstance(p, str)]
+    pairs, own = usable(jobs), usable([job._replace(time_ids="image") for job in jobs])
+    assert len(pairs) == 8 and all(p["winner_time_ids"] != p["loser_time_ids"] for p in own)
+    uncropped = [32, 32, 0, 0, 32, 32]
+    assert all(p["winner_time_ids"] == p["loser_time_ids"] == uncropped for p in pairs)
+
+
+def test_the_cache_holds_each_flips_own_time_ids_as_the_uncached_path_makes_them(tmp_path):
+    data = quirky_shards(tmp_path / "d", [8, 8])
+    cfg, m = tiny_models("tiny-xl", "--data", str(data), "--time_ids", "image", "--batch", "2",
+                         "--cache", str(tmp_path / "cache"))
+    rpo.build_cache(cfg, m, 0, 1, None)
+    for epoch in range(2):  # other flips each epoch
+        source = rpo.epoch_jobs(cfg, rpo.source_files(cfg, cfg.data, cfg.split), epoch, 0, 1, None)
+        cached = rpo.epoch_jobs(cfg, rpo.cache_files(cfg), epoch, 0, 1, None)
+        for (_, job), (_, cached_job) in zip(source, cached, strict=True):
+            pair, hit = rpo.prepare_pair(job), rpo.cached_pair(cached_job)
+            if isinstance(pair, str):
+                assert hit == pair
+                continue
+            assert hit["time_ids"].tolist() == [pair["winner_time_ids"], pair["loser_time_ids"]]
+
+
 # ------------------------------------------------------------------------------------------ training
 
 def tiny_models(model="tiny", *flags):
@@ -571,6 +621,38 @@ def test_the_learning_rate_warms_up_linearly_and_each_step_logs_the_rate_it_used
     base = rpo.load_models(rpo.parse_config([]), torch.device("cpu"), torch.float32).unet.state_dict()
     first = torch.load(tmp_path / "ckpt-0000001.pt", weights_only=False)["unet"]
     assert max((first[k] - base[k]).abs().max().item() for k in base) == pytest.approx(2.5e-5, rel=0.05)
+
+
+def test_the_learning_rate_is_the_presets_rate_per_pair_times_the_effective_batch_unless_lr_is_set(
+        tmp_path, capsys):
+    # Diffusion-DPO's recipe, 1e-8 per pair: 2.048e-5 only at its 2048 pairs a step
+    sdxl = rpo.parse_config(["--model", "sdxl"])  # 4 pairs x 64 accumulation
+    assert rpo.learning_rate(sdxl, 1) == pytest.approx(1e-8 * 256)
+    assert rpo.learning_rate(sdxl, 8) == pytest.approx(2.048e-5)
+    assert rpo.learning_rate(rpo.parse_config(["--model", "sdxl", "--lr", "3e-6"]), 8) == 3e-6
+    assert rpo.learning_rate(rpo.parse_config([]), 1) == 1e-5  # the toy's default run keeps its rate
+    _, metrics = train(tmp_path, "--batch", 2, "--grad_accum", 3, "--warmup_steps", 1, "--max_steps", 1,
+                       "--sample_steps", 0, "--eval_pairs", 0)
+    assert metrics[0]["lr"] == pytest.approx(1e-5 / 8 * 6)
+    assert "= 6 pairs a step, lr 7.5e-06 = 1.25e-06 per pair x 6" in capsys.readouterr().err
+
+
+def test_a_skipped_non_finite_step_still_advances_the_warmup_which_follows_the_step_number(
+        tmp_path, monkeypatch):
+    poison_gradients(monkeypatch, float("nan"), from_call=2)  # steps 2 to 5 are skipped
+    _, metrics = train(tmp_path, "--lr", 1e-4, "--warmup_steps", 4, "--max_steps", 5, "--batch", 2,
+                       "--sample_steps", 0, "--eval_pairs", 0)
+    assert [r["nonfinite"] for r in metrics] == [0, 1, 2, 3, 4]
+    assert [r["lr"] for r in metrics] == pytest.approx([2.5e-5, 5e-5, 7.5e-5, 1e-4, 1e-4])
+
+
+def test_each_step_logs_the_diagonals_effective_beta_beside_w_diag(tmp_path):
+    # w is a row-softmax inside the sigmoid: the diagonal's logit is (beta/2) w_ii (s_w - s_l)
+    for loss in ("rpo", "dpo"):
+        _, metrics = train(tmp_path / loss, "--loss", loss, "--batch", 4, "--max_steps", 2,
+                           "--sample_steps", 0, "--eval_pairs", 0)
+        assert [r["beta_w_diag"] for r in metrics] == pytest.approx([5000 * r["w_diag"] for r in metrics])
+    assert all(r["w_diag"] == 1 for r in metrics)  # DPO: the diagonal alone, at beta
 
 
 def test_winner_and_loser_of_a_pair_share_noise_and_timestep_and_pairs_differ():
@@ -720,7 +802,7 @@ def test_a_non_finite_gradient_under_a_finite_loss_is_skipped_counted_and_never_
     poison_gradients(monkeypatch, float("nan"), from_call=2)
     with pytest.raises(SystemExit, match="3 non-finite steps"):
         train(tmp_path / "bad", *flags, "--max_steps", 10, "--max_nonfinite", 3)
-    metrics = [json.loads(l) for l in open(tmp_path / "bad" / "metrics.jsonl")]
+    metrics = logged(tmp_path / "bad")
     assert (all(math.isfinite(r["loss"]) for r in metrics)
             and [r["nonfinite"] for r in metrics] == [0, 1, 2, 3])
     # the stop's checkpoint: step 1's weights
@@ -797,6 +879,107 @@ def test_no_encoder_or_unet_call_sees_more_than_one_micro_batch(tmp_path, monkey
     assert sizes == dict(unet=4, ref_unet=4, vae=4, clip_text=2, clip_image=4, text=2, text_2=2)
 
 
+RUN = ["--batch", 2, "--sample_steps", 0, "--eval_pairs", 0]
+
+
+def test_a_fresh_run_into_a_folder_that_holds_a_run_stops_before_any_work_and_touches_nothing(
+        tmp_path, monkeypatch):
+    train(tmp_path, *RUN, "--max_steps", 2, "--save_every", 1)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+
+    def no_work(*a, **k):
+        raise AssertionError("models were loaded")
+    monkeypatch.setattr(rpo, "load_models", no_work)
+    line = f"--out {tmp_path} holds a run .*; pass --resume to continue it, or choose another --out"
+    with pytest.raises(SystemExit, match=line):
+        train(tmp_path, *RUN, "--max_steps", 2, "--save_every", 1, "--seed", 1)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+
+
+def test_without_out_each_fresh_run_gets_a_folder_of_its_own_and_resume_continues_the_newest(
+        tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+    def run(*flags):
+        with redirect_stdout(io.StringIO()):
+            rpo.main(["--workers", "0", *map(str, [*RUN, "--save_every", 2, *flags])])
+    run("--max_steps", 2)
+    run("--max_steps", 2)
+    run("--max_steps", 3, "--resume")
+    assert sorted(os.listdir("out")) == ["run-1", "run-2"]
+    assert [[r["step"] for r in logged(f"out/run-{n}")] for n in (1, 2)] == [[1, 2], [1, 2, 3]]
+
+
+def test_rotation_deletes_only_this_runs_older_checkpoints_never_a_later_one(tmp_path):
+    train(tmp_path, *RUN, "--save_every", 2, "--keep", 1, "--max_steps", 4)
+    # a later step's checkpoint that does not load (cut mid-write, say): --resume passes it over
+    (tmp_path / "ckpt-0000009.pt").write_bytes(b"not a checkpoint")
+    train(tmp_path, *RUN, "--save_every", 2, "--keep", 1, "--max_steps", 6, "--resume")
+    assert sorted(p.name for p in tmp_path.glob("ckpt-*.pt")) == ["ckpt-0000006.pt", "ckpt-0000009.pt"]
+    assert os.readlink(tmp_path / "ckpt.pt") == "ckpt-0000006.pt"
+
+
+def test_a_resume_may_change_only_settings_that_shape_neither_the_data_order_the_model_nor_the_loss(tmp_path):
+    train(tmp_path, *RUN, "--save_every", 2, "--max_steps", 2)
+    changed = r"trained with other settings: --batch 2 \(now 3\), --seed 0 \(now 1\)\. They shape the data"
+    with pytest.raises(SystemExit, match=changed):
+        train(tmp_path, *RUN, "--max_steps", 4, "--resume", "--batch", 3, "--seed", 1)
+    free = ["--max_steps", 3, "--save_every", 3, "--keep", 3, "--eval_pairs", 4, "--eval_draws", 1,
+            "--sample_steps", 2, "--max_nonfinite", 2]
+    _, metrics = train(tmp_path, *RUN, *free, "--resume")
+    assert [r["step"] for r in metrics] == [1, 2, 3] and "heldout_accuracy" in metrics[-1]
+
+
+def mapped_file(tensor):
+    """The file whose pages hold a tensor's data, or None (from /proc/self/maps)."""
+    for line in open("/proc/self/maps"):
+        span, *rest = line.split()
+        lo, hi = (int(x, 16) for x in span.split("-"))
+        if lo <= tensor.data_ptr() < hi:
+            return rest[4] if len(rest) > 4 else None
+    return None
+
+
+def test_a_checkpoint_is_loaded_memory_mapped_so_the_ranks_of_one_host_share_its_pages(tmp_path):
+    train(tmp_path, *RUN, "--max_steps", 1)
+    ckpt = rpo.load_checkpoint(str(tmp_path))
+    moments = [v for state in ckpt["optimizer"]["state"].values() for k, v in state.items() if k != "step"]
+    assert {mapped_file(v) for v in [*ckpt["unet"].values(), *moments]} == {
+        os.path.realpath(tmp_path / "ckpt-0000001.pt")}
+
+
+def test_every_json_line_rpo_writes_is_strict_json_with_null_for_a_value_that_is_not_a_number(tmp_path):
+    # train() reads each line with a parser that refuses NaN and Infinity
+    summary, _ = train(tmp_path / "sft", *RUN, "--loss", "sft", "--max_steps", 2)
+    assert summary["train_accuracy"] is None  # SFT has no implicit accuracy
+    summary, metrics = train(tmp_path / "inf", *RUN, "--beta", "inf", "--max_steps", 2)  # every loss NaN
+    assert summary["loss"] is None and [r["loss"] for r in metrics] == [None, None]
+
+
+def test_pair_embedding_time_is_a_running_total_that_keeps_only_the_cuda_intervals_still_in_flight(
+        monkeypatch):
+    class Event:  # what add_weight_time reads of a CUDA event
+        def __init__(self, at):
+            self.at, self.done = at, False
+
+        def query(self):  # whether the GPU has passed it, without waiting
+            return self.done
+
+        def elapsed_time(self, end):
+            return 1000 * (end.at - self.at)
+    monkeypatch.setattr(rpo, "WEIGHT_TIME", dict(seconds=0.0, in_flight=collections.deque()))
+    intervals = [(Event(k), Event(k + 0.25)) for k in range(1000)]  # one per micro-step of a long run
+    for k, interval in enumerate(intervals):
+        if k >= 2:  # the GPU runs two micro-steps behind
+            intervals[k - 2][1].done = True
+        rpo.add_weight_time(interval)
+        assert len(rpo.WEIGHT_TIME["in_flight"]) <= 2
+    for _, end in intervals:
+        end.done = True
+    assert rpo.add_weight_time() == 250.0 and not rpo.WEIGHT_TIME["in_flight"]
+    assert rpo.add_weight_time((1.0, 1.5)) == 250.5  # perf_counter seconds, on the CPU
+
+
 def test_a_checkpoint_truncated_mid_write_is_passed_over_for_the_previous_one(tmp_path):
     train(tmp_path, "--max_steps", 4, "--save_every", 2, "--batch", 2, "--keep", 2)
     assert (tmp_path / "ckpt-0000002.pt").exists()
@@ -823,15 +1006,21 @@ def kill_group(proc):
     return proc.communicate()
 
 
-def finish(proc, timeout=180):
-    """stdout and stderr of a started child; on timeout its whole process group is killed and the test
-    fails."""
+def ended(proc, timeout=180):
+    """The exit status, stdout and stderr of a started child; on timeout its whole process group is killed and
+    the test fails."""
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         _, stderr = kill_group(proc)
         pytest.fail(f"timed out after {timeout} s (process group killed): {stderr[-2000:]}")
-    assert proc.returncode == 0, stderr[-3000:]
+    return proc.returncode, stdout, stderr
+
+
+def finish(proc, timeout=180):
+    """stdout and stderr of a started child that must succeed."""
+    returncode, stdout, stderr = ended(proc, timeout)
+    assert returncode == 0, stderr[-3000:]
     return stdout, stderr
 
 
@@ -847,7 +1036,7 @@ def run_script(out, *flags, nproc=1, wait=True, script=None, timeout=180):
     if not wait:
         return proc
     finish(proc, timeout)
-    return [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
+    return logged(out)
 
 
 def final_unet(out):
@@ -855,9 +1044,10 @@ def final_unet(out):
 
 
 # beta 100, not 5000: forwards of different batch sizes round differently in the last bit, and beta/2
-# magnifies that
+# magnifies that. lr 1e-5 whatever the batch: a smaller step would leave s at the rounding level, where the
+# implicit accuracy is a coin toss
 DDP_FLAGS = ["--max_steps", 3, "--save_every", 3, "--eval_pairs", 0, "--toy_pairs", 64, "--beta", 100,
-             "--sample_steps", 0]
+             "--sample_steps", 0, "--lr", 1e-5]
 
 
 def assert_same_training(out_a, metrics_a, out_b, metrics_b, same_encoding=True):
@@ -924,8 +1114,25 @@ def test_global_contrast_on_two_processes_builds_the_matrix_of_one_process_with_
     flags = [*DDP_FLAGS, *(LORA if unet == "lora" else [])]
     as_two_ranks = launcher(tmp_path, "one.py", AS_TWO_RANKS)
     one = run_script(tmp_path / "one", *flags, "--batch", 4, script=as_two_ranks)
-    two = run_script(tmp_path / "two", *flags, "--batch", 2, "--global_contrast", nproc=2)
-    assert_same_training(tmp_path / "one", one, tmp_path / "two", two)
+    two = rpo_command(tmp_path / "two", *flags, "--batch", 2, "--global_contrast", nproc=2)
+    _, stderr = finish(start(two))
+    assert_same_training(tmp_path / "one", one, tmp_path / "two", logged(tmp_path / "two"))
+    assert "each row of w over 4 pairs" in stderr  # the start-up line: what the diagonal's beta is divided by
+
+
+def test_ranks_that_find_checkpoints_of_different_steps_stop_saying_out_must_be_on_a_shared_filesystem(
+        tmp_path):
+    # rank 1 runs on a node of its own, whose --out is its own empty folder: rank 0 alone writes checkpoints
+    own_disks = launcher(tmp_path, "own_disks.py", """
+        import os, sys
+        if os.environ["RANK"] == "1":
+            sys.argv[sys.argv.index("--out") + 1] += "-node2"
+    """)
+    flags = [*DDP_FLAGS, "--batch", 2, "--save_every", 2]
+    run_script(tmp_path / "run", *flags, "--max_steps", 2, nproc=2, script=own_disks)
+    resumed = rpo_command(tmp_path / "run", *flags, "--max_steps", 4, "--resume", nproc=2, script=own_disks)
+    returncode, _, stderr = ended(start(resumed))
+    assert returncode != 0 and "--out (and --cache) must be on a filesystem every node sees" in stderr
 
 
 def test_a_cache_built_by_two_ranks_trains_like_the_uncached_run(tmp_path, one_process_2x4):
@@ -1054,7 +1261,7 @@ def test_a_lora_step_trains_the_fp32_adapters_and_leaves_the_frozen_unet_in_the_
     trained = [p for p in m.unet.parameters() if p.requires_grad]
     assert all(p.dtype == torch.float32 for p in trained) and m.ref_unet is None
     assert all((p.dtype == torch.bfloat16) != p.requires_grad for p in m.unet.parameters())
-    optimizer = rpo.make_optimizer(cfg, trained, torch.device("cpu"))
+    optimizer = rpo.make_optimizer(cfg, trained, rpo.learning_rate(cfg, 1), torch.device("cpu"))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss, _ = rpo.preference_step(cfg, m, m.unet, toy_batch(cfg, m, n=4), 0)
     loss.backward()
@@ -1112,8 +1319,13 @@ def test_a_lora_run_resumed_from_its_checkpoint_logs_exactly_what_the_uninterrup
     _, resumed = train(tmp_path / "cut", *flags, "--max_steps", 4, "--resume")
     assert resumed == full
     assert all(".lora_" in k and ".default." in k for k in final_unet(tmp_path / "cut"))  # adapters only
-    with pytest.raises(SystemExit, match="holds other weights than this run trains"):
+    with pytest.raises(SystemExit, match=r"other settings: --lora_rank 4 \(now 0\)"):
         train(tmp_path / "cut", *flags[2:], "--max_steps", 5, "--resume")  # the same run without LoRA
+    ckpt = torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=False)  # same settings, other weight names
+    ckpt["unet"] = {k.replace(".default.", ".renamed."): v for k, v in ckpt["unet"].items()}
+    torch.save(ckpt, tmp_path / "cut" / "ckpt-0000005.pt")
+    with pytest.raises(SystemExit, match="holds other weights than this run trains, such as .*renamed"):
+        train(tmp_path / "cut", *flags, "--max_steps", 6, "--resume")
 
 
 def test_init_lora_starts_policy_and_reference_from_a_previous_runs_adapters(tmp_path):
@@ -1155,7 +1367,7 @@ def gpu_run(tmp_path, *flags, torchrun=False, timeout=400):
     try:
         stdout, stderr = finish(start(cmd), timeout)
         summary = json.loads([l for l in stdout.splitlines() if l.startswith("{")][-1])
-        metrics = [json.loads(l) for l in open(out / "metrics.jsonl")]
+        metrics = logged(out)
         unet = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=False, mmap=True)["unet"]
         assert all(torch.isfinite(v).all() for v in unet.values())
     finally:
@@ -1323,7 +1535,7 @@ def test_make_data_writes_pick_a_pic_pairs_with_edited_winners_and_held_out_capt
 
 
 def test_rpo_trains_on_the_style_parquet(trained):
-    metrics = [json.loads(l) for l in open(trained / "metrics.jsonl")]
+    metrics = logged(trained)
     assert len(metrics) == 2 and all(math.isfinite(m["loss"]) for m in metrics)
     assert os.path.exists(trained / "unet" / "config.json")
 
