@@ -1,29 +1,40 @@
-r"""Style alignment for Diffusion-RPO (Gu et al. 2024, arXiv 2406.06382): preference pairs whose winner is
-a source image edited into a style by InstructPix2Pix and whose loser is the original, then a score of how
-close a tuned model's generations come to held-out images of that style.
+r"""The evaluations of Diffusion-RPO (Gu et al. 2024, arXiv 2406.06382).
+
+prefer: automated human-preference scores. The base model and each tuned run draw the same prompts from the
+same initial noise; PickScore, HPSv2.1, the LAION aesthetic predictor and CLIP score (the toy world: its
+judge) score every image; the report gives each model's mean and each run's win rate against the base.
+
+    python rpo.py --model tiny --loss dpo --out out_dpo && python rpo.py --model tiny --out out_rpo
+    python eval_style.py prefer --model tiny --runs out_dpo out_rpo --n 16 --out prefer.json  # offline, CPU
+
+make-data and score: style alignment. Preference pairs whose winner is a source image edited into a style by
+InstructPix2Pix and whose loser is the original, then a score of how close a tuned model's generations come
+to held-out images of that style.
 
     python eval_style.py make-data --model tiny --style "van gogh" --n 64 --out style.parquet  # offline, CPU
     python rpo.py --model tiny --data style.parquet --eval_data style_test.parquet --eval_pairs 7 \
         --out out_style
-    python eval_style.py score --model tiny --unet out_style/unet --prompts style_test.parquet \
-        --style "van gogh"
+    python eval_style.py score --model tiny --unet out_style --prompts style_test.parquet --style "van gogh"
 
-Without --model tiny the same commands use the real InstructPix2Pix, Pick-a-Pic, Stable Diffusion and
-CLIP ViT-L/14.
+Without --model tiny the same commands use the real scorers, InstructPix2Pix, Pick-a-Pic, Stable Diffusion
+and CLIP ViT-L/14.
 """
 import argparse
+import functools
 import glob
 import io
 import itertools
 import json
 import os
+import random
 import shutil
 import sys
+from contextlib import contextmanager
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image, ImageFilter, ImageOps
 from tqdm import tqdm
 
 import rpo
@@ -79,16 +90,56 @@ def gram_distance(grams_a, grams_b):
                           for a, b in zip(grams_a, grams_b)]))
 
 
-# CLIP score = 100 * mean over images of max(cos(image features, text features of the style phrase), 0)
+def cosine(a, b):  # row by row; a [1, D] pairs with every row of the other
+    a, b = (F.normalize(torch.as_tensor(x).double(), dim=-1) for x in (a, b))
+    return (a * b).sum(-1)
+
+
+# CLIP score = 100 * max(cos(image features, text features), 0), per image
+def clip_scores(image_features, text_features):
+    return 100 * cosine(image_features, text_features).clamp(min=0)
+
+
+# the style's CLIP score: the mean over images of their CLIP scores against the style phrase
 def clip_score(image_features, text_features):
-    image, text = (F.normalize(torch.as_tensor(x).double(), dim=-1) for x in (image_features, text_features))
-    return float(100 * (image @ text.T).clamp(min=0).mean())
+    return float(clip_scores(image_features, text_features).mean())
 
 
-def clip_inputs(images, size, device):
-    """CLIP's preprocessing: short side to size, centre crop, then CLIP's mean and std."""
+# PickScore = exp(logit_scale) * cos(image, prompt)   (its authors' inference code)
+def pickscore(image_features, text_features, logit_scale):
+    return float(np.exp(logit_scale)) * cosine(image_features, text_features)
+
+
+# HPSv2 = cos(image, prompt)   (hpsv2's img_score: the diagonal of normalised image @ text features)
+def hps(image_features, text_features):
+    return cosine(image_features, text_features)
+
+
+# aesthetic = MLP(image / |image|), image: CLIP ViT-L/14 image features   (LAION's aesthetic predictor v2)
+def aesthetic(mlp, image_features):
+    return mlp(F.normalize(torch.as_tensor(image_features).float(), dim=-1)).squeeze(-1).double()
+
+
+# outcome of a against b on each prompt = [a > b] + [a = b] / 2;  win rate = the mean outcome
+def outcomes(a, b):
+    a, b = np.asarray(a), np.asarray(b)
+    return (a > b) + 0.5 * (a == b)
+
+
+def bootstrap_ci(values, draws=2000, seed=0):
+    """The 95 % percentile bootstrap interval of the mean of per-prompt values, prompts resampled."""
+    values = np.asarray(values, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), (draws, len(values)))].mean(1)
+    return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
+
+
+def clip_inputs(images, size, device, pad=False):
+    """CLIP's preprocessing: short side to size, centre crop (pad: HPSv2's, long side to size, padded with
+    black), then CLIP's mean and std."""
     mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (rpo.CLIP_MEAN, rpo.CLIP_STD))
-    x = np.stack([np.asarray(ImageOps.fit(im.convert("RGB"), (size, size), Image.BICUBIC)) for im in images])
+    square = ImageOps.pad if pad else ImageOps.fit
+    x = np.stack([np.asarray(square(im.convert("RGB"), (size, size), Image.BICUBIC)) for im in images])
     return (torch.from_numpy(x).permute(0, 3, 1, 2).to(device).float() / 255 - mean) / std
 
 
@@ -104,6 +155,186 @@ def clip_stats(clip, images, batch):
         g = [s * len(x) for s in mean_grams([h[:, 1:] for h in out.hidden_states[1:]])]
         grams = g if grams is None else [a + b for a, b in zip(grams, g)]
     return np.concatenate(feats), [g / len(images) for g in grams]
+
+
+# ------------------------------------------------------------------------------ preference scorers
+# Each scorer loads from the hub as its authors publish it (or from the local hub cache, HF_HUB_OFFLINE=1).
+PICKSCORE = "yuvalkirstain/PickScore_v1"  # a CLIP ViT-H/14 fine-tune
+CLIP_H14 = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"  # PickScore's processor, the tokenizer of HPSv2's OpenCLIP
+HPS = ("xswu/HPSv2", "HPS_v2.1_compressed.pt")  # an OpenCLIP ViT-H/14 state dict
+AESTHETIC = ("camenduru/improved-aesthetic-predictor", "sac+logos+ava1-l14-linearMSE.pth")
+CLIP_L14 = "openai/clip-vit-large-patch14"  # the aesthetic predictor's features; the CLIP score
+SCORERS = ("pickscore", "hps", "aesthetic", "clip", "judge")  # judge: the toy world's
+
+
+def hub_file(repo_id, filename):
+    from huggingface_hub import hf_hub_download
+    try:
+        return hf_hub_download(repo_id, filename)
+    except Exception as e:  # offline, a wrong id, a gated repo
+        fail(f"cannot fetch {filename!r} from {repo_id!r}: {rpo.first_line(e)}")
+
+
+def openclip_as_clip(state):
+    """An OpenCLIP CLIP state dict (HPSv2's checkpoint) as transformers' CLIPModel. The shapes give the
+    config; heads are width / 80 (vision) and width / 64 (text), ViT-H/14's head widths."""
+    from transformers import CLIPConfig, CLIPModel
+
+    def tower(prefix, width, head_width):
+        layers = sum(k.startswith(prefix) and k.endswith(".ln_1.weight") for k in state)
+        return dict(hidden_size=width, num_hidden_layers=layers, num_attention_heads=width // head_width,
+                    intermediate_size=len(state[prefix + "resblocks.0.mlp.c_fc.bias"]), hidden_act="gelu")
+    width, _, _, patch = state["visual.conv1.weight"].shape
+    grid = round((len(state["visual.positional_embedding"]) - 1) ** 0.5)
+    vision = dict(tower("visual.transformer.", width, 80), image_size=grid * patch, patch_size=patch)
+    vocab, width = state["token_embedding.weight"].shape
+    text = dict(tower("transformer.", width, 64), vocab_size=vocab, bos_token_id=vocab - 2,
+                eos_token_id=vocab - 1, pad_token_id=vocab - 1,
+                max_position_embeddings=len(state["positional_embedding"]))
+    clip = CLIPModel(CLIPConfig(text_config=text, vision_config=vision,
+                                projection_dim=state["visual.proj"].shape[1]))
+    clip.load_state_dict(openclip_keys(state))  # strict: every weight of both, no more
+    return clip.eval()
+
+
+OPENCLIP_BLOCK = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "mlp.c_fc": "mlp.fc1",
+                  "mlp.c_proj": "mlp.fc2", "attn.out_proj": "self_attn.out_proj"}
+OPENCLIP_TOP = {"visual.conv1.weight": "vision_model.embeddings.patch_embedding.weight",
+                "visual.class_embedding": "vision_model.embeddings.class_embedding",
+                "visual.positional_embedding": "vision_model.embeddings.position_embedding.weight",
+                "visual.ln_pre": "vision_model.pre_layrnorm", "visual.ln_post": "vision_model.post_layernorm",
+                "token_embedding.weight": "text_model.embeddings.token_embedding.weight",
+                "positional_embedding": "text_model.embeddings.position_embedding.weight",
+                "ln_final": "text_model.final_layer_norm", "logit_scale": "logit_scale"}
+
+
+def openclip_keys(state):
+    """OpenCLIP's names for transformers' CLIPModel's: fused q, k, v split in three, the projections (used as
+    x @ proj) transposed."""
+    mapped = {"visual_projection.weight": state["visual.proj"].T,
+              "text_projection.weight": state["text_projection"].T}
+    towers = {"visual.transformer.resblocks.": "vision_model.encoder.layers.",
+              "transformer.resblocks.": "text_model.encoder.layers."}
+    for key, value in state.items():
+        tower = next((t for t in towers if key.startswith(t)), None)
+        n, name = key[len(tower):].split(".", 1) if tower else ("", key)
+        module, _, param = name.rpartition(".")
+        if tower and name.startswith("attn.in_proj_"):
+            for part, chunk in zip("qkv", value.chunk(3)):
+                mapped[f"{towers[tower]}{n}.self_attn.{part}_proj.{param.removeprefix('in_proj_')}"] = chunk
+        elif tower and module in OPENCLIP_BLOCK:
+            mapped[f"{towers[tower]}{n}.{OPENCLIP_BLOCK[module]}.{param}"] = value
+        elif not tower and key in OPENCLIP_TOP:
+            mapped[OPENCLIP_TOP[key]] = value
+        elif not tower and module in OPENCLIP_TOP:
+            mapped[f"{OPENCLIP_TOP[module]}.{param}"] = value
+        elif key not in ("visual.proj", "text_projection"):
+            fail(f"the OpenCLIP checkpoint holds {key!r}, which has no place in CLIPModel")
+    return mapped
+
+
+def aesthetic_mlp(state):
+    """LAION's aesthetic predictor v2: five linear layers, dropout between (its ReLUs are commented out)."""
+    width = state["layers.0.weight"].shape[1]
+    mlp = torch.nn.Sequential(torch.nn.Linear(width, 1024), torch.nn.Dropout(0.2), torch.nn.Linear(1024, 128),
+                              torch.nn.Dropout(0.2), torch.nn.Linear(128, 64), torch.nn.Dropout(0.1),
+                              torch.nn.Linear(64, 16), torch.nn.Linear(16, 1))
+    mlp.load_state_dict({k.removeprefix("layers."): v for k, v in state.items()})
+    return mlp.eval()
+
+
+# --------------------------------------------------------------------------------------- toy judge
+# The toy world's preference is known: a caption's winner is drawn in its world's winner style. The judge, a
+# small CNN trained on drawn images of the four styles (stripes or not, outline or not), some blurred as a VAE
+# blurs, and on coloured noise (a fifth class: an untrained model draws no style), scores an image by the
+# probability it gives the caption's winner style.
+JUDGE_FILE = "toy-judge-v2.pt"  # in RPO_HOME, trained once (about 20 s on 2 cores), seeded
+NOT_A_DRAWING = 4
+
+
+def judge_net():
+    conv = torch.nn.Conv2d
+    return torch.nn.Sequential(conv(3, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+                               conv(16, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+                               conv(32, 64, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                               torch.nn.Flatten(), torch.nn.Linear(64, NOT_A_DRAWING + 1))
+
+
+def style_class(stripes, outline):
+    return 2 * int(stripes) + int(outline)
+
+
+def drawn_styles(rng, captions, blur=True, noise=0.2):
+    """Each caption drawn in a random style at the toy resolution, half of them blurred, or (a share noise)
+    coloured noise: ([N,3,32,32] in [-1, 1], classes)."""
+    size, images, classes = rpo.PRESETS["tiny"]["resolution"], [], []
+    for caption in captions:
+        if rng.random() < noise:
+            img, cls = coloured_noise(rng, size), NOT_A_DRAWING
+        else:
+            stripes, outline = rng.random() < 0.5, rng.random() < 0.5
+            img, cls = rpo.draw_toy(caption, rng, stripes, outline), style_class(stripes, outline)
+            img = img.resize((size, size), Image.BICUBIC)
+            if blur and rng.random() < 0.5:
+                img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.0)))
+        images.append(np.asarray(img).transpose(2, 0, 1))
+        classes.append(cls)
+    return torch.from_numpy(np.stack(images)).float() / 127.5 - 1, torch.tensor(classes)
+
+
+def coloured_noise(rng, size):
+    """What an untrained model draws: Gaussian noise around a colour, smoothed or not."""
+    g = np.random.default_rng(rng.getrandbits(32))
+    x = 127.5 + g.uniform(-60, 60, 3) + g.uniform(20, 80) * g.normal(size=(size, size, 3))
+    return Image.fromarray(np.uint8(np.clip(x, 0, 255))).filter(ImageFilter.GaussianBlur(rng.uniform(0, 2)))
+
+
+def train_toy_judge(steps=600, batch=64):
+    rng, captions = random.Random(0), rpo.toy_captions("train")
+    torch.manual_seed(0)
+    judge = judge_net()
+    optimizer = torch.optim.AdamW(judge.parameters(), lr=3e-3)
+    for _ in range(steps):
+        x, y = drawn_styles(rng, [rng.choice(captions) for _ in range(batch)])
+        loss = F.cross_entropy(judge(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return judge.eval()
+
+
+def toy_judge():
+    path = os.path.join(rpo.RPO_HOME, JUDGE_FILE)
+    if not os.path.exists(path):
+        os.makedirs(rpo.RPO_HOME, exist_ok=True)
+        rpo.atomic_save(train_toy_judge().state_dict(), path)
+    judge = judge_net()
+    judge.load_state_dict(torch.load(path, weights_only=True))
+    return judge.eval()
+
+
+# judge score = P(style = the caption's winner style | image)
+@torch.no_grad()
+def judge_scores(judge, images, captions, world):
+    size = rpo.PRESETS["tiny"]["resolution"]
+    x = np.stack([np.asarray(im.convert("RGB").resize((size, size), Image.BICUBIC)) for im in images])
+    p = judge(torch.from_numpy(x).permute(0, 3, 1, 2).float() / 127.5 - 1).softmax(-1)
+    winner = [style_class(*rpo.toy_styles(world, caption)[0]) for caption in captions]
+    return p[torch.arange(len(images)), winner].double()
+
+
+def judge_accuracy(judge, world, split="heldout", n=400):
+    """The share of a toy world's drawn pairs (captions of split) whose winner the judge scores higher."""
+    rows = rpo.toy_rows(split, n, world)
+    size = rpo.PRESETS["tiny"]["resolution"]
+    pairs = [rpo.prepare_pair(rpo.PairJob(row, i, size)) for i, row in enumerate(rows)]
+    captions = [p["caption"] for p in pairs]
+
+    def scored(side):
+        images = [Image.fromarray(p[side].transpose(1, 2, 0)) for p in pairs]
+        return judge_scores(judge, images, captions, world)
+    winner, loser = scored("winner"), scored("loser")
+    return float((winner > loser).double().mean())
 
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -255,15 +486,38 @@ def make_data(args, cfg):
           f"{n[test_out]} held-out pairs (style reference) -> {test_out}", file=sys.stderr)
 
 
-# ------------------------------------------------------------------------------------------ score
-def unet_folder(unet):
-    """The tuned UNet's folder from --unet (rpo.py's OUT/unet, or a folder holding unet/); None without it."""
-    if not unet:
-        return None
-    folder = os.path.join(unet, "unet") if os.path.isdir(os.path.join(unet, "unet")) else unet
-    if not os.path.isfile(os.path.join(folder, "config.json")):
-        fail(f"--unet {unet!r} is not a UNet folder; pass rpo.py's OUT/unet")
-    return folder
+# ------------------------------------------------------------------------------------- generation
+def run_weights(path):
+    """("unet", folder) or ("lora", folder) of a tuned run: rpo.py's OUT (its unet/ or lora/), or the folder
+    itself."""
+    for kind, folder in (("unet", os.path.join(path, "unet")), ("lora", os.path.join(path, "lora")),
+                         ("unet", path), ("lora", path)):
+        if os.path.isfile(os.path.join(folder, "config.json" if kind == "unet" else rpo.LORA_FILE)):
+            return kind, folder
+    fail(f"{path!r} is not a run: it holds neither a diffusers UNet (unet/) nor LoRA adapters (lora/)")
+
+
+@contextmanager
+def drawing_with(pipe, weights, device, dtype):
+    """The pipeline drawing with a run's weights (None: the base's own): its UNet swapped in, or its LoRA
+    adapters loaded; the base's UNet is back afterwards."""
+    from diffusers import UNet2DConditionModel
+    if weights is None:
+        yield
+        return
+    kind, folder = weights
+    if kind == "lora":
+        pipe.load_lora_weights(folder, weight_name=rpo.LORA_FILE)
+        try:
+            yield
+        finally:
+            pipe.unload_lora_weights()
+        return
+    base_unet, pipe.unet = pipe.unet, rpo.pretrained(UNet2DConditionModel, folder, dtype=dtype).to(device)
+    try:
+        yield
+    finally:
+        pipe.unet = base_unet
 
 
 def load_pipeline(model, base, device, dtype):
@@ -278,29 +532,35 @@ def load_pipeline(model, base, device, dtype):
     return pipe
 
 
+def initial_noise(pipe, seeds, resolution):
+    """Image k's initial latents from its own seed, drawn on the CPU: the same for every model and device."""
+    scale = pipe.vae_scale_factor
+    shape = (pipe.unet.config.in_channels, resolution // scale, resolution // scale)
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+
+
 @torch.no_grad()
-def generate(pipe, captions, args, device):
+def generate(pipe, captions, args, device, desc="generating"):
+    """One image per caption, caption k from the noise of seed args.seed + k, whatever the model."""
     images = []
-    for i in tqdm(range(0, len(captions), args.batch), desc="generating"):
-        # seed k for caption k, any model
+    for i in tqdm(range(0, len(captions), args.batch), desc=desc):
         seeds = range(args.seed + i, args.seed + min(i + args.batch, len(captions)))
-        images += pipe(captions[i:i + args.batch], num_inference_steps=args.steps,
-                       guidance_scale=args.guidance, height=args.resolution, width=args.resolution,
-                       generator=[torch.Generator(device).manual_seed(s) for s in seeds]).images
+        latents = initial_noise(pipe, seeds, args.resolution).to(device, pipe.unet.dtype)
+        images += pipe(captions[i:i + args.batch], num_inference_steps=args.steps, latents=latents,
+                       guidance_scale=args.guidance, height=args.resolution, width=args.resolution).images
     return images
 
 
-def generate_sets(args, base, captions, unet_dir, device, dtype):
-    """The base model's images for the captions, then the tuned UNet's in the same pipeline, same seeds."""
-    from diffusers import UNet2DConditionModel
+def generate_sets(args, base, captions, weights, device, dtype):
+    """The base model's images for the captions, then the tuned run's in the same pipeline, same noise."""
     if not captions:
         fail(f"--prompts {args.prompts!r} has no captions")
     captions = captions[:args.n or None]
     pipe = load_pipeline(args.model, base, device, dtype)
     sets = {"base": generate(pipe, captions, args, device)}
-    if unet_dir:
-        pipe.unet = rpo.pretrained(UNet2DConditionModel, unet_dir, dtype=dtype).to(device)
-        sets["tuned"] = generate(pipe, captions, args, device)
+    if weights:
+        with drawing_with(pipe, weights, device, dtype):
+            sets["tuned"] = generate(pipe, captions, args, device)
     return sets
 
 
@@ -311,6 +571,7 @@ def save_images(sets, folder):
             img.save(os.path.join(folder, name, f"{k:05d}.png"))
 
 
+# ------------------------------------------------------------------------------------------ score
 def load_clip(clip_id, device):
     from transformers import CLIPModel, CLIPTokenizer
     return rpo.pretrained(CLIPModel, clip_id).to(device).eval(), rpo.pretrained(CLIPTokenizer, clip_id)
@@ -348,11 +609,11 @@ def score(args, cfg):
         ref = style_set(args.ref, cfg, "--ref")[1]
     if ref is None:
         fail("no style reference images: pass --ref, a parquet from make-data or a folder of images")
-    unet_dir = unet_folder(args.unet)
+    weights = run_weights(args.unet) if args.unet else None
     if args.images:
         sets = {os.path.basename(os.path.normpath(d)): style_set(d, cfg, "--images")[1] for d in args.images}
     else:
-        sets = generate_sets(args, base, captions, unet_dir, device, dtype)
+        sets = generate_sets(args, base, captions, weights, device, dtype)
     if args.save:
         save_images(sets, args.save)
     clip, tok = load_clip(args.clip or cfg.clip or os.path.join(base, "clip"), device)
@@ -365,26 +626,224 @@ def score(args, cfg):
     return result
 
 
+# ----------------------------------------------------------------------------------------- prefer
+PICKAPIC_TEST, PARTI = "test_unique", "nateraw/parti-prompts"  # Pick-a-Pic's 500 test prompts; PartiPrompts
+
+
+def prompt_set(args):
+    """The prompts, in order: a toy world's captions of --split, or unique captions read from Pick-a-Pic's
+    --split (hub id --data_id), PartiPrompts, or a file: .txt (one per line), .tsv (PartiPrompts' own) or
+    parquet files with a caption column."""
+    if args.prompts in rpo.TOY_WORLDS:
+        return rpo.toy_captions(args.split or "test")
+    if args.prompts.endswith(".txt"):
+        if not os.path.isfile(args.prompts):
+            fail(f"--prompts {args.prompts!r} does not exist")
+        return [line.strip() for line in open(args.prompts) if line.strip()]
+    if args.prompts in ("pickapic", "parti"):
+        data_id = args.data_id if args.prompts == "pickapic" else PARTI
+        split = args.split or (PICKAPIC_TEST if args.prompts == "pickapic" else "train")
+        try:
+            import datasets
+            files = datasets.load_dataset_builder(data_id).config.data_files
+            paths = list(files[split])
+        except Exception as e:  # offline, a wrong id, no such split
+            fail(f"cannot read prompts from {data_id!r} (split {split!r}): {rpo.first_line(e)}; pass a local "
+                 f"copy with --prompts PATH")
+    else:
+        paths = rpo.parquet_files(args.prompts) if not args.prompts.endswith(".tsv") else [args.prompts]
+    captions = [c for path in paths for c in prompt_column(path)]
+    return list(dict.fromkeys(c for c in captions if isinstance(c, str) and c.strip()))  # unique, in order
+
+
+def prompt_column(path):
+    """The prompts of one file: a parquet's caption (Pick-a-Pic) or Prompt (PartiPrompts) column, or a .tsv's
+    Prompt column."""
+    import fsspec
+    if path.endswith((".tsv", ".csv")):
+        import pyarrow.csv
+        with fsspec.open(path, "rb") as fh:
+            table = pyarrow.csv.read_csv(fh, parse_options=pyarrow.csv.ParseOptions(
+                delimiter="\t" if path.endswith(".tsv") else ","))
+    else:
+        table = rpo.parquet(path).read()
+    column = next((c for c in ("caption", "Prompt") if c in table.column_names), None)
+    if column is None:
+        fail(f"{path!r} has no caption or Prompt column, only {table.column_names}")
+    return table.column(column).to_pylist()
+
+
+def load_scorers(names, world, clip_id):
+    """name -> score(images, prompts, device, dtype, batch) -> one score per image; the models load now, on
+    the CPU, and move to the device only while they score."""
+    from transformers import CLIPModel, CLIPTokenizer
+    scorers, clips = {}, {}
+
+    def shared(clip_id):  # aesthetic and clip both use CLIP ViT-L/14 by default: it loads once
+        if clip_id not in clips:
+            clips[clip_id] = load_clip(clip_id, torch.device("cpu"))
+        return clips[clip_id]
+    for name in names:
+        if name == "judge":
+            if not world:
+                fail("the judge scores toy-world prompts only: pass --prompts toy or toy-subject")
+            scorers[name] = functools.partial(scored_by_judge, toy_judge(), world)
+        elif name == "pickscore":
+            clip = rpo.pretrained(CLIPModel, PICKSCORE).eval()
+            formula = functools.partial(pickscore, logit_scale=clip.logit_scale.item())
+            scorers[name] = functools.partial(scored_by_clip, clip, rpo.pretrained(CLIPTokenizer, CLIP_H14),
+                                              formula)
+        elif name == "hps":
+            state = torch.load(hub_file(*HPS), map_location="cpu", weights_only=True)
+            clip = openclip_as_clip(state.get("state_dict", state))
+            tokenizer = rpo.pretrained(CLIPTokenizer, CLIP_H14)
+            scorers[name] = functools.partial(scored_by_clip, clip, tokenizer, hps, pad=True)
+        elif name == "aesthetic":
+            mlp = aesthetic_mlp(torch.load(hub_file(*AESTHETIC), map_location="cpu", weights_only=True))
+            formula = functools.partial(aesthetic_of_images, mlp)
+            scorers[name] = functools.partial(scored_by_clip, *shared(CLIP_L14), formula)
+        elif name == "clip":
+            scorers[name] = functools.partial(scored_by_clip, *shared(clip_id), clip_scores)
+        else:
+            fail(f"unknown scorer {name!r}; known: {', '.join(SCORERS)}")
+    return scorers
+
+
+def aesthetic_of_images(mlp, image_features, _):
+    return aesthetic(mlp, image_features)
+
+
+@torch.no_grad()
+def scored_by_clip(clip, tokenizer, formula, images, prompts, device, dtype, batch, pad=False):
+    """formula(image features, text features) of each (image, prompt), batch by batch on the device."""
+    clip.to(device, dtype)
+    scores = []
+    for i in range(0, len(images), batch):
+        x = clip_inputs(images[i:i + batch], clip.config.vision_config.image_size, device, pad).to(dtype)
+        ids = tokenizer(prompts[i:i + batch], padding="max_length", truncation=True, return_tensors="pt",
+                        max_length=clip.config.text_config.max_position_embeddings).input_ids.to(device)
+        image = clip.get_image_features(pixel_values=x).pooler_output.float().cpu()
+        text = clip.get_text_features(input_ids=ids).pooler_output.float().cpu()
+        scores.append(formula(image, text))
+    clip.to("cpu")
+    return torch.cat(scores).numpy()
+
+
+def scored_by_judge(judge, world, images, prompts, device, dtype, batch):
+    return judge_scores(judge, images, prompts, world).numpy()
+
+
+def summarize(scores):
+    """Each model's mean score with its 95 % interval, each run's win rate against the base, and every pair of
+    runs' win rates, from per-prompt scores {model: {scorer: [P]}}."""
+    def rate(a, b):
+        won = outcomes(a, b)
+        return dict(rate=float(won.mean()), ci=bootstrap_ci(won))
+    runs = [name for name in scores if name != "base"]
+    return dict(
+        runs={name: {s: dict(mean=float(np.mean(v)), ci=bootstrap_ci(v)) for s, v in by.items()}
+              for name, by in scores.items()},
+        win_rate_vs_base={name: {s: rate(scores[name][s], scores["base"][s]) for s in scores[name]}
+                          for name in runs},
+        win_rates={f"{a} vs {b}": {s: rate(scores[a][s], scores[b][s]) for s in scores[a]}
+                   for a, b in itertools.combinations(runs, 2)})
+
+
+def print_report(report, protocol):
+    p = protocol
+    print(f"{p['prompts']} prompts x {p['per_prompt']} images, {p['steps']} steps, guidance {p['guidance']}, "
+          f"{p['resolution']} px; mean score [95 % interval over prompts]")
+    scorers = list(next(iter(report["runs"].values())))
+    width = max(12, *(len(name) + 2 for name in report["runs"]))
+    print(f"{'':<{width}}" + "".join(f"{s:>22}" for s in scorers))
+    for name, by in report["runs"].items():
+        cells = (f"{by[s]['mean']:.4g} [{by[s]['ci'][0]:.4g}, {by[s]['ci'][1]:.4g}]" for s in scorers)
+        print(f"{name:<{width}}" + "".join(cell.rjust(22) for cell in cells))
+    for title, table in (("win rate against the base", report["win_rate_vs_base"]),
+                         ("win rate between runs", report["win_rates"])):
+        if table:
+            print(title)
+            for name, by in table.items():
+                cells = (f"{by[s]['rate']:.3f} [{by[s]['ci'][0]:.3f}, {by[s]['ci'][1]:.3f}]" for s in scorers)
+                print(f"{name:<{width}}" + "".join(cell.rjust(22) for cell in cells))
+
+
+def prefer(args, cfg):
+    device, dtype = device_dtype()
+    base = args.base or rpo.model_folder(cfg)
+    paths = [os.path.normpath(path) for path in args.runs]
+    names = [os.path.basename(path) for path in paths]  # a run is named by its folder, or its path if need be
+    runs = dict(zip(names if len(set(names)) == len(names) else paths, map(run_weights, paths)))
+    if len(runs) != len(paths) or "base" in runs:
+        fail("--runs must name each run once, and none 'base'")
+    prompts = prompt_set(args)[:args.n or None]
+    if not prompts:
+        fail(f"--prompts {args.prompts!r} has no prompts")
+    world = args.prompts if args.prompts in rpo.TOY_WORLDS else None
+    scorers = load_scorers(args.scorers, world, args.clip or cfg.clip or os.path.join(base, "clip"))
+    pipe = load_pipeline(args.model, base, device, dtype)
+    each = [p for p in prompts for _ in range(args.per_prompt)]  # prompt k, image j: seed k x per_prompt + j
+    scores = {}
+    for name, weights in {"base": None, **runs}.items():
+        with drawing_with(pipe, weights, device, dtype):
+            images = generate(pipe, each, args, device, desc=name)
+        if args.save:
+            save_images({name.replace(os.sep, "_"): images}, args.save)
+        scores[name] = {s: score(images, each, device, dtype, args.batch).reshape(len(prompts), -1).mean(1)
+                        for s, score in scorers.items()}
+    protocol = dict(model=args.model, base=base, prompts=len(prompts), prompt_set=args.prompts,
+                    per_prompt=args.per_prompt, steps=args.steps, guidance=args.guidance,
+                    resolution=args.resolution, seed=args.seed, scorers=list(scorers))
+    if "judge" in scorers:
+        protocol["judge_accuracy"] = judge_accuracy(toy_judge(), world)
+    report = dict(protocol=protocol, **summarize(scores),
+                  scores={name: {s: v.tolist() for s, v in by.items()} for name, by in scores.items()})
+    print_report(report, protocol)
+    rpo.atomic_save(report, args.out)
+    print(f"-> {args.out}", file=sys.stderr)
+    return report
+
+
 # ------------------------------------------------------------------------------------------- main
 def parse_args(argv):
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--model", default="tiny", choices=list(rpo.IS_XL),
                         help="tiny: random models, offline")
-    common.add_argument("--style", default="van gogh",
-                        help=f"one of {list(STYLES)} or any, with --instruction")
-    common.add_argument("--phrase",
-                        help="text for the CLIP score; default from the style table, else the style")
     common.add_argument("--steps", type=int,
-                        help="denoising steps; default rpo.py's sample_steps for --model")
+                        help="denoising steps; default 50 for prefer, else rpo.py's sample_steps for --model")
     common.add_argument("--guidance", type=float, default=7.5)
     common.add_argument("--resolution", type=int,
                         help="default rpo.py's for --model (512 for make-data unless tiny)")
     common.add_argument("--batch", type=int, default=8)
     common.add_argument("--seed", type=int, default=0)
+    style = argparse.ArgumentParser(add_help=False)
+    style.add_argument("--style", default="van gogh",
+                       help=f"one of {list(STYLES)} or any, with --instruction")
+    style.add_argument("--phrase",
+                       help="text for the CLIP score; default from the style table, else the style")
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
-    m = sub.add_parser("make-data", parents=[common], help="edit source images into the style: style.parquet")
+    r = sub.add_parser("prefer", parents=[common],
+                       help="preference scores and win rates of tuned runs against the base")
+    r.add_argument("--runs", nargs="*", default=[],
+                   help="tuned runs: rpo.py's OUT folders (unet/ or lora/); the base model is always scored")
+    r.add_argument("--prompts", help="toy | toy-subject | pickapic | parti | a .txt, .tsv or parquet path; "
+                                     "default toy for tiny models, else pickapic")
+    r.add_argument("--data_id", default=rpo.Config.data_id,
+                   help="the Pick-a-Pic that --prompts pickapic reads")
+    r.add_argument("--split", help=f"default test for toy, {PICKAPIC_TEST} for pickapic, train otherwise")
+    r.add_argument("--n", type=int, default=500, help="the first n prompts; 0 = all")
+    r.add_argument("--per_prompt", type=int, default=1, help="images per prompt, their scores averaged")
+    r.add_argument("--scorers", nargs="+", choices=SCORERS,
+                   help="default judge and clip for tiny models, else pickscore, hps, aesthetic and clip")
+    r.add_argument("--base", help="base pipeline id or folder; default rpo.py's for --model")
+    r.add_argument("--clip", help="the CLIP of the CLIP score; default rpo.py's for --model")
+    r.add_argument("--save", help="write the generated images to SAVE/<model>/")
+    r.add_argument("--out", default="prefer.json", help="the report as JSON")
+
+    m = sub.add_parser("make-data", parents=[common, style],
+                       help="edit source images into the style: style.parquet")
     m.add_argument("--instruction", help="InstructPix2Pix instruction; default from the style table")
     m.add_argument("--source",
                    help="toy | pickapic | parquet path; default toy for tiny models, else pickapic")
@@ -397,10 +856,10 @@ def parse_args(argv):
     m.add_argument("--out", default="style.parquet")
     m.add_argument("--test_out", help="held-out pairs; default OUT with _test")
 
-    s = sub.add_parser("score", parents=[common],
+    s = sub.add_parser("score", parents=[common, style],
                        help="FD, Gram distance and CLIP score of base and tuned models")
-    s.add_argument("--unet",
-                   help="tuned UNet folder (rpo.py's OUT/unet); without it only the base model is scored")
+    s.add_argument("--unet", help="the tuned run: rpo.py's OUT (its unet/ or lora/), or the folder itself; "
+                                   "without it only the base model is scored")
     s.add_argument("--base", help="base pipeline id or folder; default rpo.py's for --model")
     s.add_argument("--prompts", default="style_test.parquet",
                    help="held-out captions: make-data's test parquet or a .txt")
@@ -417,7 +876,10 @@ def parse_args(argv):
 def fill_defaults(args, cfg):
     """The defaults that depend on --model, as the flags' help texts say."""
     tiny = args.model.startswith("tiny")
-    args.steps = args.steps or cfg.sample_steps
+    args.steps = args.steps or (50 if args.command == "prefer" else cfg.sample_steps)
+    if args.command == "prefer":
+        args.prompts = args.prompts or ("toy" if tiny else "pickapic")
+        args.scorers = args.scorers or (["judge", "clip"] if tiny else list(SCORERS[:4]))
     if args.command == "make-data":
         args.source = args.source or ("toy" if tiny else "pickapic")
         # InstructPix2Pix is an SD1.5 at 512
@@ -432,6 +894,8 @@ def main(argv=None):
     fill_defaults(args, cfg)
     if args.command == "score":
         return score(args, cfg)
+    if args.command == "prefer":
+        return prefer(args, cfg)
     if args.n < 2 or args.test_every < 2:
         fail("--n and --test_every must be at least 2")
     cfg.data_id = args.data_id  # the Pick-a-Pic that --source pickapic reads

@@ -7,6 +7,7 @@ import itertools
 import json
 import math
 import os
+import random
 import shutil
 import signal
 import socket
@@ -1572,3 +1573,276 @@ def test_unknown_style_without_instruction_exits_with_one_line(tmp_path):
 def test_missing_prompts_file_exits_with_one_line(tmp_path):
     with pytest.raises(SystemExit, match="eval_style.py: --prompts .* does not exist"):
         run_style("score", "--model", "tiny", "--prompts", tmp_path / "nope.parquet")
+
+
+# --------------------------------------------------------------------- preference evaluation: prefer
+
+def test_each_preference_scorer_is_its_published_formula_on_fixed_features():
+    image, text = torch.tensor([[3.0, 4.0], [1.0, 0.0]]), torch.tensor([[4.0, 3.0], [-1.0, 0.0]])
+    # cosines 24/25 and -1
+    assert eval_style.hps(image, text).tolist() == pytest.approx([0.96, -1.0])
+    assert eval_style.pickscore(image, text, math.log(100.0)).tolist() == pytest.approx([96.0, -100.0])
+    assert eval_style.clip_scores(image, text).tolist() == pytest.approx([96.0, 0.0])
+    # the aesthetic predictor: its five linear layers applied by hand to the normalised features
+    g = torch.Generator().manual_seed(0)
+    sizes = [(1024, 2), (128, 1024), (64, 128), (16, 64), (1, 16)]
+    weights = [(torch.randn(o, i, generator=g) / i ** 0.5, torch.randn(o, generator=g)) for o, i in sizes]
+    state = {f"layers.{k}.{name}": w for k, (W, b) in zip((0, 2, 4, 6, 7), weights)
+             for name, w in (("weight", W), ("bias", b))}
+    x = (image / image.norm(dim=-1, keepdim=True)).double()
+    for W, b in weights:
+        x = x @ W.double().T + b.double()
+    assert eval_style.aesthetic(eval_style.aesthetic_mlp(state), image).tolist() == pytest.approx(
+        x.squeeze(-1).tolist(), rel=1e-5)
+
+
+def test_a_win_is_a_higher_score_on_the_same_prompt_and_a_tie_counts_half():
+    assert eval_style.outcomes([1, 2, 3, 4], [0, 2, 5, 4]).tolist() == [1, 0.5, 0, 0.5]
+
+
+def test_the_bootstrap_interval_of_a_share_is_the_binomial_one():
+    # resampling 400 outcomes with 200 wins draws Binomial(400, 1/2) / 400 wins: its 2.5 % and 97.5 % points
+    n = 400
+    cdf = np.cumsum([math.comb(n, k) / 2 ** n for k in range(n + 1)])
+    exact = [np.searchsorted(cdf, q) / n for q in (0.025, 0.975)]
+    assert eval_style.bootstrap_ci([1] * 200 + [0] * 200, draws=20000) == pytest.approx(exact, abs=0.004)
+    assert eval_style.bootstrap_ci([0.7] * 50) == pytest.approx([0.7, 0.7])
+
+
+def openclip_state(v_width=160, t_width=128, layers=2, patch=8, image=32, vocab=514, embed=32, seed=0):
+    """A random CLIP laid out as OpenCLIP lays it out (ViT-H/14's layout at a tiny size: head widths 80 and
+    64, as its towers have)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g) * 0.2
+
+    def norm(name, w):  # a LayerNorm near the identity
+        return {f"{name}.weight": 1 + rand(w), f"{name}.bias": rand(w)}
+
+    def blocks(prefix, w):
+        state = {}
+        for n in range(layers):
+            b = f"{prefix}resblocks.{n}."
+            state.update(**norm(b + "ln_1", w), **norm(b + "ln_2", w))
+            state.update({b + "attn.in_proj_weight": rand(3 * w, w), b + "attn.in_proj_bias": rand(3 * w),
+                          b + "attn.out_proj.weight": rand(w, w), b + "attn.out_proj.bias": rand(w),
+                          b + "mlp.c_fc.weight": rand(4 * w, w), b + "mlp.c_fc.bias": rand(4 * w),
+                          b + "mlp.c_proj.weight": rand(w, 4 * w), b + "mlp.c_proj.bias": rand(w)})
+        return state
+    grid = image // patch
+    return {"visual.class_embedding": rand(v_width), "visual.conv1.weight": rand(v_width, 3, patch, patch),
+            "visual.positional_embedding": rand(grid * grid + 1, v_width), **norm("visual.ln_pre", v_width),
+            **blocks("visual.transformer.", v_width), **norm("visual.ln_post", v_width),
+            "visual.proj": rand(v_width, embed), "token_embedding.weight": rand(vocab, t_width),
+            "positional_embedding": rand(77, t_width), **blocks("transformer.", t_width),
+            **norm("ln_final", t_width), "text_projection": rand(t_width, embed),
+            "logit_scale": torch.tensor(math.log(100.0))}
+
+
+def openclip_forward(p, pixels, ids):
+    """OpenCLIP's image and text features, written out from its model code: pre-norm residual blocks with
+    nn.MultiheadAttention's fused projections, the class token (vision) and the EOT token (text) projected."""
+    def ln(x, name):
+        return F.layer_norm(x, x.shape[-1:], p[f"{name}.weight"], p[f"{name}.bias"])
+
+    def run(x, prefix, heads, mask=None):
+        n = 0
+        while f"{prefix}resblocks.{n}.ln_1.weight" in p:
+            b = f"{prefix}resblocks.{n}."
+            h = ln(x, b + "ln_1").transpose(0, 1)
+            h = F.multi_head_attention_forward(
+                h, h, h, x.shape[-1], heads, p[b + "attn.in_proj_weight"], p[b + "attn.in_proj_bias"],
+                None, None, False, 0.0, p[b + "attn.out_proj.weight"], p[b + "attn.out_proj.bias"],
+                need_weights=False, attn_mask=mask)[0]
+            x = x + h.transpose(0, 1)
+            h = F.gelu(F.linear(ln(x, b + "ln_2"), p[b + "mlp.c_fc.weight"], p[b + "mlp.c_fc.bias"]))
+            x = x + F.linear(h, p[b + "mlp.c_proj.weight"], p[b + "mlp.c_proj.bias"])
+            n += 1
+        return x
+    conv = p["visual.conv1.weight"]
+    x = F.conv2d(pixels, conv, stride=conv.shape[-1]).flatten(2).transpose(1, 2)
+    x = torch.cat([p["visual.class_embedding"].expand(len(x), 1, -1), x], 1)
+    x = x + p["visual.positional_embedding"]
+    x = run(ln(x, "visual.ln_pre"), "visual.transformer.", x.shape[-1] // 80)
+    image = ln(x[:, 0], "visual.ln_post") @ p["visual.proj"]
+    t = p["token_embedding.weight"][ids] + p["positional_embedding"][:ids.shape[1]]
+    causal = torch.full((ids.shape[1], ids.shape[1]), float("-inf")).triu(1)
+    t = ln(run(t, "transformer.", t.shape[-1] // 64, causal), "ln_final")
+    text = t[torch.arange(len(ids)), ids.argmax(-1)] @ p["text_projection"]
+    return image, text
+
+
+def test_hpsv2s_openclip_checkpoint_maps_into_clipmodel_with_the_features_openclip_computes():
+    state = openclip_state()
+    clip = eval_style.openclip_as_clip(state)
+    heads = clip.config.vision_config.num_attention_heads, clip.config.text_config.num_attention_heads
+    assert heads == (2, 2)  # widths 160 and 128 over head widths 80 and 64
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    ids = torch.zeros(2, 77, dtype=torch.long)  # open_clip's tokens: start, text, end (the highest id), zeros
+    ids[0, :4], ids[1, :6] = torch.tensor([512, 40, 41, 513]), torch.tensor([512, 7, 8, 9, 10, 513])
+    image, text = openclip_forward(state, pixels, ids)
+    with torch.no_grad():
+        assert torch.allclose(clip.get_image_features(pixel_values=pixels).pooler_output, image, atol=1e-4)
+        assert torch.allclose(clip.get_text_features(input_ids=ids).pooler_output, text, atol=1e-4)
+    assert clip.logit_scale.item() == pytest.approx(math.log(100.0))
+    with pytest.raises(SystemExit, match="holds 'visual.attnpool.weight', which has no place in CLIPModel"):
+        eval_style.openclip_as_clip(dict(state, **{"visual.attnpool.weight": torch.zeros(1)}))
+
+
+def test_the_toy_judge_picks_the_winner_of_held_out_pairs_and_gives_noise_no_style():
+    judge = eval_style.toy_judge()
+    for world in rpo.TOY_WORLDS:
+        assert eval_style.judge_accuracy(judge, world) >= 0.95
+    rng, captions = random.Random(3), rpo.toy_captions("test")
+    noise = [eval_style.coloured_noise(rng, 32) for _ in captions]
+    assert eval_style.judge_scores(judge, noise, captions, "toy").max() < 0.1
+
+
+class RecordingPipeline:
+    """Stands in for a diffusers pipeline: records the initial latents it is given, draws blank images."""
+    vae_scale_factor = 8
+
+    def __init__(self):
+        config = type("Config", (), {"in_channels": 4})
+        self.unet = type("UNet", (), {"config": config, "dtype": torch.float32})
+        self.latents = []
+
+    def __call__(self, prompts, latents, **kwargs):
+        self.latents.append(latents)
+        return type("Output", (), {"images": [Image.new("RGB", (32, 32)) for _ in prompts]})
+
+
+def test_every_model_draws_each_prompt_from_the_same_initial_noise(tmp_path):
+    args = eval_style.parse_args(["prefer", "--batch", "3", "--seed", "5"])
+    args.resolution, args.steps = 32, 2
+    base, tuned = RecordingPipeline(), RecordingPipeline()
+    prompts = ["a", "b", "c", "d", "e"]
+    eval_style.generate(base, prompts, args, torch.device("cpu"))
+    eval_style.generate(tuned, prompts[:2] + ["other", "prompts", "here"], args, torch.device("cpu"))
+    noise, again = torch.cat(base.latents), torch.cat(tuned.latents)
+    assert noise.shape == (5, 4, 4, 4) and torch.equal(noise, again)  # image k: seed + k, whatever is drawn
+    assert not torch.equal(noise[0], noise[1])
+
+
+def test_prompt_sets_read_pick_a_pic_partiprompts_and_text_files_unique_and_in_order(tmp_path, monkeypatch):
+    import datasets
+    rows = [dict(caption=c) for c in ["a cat", "a dog", "a cat", None, "a fox"]]
+    write_shards(tmp_path / "pickapic", rows, n_files=1)
+    builder = type("Builder", (), {"config": type("Config", (), {
+        "data_files": {"test_unique": [str(tmp_path / "pickapic" / "part-0.parquet")]}})})
+    monkeypatch.setattr(datasets, "load_dataset_builder", lambda data_id: builder)
+    (tmp_path / "PartiPrompts.tsv").write_text("Prompt\tCategory\tChallenge\tNote\n"
+                                               "a red cube\tArtifacts\tColors\t\nbread\tFood\tBasic\tshort\n")
+    (tmp_path / "p.txt").write_text("one\n\ntwo\n")
+
+    def prompts(*flags):
+        return eval_style.prompt_set(eval_style.parse_args(["prefer", *map(str, flags)]))
+    assert prompts("--prompts", "pickapic", "--data_id", "someone/pickapic") == ["a cat", "a dog", "a fox"]
+    assert prompts("--prompts", tmp_path / "PartiPrompts.tsv") == ["a red cube", "bread"]
+    assert prompts("--prompts", tmp_path / "p.txt") == ["one", "two"]
+    assert prompts("--prompts", "toy") == rpo.toy_captions("test")
+
+
+def in_hub_cache(cache, repo_id, files):
+    """Files laid out as huggingface_hub keeps a downloaded repository, where from_pretrained and
+    hf_hub_download find them offline."""
+    root = cache / f"models--{repo_id.replace('/', '--')}"
+    (root / "snapshots" / ("0" * 40)).mkdir(parents=True)
+    (root / "refs").mkdir()
+    (root / "refs" / "main").write_text("0" * 40)
+    for name, data in files.items():
+        (root / "snapshots" / ("0" * 40) / name).write_bytes(data)
+
+
+def saved_files(save, folder):
+    save(str(folder))
+    return {name: (folder / name).read_bytes() for name in os.listdir(folder)}
+
+
+def torch_bytes(obj):
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def scorer_hub(tmp_path, monkeypatch):
+    """An offline hub cache holding tiny random PickScore, HPSv2.1, aesthetic predictor and CLIP ViT-L/14
+    under their published ids and file layouts (the tokenizer: rpo's byte-level one)."""
+    import huggingface_hub.constants
+    from transformers import CLIPConfig, CLIPModel
+    cache = tmp_path / "hub"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    tokenizer = saved_files(rpo.byte_level_tokenizer().save_pretrained, tmp_path / "tokenizer")
+    shape = rpo.SHAPES["tiny"]
+    for k, repo_id in enumerate((eval_style.PICKSCORE, eval_style.CLIP_L14)):
+        torch.manual_seed(k)
+        clip = CLIPModel(CLIPConfig(text_config=shape["text"][0], vision_config=shape["clip_vision"],
+                                    projection_dim=32))
+        in_hub_cache(cache, repo_id, {**saved_files(clip.save_pretrained, tmp_path / f"clip{k}"),
+                                      **(tokenizer if repo_id == eval_style.CLIP_L14 else {})})
+    in_hub_cache(cache, eval_style.CLIP_H14, tokenizer)
+    hps_repo, hps_file = eval_style.HPS
+    in_hub_cache(cache, hps_repo, {hps_file: torch_bytes(dict(state_dict=openclip_state()))})
+    mlp = torch.nn.Sequential(torch.nn.Linear(32, 1024), torch.nn.Dropout(), torch.nn.Linear(1024, 128),
+                              torch.nn.Dropout(), torch.nn.Linear(128, 64), torch.nn.Dropout(),
+                              torch.nn.Linear(64, 16), torch.nn.Linear(16, 1))
+    state = {f"layers.{k}": v for k, v in mlp.state_dict().items()}
+    in_hub_cache(cache, eval_style.AESTHETIC[0], {eval_style.AESTHETIC[1]: torch_bytes(state)})
+    return cache
+
+
+def test_prefer_loads_the_published_scorers_from_the_hub_and_a_run_equal_to_the_base_ties_everywhere(
+        tmp_path, scorer_hub):
+    from diffusers import UNet2DConditionModel
+    base = rpo.model_folder(rpo.parse_config([]))
+    UNet2DConditionModel.from_pretrained(base, subfolder="unet").save_pretrained(tmp_path / "same" / "unet")
+    (tmp_path / "prompts.txt").write_text("a red circle on a blue background\na green square\na cat\n")
+    scorers = ["pickscore", "hps", "aesthetic", "clip"]
+    prompts = tmp_path / "prompts.txt"
+    out = run_style("prefer", "--model", "tiny", "--runs", tmp_path / "same", "--prompts", prompts,
+                    "--scorers", *scorers, "--steps", 2, "--out", tmp_path / "r.json")
+    report, same = json.load(open(tmp_path / "r.json")), "same"  # a run is named by its folder
+    assert set(report["runs"]) == {"base", same} and "win rate against the base" in out
+    for scorer in scorers:
+        assert all(math.isfinite(v) for v in report["scores"]["base"][scorer])
+        # the same weights from the same noise: the same images, so every prompt is a tie
+        assert report["scores"][same][scorer] == report["scores"]["base"][scorer]
+        assert report["win_rate_vs_base"][same][scorer] == dict(rate=0.5, ci=[0.5, 0.5])
+    assert report["protocol"]["prompts"] == 3 and report["protocol"]["steps"] == 2
+
+
+def test_the_tiny_round_trip_trains_a_unet_and_lora_then_reports_means_and_win_rates_against_the_base(
+        tmp_path):
+    flags = ["--max_steps", 2, "--batch", 4, "--toy_pairs", 16, "--eval_pairs", 0, "--sample_steps", 0,
+             "--lr", 1e-3]
+    train(tmp_path / "unet_run", *flags)
+    train(tmp_path / "lora_run", *flags, *LORA)
+    runs = ["unet_run", "lora_run"]
+    out = run_style("prefer", "--model", "tiny", "--runs", *(tmp_path / run for run in runs), "--n", 4,
+                    "--steps", 2, "--out", tmp_path / "prefer.json", "--save", tmp_path / "images")
+    report = json.load(open(tmp_path / "prefer.json"))
+    for scorer in ("judge", "clip"):
+        for name in ("base", *runs):
+            mean, (lo, hi) = report["runs"][name][scorer]["mean"], report["runs"][name][scorer]["ci"]
+            assert lo <= mean <= hi and name in out
+        for name in runs:
+            won = report["win_rate_vs_base"][name][scorer]
+            assert won["ci"][0] <= won["rate"] <= won["ci"][1]
+            assert won["rate"] == np.mean(eval_style.outcomes(report["scores"][name][scorer],
+                                                              report["scores"]["base"][scorer]))
+        assert 0 <= report["win_rates"][f"{runs[0]} vs {runs[1]}"][scorer]["rate"] <= 1
+    assert report["protocol"]["judge_accuracy"] >= 0.95
+    assert sorted(os.listdir(tmp_path / "images")) == sorted(["base", *runs])
+    # style alignment takes a LoRA run too
+    (tmp_path / "prompts.txt").write_text("\n".join(rpo.toy_captions("test")[:3]))
+    out = run_style("score", "--model", "tiny", "--unet", tmp_path / "lora_run", "--prompts",
+                    tmp_path / "prompts.txt", "--ref", tmp_path / "images" / "base", "--steps", 2)
+    assert json.loads(out.strip().splitlines()[-1])["tuned"]["images"] == 3
+
+
+def test_a_folder_that_is_not_a_run_is_one_line_before_any_work(tmp_path):
+    with pytest.raises(SystemExit, match="is not a run: it holds neither a diffusers UNet .unet/. nor LoRA"):
+        run_style("prefer", "--model", "tiny", "--runs", tmp_path)
