@@ -307,7 +307,9 @@ def toy_judge():
     path = os.path.join(rpo.RPO_HOME, JUDGE_FILE)
     if not os.path.exists(path):
         os.makedirs(rpo.RPO_HOME, exist_ok=True)
-        rpo.atomic_save(train_toy_judge().state_dict(), path)
+        tmp = f"{path}.tmp{os.getpid()}"  # runs started together each train their own: the same judge
+        torch.save(train_toy_judge().state_dict(), tmp)
+        os.replace(tmp, path)
     judge = judge_net()
     judge.load_state_dict(torch.load(path, weights_only=True))
     return judge.eval()
@@ -665,11 +667,14 @@ def prompt_column(path):
         with fsspec.open(path, "rb") as fh:
             table = pyarrow.csv.read_csv(fh, parse_options=pyarrow.csv.ParseOptions(
                 delimiter="\t" if path.endswith(".tsv") else ","))
+        names = table.column_names
     else:
-        table = rpo.parquet(path).read()
-    column = next((c for c in ("caption", "Prompt") if c in table.column_names), None)
+        names = rpo.parquet(path).schema_arrow.names
+    column = next((c for c in ("caption", "Prompt") if c in names), None)
     if column is None:
-        fail(f"{path!r} has no caption or Prompt column, only {table.column_names}")
+        fail(f"{path!r} has no caption or Prompt column, only {names}")
+    if not path.endswith((".tsv", ".csv")):  # the caption column only: Pick-a-Pic's images stay unread
+        table = rpo.parquet(path).read(columns=[column])
     return table.column(column).to_pylist()
 
 
@@ -768,8 +773,23 @@ def print_report(report, protocol):
                 print(f"{name:<{width}}" + "".join(cell.rjust(22) for cell in cells))
 
 
+def trained_world(paths, default):
+    """The toy world the runs were trained in, read from their checkpoints' settings (default without any)."""
+    worlds = set()
+    for path in paths:
+        ckpt = os.path.join(path, "ckpt.pt")
+        if os.path.exists(ckpt):
+            worlds.add(torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)["config"]["data"])
+    if len(worlds) > 1:
+        fail(f"the runs were trained on different data ({', '.join(sorted(worlds))}); pass --prompts")
+    world = worlds.pop() if worlds else default
+    return world if world in rpo.TOY_WORLDS else default
+
+
 def prefer(args, cfg):
     device, dtype = device_dtype()
+    if not args.out.endswith(".json"):
+        fail(f"--out {args.out!r}: the report is JSON, name it *.json")
     base = args.base or rpo.model_folder(cfg)
     paths = [os.path.normpath(path) for path in args.runs]
     names = [os.path.basename(path) for path in paths]  # a run is named by its folder, or its path if need be
@@ -829,7 +849,7 @@ def parse_args(argv):
     r.add_argument("--runs", nargs="*", default=[],
                    help="tuned runs: rpo.py's OUT folders (unet/ or lora/); the base model is always scored")
     r.add_argument("--prompts", help="toy | toy-subject | pickapic | parti | a .txt, .tsv or parquet path; "
-                                     "default toy for tiny models, else pickapic")
+                                     "default pickapic, or for tiny models the runs' toy world")
     r.add_argument("--data_id", default=rpo.Config.data_id,
                    help="the Pick-a-Pic that --prompts pickapic reads")
     r.add_argument("--split", help=f"default test for toy, {PICKAPIC_TEST} for pickapic, train otherwise")
@@ -877,8 +897,8 @@ def fill_defaults(args, cfg):
     """The defaults that depend on --model, as the flags' help texts say."""
     tiny = args.model.startswith("tiny")
     args.steps = args.steps or (50 if args.command == "prefer" else cfg.sample_steps)
-    if args.command == "prefer":
-        args.prompts = args.prompts or ("toy" if tiny else "pickapic")
+    if args.command == "prefer":  # tiny models: the toy world their runs were trained in
+        args.prompts = args.prompts or (trained_world(args.runs, "toy") if tiny else "pickapic")
         args.scorers = args.scorers or (["judge", "clip"] if tiny else list(SCORERS[:4]))
     if args.command == "make-data":
         args.source = args.source or ("toy" if tiny else "pickapic")

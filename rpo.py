@@ -733,7 +733,7 @@ class PairJob(NamedTuple):
     resolution: int
     flip: bool = False
     crop_seed: str = None  # None: a centre crop
-    time_ids: str = "image"  # SDXL's conditioning on the image's own size and crop, or "constant"
+    time_ids: str = "constant"  # SDXL's conditioning: see Config.time_ids
 
 
 def decode(blob):
@@ -768,18 +768,28 @@ def prepare_pair(job):
 
 def resize_and_crop(img, resolution, crop_seed, flip):
     """Short side to resolution, then a centre crop or one seeded by crop_seed, then the flip; with SDXL's
-    micro-conditioning of the crop: original size, crop corner (mirrored with the image, as SDXL trains),
-    target size."""
+    micro-conditioning of the crop: original size, crop corner, target size."""
     w, h = img.size
-    s = resolution / min(w, h)
-    resized = img.resize((max(resolution, round(w * s)), max(resolution, round(h * s))), Image.BICUBIC)
+    resized = img.resize(short_side_to(resolution, w, h), Image.BICUBIC)
     rng = random.Random(crop_seed) if crop_seed is not None else None
     top = rng.randint(0, resized.height - resolution) if rng else (resized.height - resolution) // 2
     left = rng.randint(0, resized.width - resolution) if rng else (resized.width - resolution) // 2
     square = resized.crop((left, top, left + resolution, top + resolution))
+    time_ids = [h, w, top, left, resolution, resolution]
     if flip:
-        square, left = square.transpose(Image.Transpose.FLIP_LEFT_RIGHT), resized.width - resolution - left
-    return square, [h, w, top, left, resolution, resolution]
+        return square.transpose(Image.Transpose.FLIP_LEFT_RIGHT), mirrored(time_ids)
+    return square, time_ids
+
+
+def short_side_to(resolution, w, h):
+    s = resolution / min(w, h)
+    return max(resolution, round(w * s)), max(resolution, round(h * s))
+
+
+def mirrored(time_ids):
+    """SDXL's time ids of the flipped image, as SDXL trains: the crop's left edge counted from the right."""
+    h, w, top, left, target_h, target_w = time_ids
+    return [h, w, top, short_side_to(target_w, w, h)[0] - target_w - left, target_h, target_w]
 
 
 def pair_batches(cfg, rank, world, start=None, pool=None):
@@ -986,14 +996,12 @@ def encode_file(cfg, m, file, k, pool):
         rows = read_rows(file, a, min(n, a + CACHE_CHUNK))
         jobs = [PairJob(row, f"{k}:{r}", cfg.resolution, time_ids=cfg.time_ids)
                 for r, row in enumerate(rows, a)]
-        plain, flipped = decoded(jobs, pool), decoded([job._replace(flip=True) for job in jobs], pool)
-        skip += [p if isinstance(p, str) else None for p in plain]
-        usable = [(p, q) for p, q in zip(plain, flipped) if not isinstance(p, str)]
-        small += [p.pop("small") for p, _ in usable]
+        prepared = decoded(jobs, pool)
+        skip += [p if isinstance(p, str) else None for p in prepared]
+        usable = [p for p in prepared if not isinstance(p, str)]
+        small += [p.pop("small") for p in usable]
         for i in range(0, len(usable), cfg.batch):
-            chunk = usable[i:i + cfg.batch]
-            plain_batch, flipped_batch = collate([p for p, _ in chunk]), collate([q for _, q in chunk])
-            parts.append(encode_both_flips(cfg, m, plain_batch, flipped_batch))
+            parts.append(encode_both_flips(cfg, m, collate(usable[i:i + cfg.batch])))
     tensors = {}
     for key in ("latents", "f", "prompt", "pooled", "time_ids"):
         stored = parts and parts[0][key] is not None  # SD1.5 has no pooled states
@@ -1001,10 +1009,15 @@ def encode_file(cfg, m, file, k, pool):
     return dict(skip=skip, small=small, **tensors)
 
 
-def encode_both_flips(cfg, m, batch, mirrored):
-    """A micro-batch's encodings, unflipped and flipped, as the cache stores them: latents, f and time ids as
-    [n, flip, winner/loser, ...]."""
-    plain, flipped = encode_pairs(m, batch, cfg.embed), encode_pairs(m, mirrored, cfg.embed)
+def encode_both_flips(cfg, m, batch):
+    """A micro-batch's encodings, unflipped and flipped (images and crop time ids mirrored), as the cache
+    stores them: latents, f and time ids as [n, flip, winner/loser, ...]."""
+    def flipped_ids(ids):
+        rows = [mirrored(row) for row in ids.tolist()]
+        return torch.tensor(rows, dtype=ids.dtype, device=ids.device)
+    flip = dict(batch, winner=batch["winner"].flip(-1), loser=batch["loser"].flip(-1),
+                time_ids_w=flipped_ids(batch["time_ids_w"]), time_ids_l=flipped_ids(batch["time_ids_l"]))
+    plain, flipped = encode_pairs(m, batch, cfg.embed), encode_pairs(m, flip, cfg.embed)
     return dict(prompt=plain["prompt"], pooled=plain["pooled"],
                 **{key: by_flip_and_side(plain, flipped, key) for key in ("latents", "f", "time_ids")})
 
@@ -1261,17 +1274,20 @@ def set_up(cfg):
 
 def run_folder(cfg, rank, ddp):
     """--out, or out/run-N: a new N for a fresh run (claimed by creating it, so runs started together differ),
-    the newest under --resume; rank 0 picks and every rank takes its pick. A fresh run never writes into a
-    folder that holds another run."""
+    under --resume the newest that holds a checkpoint; rank 0 picks and every rank takes its pick. A fresh run
+    never writes into a folder that holds another run."""
     out = cfg.out
     if out is None:
         if rank == 0:
             numbers = [p[len("out/run-"):] for p in glob.glob("out/run-*")]
-            taken = [int(n) for n in numbers if n.isdigit()]
+            taken = sorted(int(n) for n in numbers if n.isdigit())
             if cfg.resume:
-                n = max(taken, default=1)
+                resumable = [n for n in taken if checkpoints(f"out/run-{n}")]
+                if not resumable:
+                    sys.exit("rpo.py: --resume found no run with a checkpoint under out/; pass --out DIR")
+                n = resumable[-1]
             else:
-                n = max(taken, default=0) + 1
+                n = (taken or [0])[-1] + 1
                 while not claim(f"out/run-{n}"):
                     n += 1
             out = f"out/run-{n}"
@@ -1351,7 +1367,12 @@ def resume(cfg, m, trainer, run):
                      f"{int(highest)}): --out (and --cache) must be on a filesystem every node sees")
     if ckpt is None:
         return 0, 0, None
-    changed = changed_settings(ckpt["config"], cfg)
+    missing = [k for k in dataclasses.asdict(cfg) if k not in ckpt["config"]]
+    if missing:
+        sys.exit(f"rpo.py: the checkpoint in {cfg.out} was written by an older rpo.py, without "
+                 f"--{', --'.join(missing)}; resume it with that version, or start a new --out from its "
+                 f"weights (--init_unet or --init_lora)")
+    changed = changed_settings(ckpt["config"], cfg, run.world)
     if changed:
         sys.exit(f"rpo.py: {cfg.out} was trained with other settings: {', '.join(changed)}. They shape the "
                  f"data order, the model or the loss: resume with the run's values, or start a new --out")
@@ -1373,10 +1394,18 @@ def resume(cfg, m, trainer, run):
     return ckpt["step"], ckpt["nonfinite"], ckpt["data_states"]
 
 
-def changed_settings(saved, cfg):
-    """'--flag saved (now new)' for each setting that differs from a checkpoint's config and may not."""
-    return [f"--{k} {saved.get(k, '(unset)')} (now {v})" for k, v in dataclasses.asdict(cfg).items()
-            if k not in FREE_ON_RESUME and saved.get(k, "(unset)") != v]
+def changed_settings(saved, cfg, world):
+    """'--flag saved (now new)' for each setting that differs from a checkpoint's config and may not. The
+    learning rate is compared as the rate --lr or --lr_per_pair gives."""
+    now = dataclasses.asdict(cfg)
+    rates = learning_rate(Config(**{k: saved[k] for k in now}), world), learning_rate(cfg, world)
+    changed = []
+    for k, v in now.items():
+        if k == "lr" and not math.isclose(*rates, rel_tol=1e-9):
+            changed.append(f"--lr {rates[0]:g} (now {rates[1]:g})")
+        elif k not in (*FREE_ON_RESUME, "lr", "lr_per_pair") and saved[k] != v:
+            changed.append(f"--{k} {saved[k]} (now {v})")
+    return changed
 
 
 def cut_metrics_log(out, step):
@@ -1390,7 +1419,8 @@ def cut_metrics_log(out, step):
 
 def describe(cfg, m, run, trainer):
     """The start-up line: what trains on what, the effective batch and the learning rate it gives, and how
-    many pairs each row of w is normalised over (the diagonal's logit is scaled by w_ii, about 1 / that)."""
+    many pairs each row of w is normalised over (the diagonal's logit is scaled by w_ii: 1 / that number
+    for uniform weights, more where the diagonal pair is the nearest; metrics.jsonl logs it as w_diag)."""
     ranks = f"{run.world} rank(s) ({dist.get_backend()})" if run.ddp else "1 process"
     trained = sum(p.numel() for p in trainer.params) / 1e6
     pairs = cfg.batch * cfg.grad_accum * run.world
@@ -1623,7 +1653,8 @@ def save_checkpoint(cfg, m, trainer, step, nonfinite, state, run):
     path = os.path.join(cfg.out, f"ckpt-{step:07d}.pt")
     atomic_save(ckpt, path)
     link_newest(path, os.path.join(cfg.out, "ckpt.pt"))
-    own = [p for p in checkpoints(cfg.out) if checkpoint_step(p) <= step]  # a later step is another run's
+    # never one of a later step: that is not this run's history (say, an unreadable one --resume passed over)
+    own = [p for p in checkpoints(cfg.out) if checkpoint_step(p) <= step]
     for old in own[:-cfg.keep]:
         os.remove(old)
     save_weights(m, os.path.join(cfg.out, "lora" if m.lora else "unet"))

@@ -494,7 +494,7 @@ def test_fewer_files_than_ranks_is_one_clear_error_before_training(tmp_path):
 
 def test_sdxl_time_ids_record_each_images_own_size_and_crop():
     row = dict(caption="c", jpg_0=png((1, 2, 3), (80, 48)), jpg_1=png((3, 2, 1), (40, 64)), label_0=1.0)
-    pair = rpo.prepare_pair((row, 0, 32, False, None))
+    pair = rpo.prepare_pair(rpo.PairJob(row, 0, 32, time_ids="image"))
     # (orig h, orig w, crop top, crop left, target h, w)
     assert pair["winner_time_ids"] == [48, 80, 0, 10, 32, 32]
     assert pair["loser_time_ids"] == [64, 40, 9, 0, 32, 32]
@@ -906,8 +906,10 @@ def test_without_out_each_fresh_run_gets_a_folder_of_its_own_and_resume_continue
             rpo.main(["--workers", "0", *map(str, [*RUN, "--save_every", 2, *flags])])
     run("--max_steps", 2)
     run("--max_steps", 2)
-    run("--max_steps", 3, "--resume")
-    assert sorted(os.listdir("out")) == ["run-1", "run-2"]
+    with pytest.raises(SystemExit):  # a start that fails before its first checkpoint: out/run-3, empty
+        run("--max_steps", 2, "--data", "no-such-data")
+    run("--max_steps", 3, "--resume")  # the newest run with a checkpoint
+    assert sorted(os.listdir("out")) == ["run-1", "run-2", "run-3"]
     assert [[r["step"] for r in logged(f"out/run-{n}")] for n in (1, 2)] == [[1, 2], [1, 2, 3]]
 
 
@@ -922,13 +924,24 @@ def test_rotation_deletes_only_this_runs_older_checkpoints_never_a_later_one(tmp
 
 def test_a_resume_may_change_only_settings_that_shape_neither_the_data_order_the_model_nor_the_loss(tmp_path):
     train(tmp_path, *RUN, "--save_every", 2, "--max_steps", 2)
-    changed = r"trained with other settings: --batch 2 \(now 3\), --seed 0 \(now 1\)\. They shape the data"
+    # the rate follows the batch: 1e-5 / 8 per pair
+    changed = (r"trained with other settings: --batch 2 \(now 3\), --lr 2.5e-06 \(now 3.75e-06\), --seed 0 "
+               r"\(now 1\)\. They shape the data")
     with pytest.raises(SystemExit, match=changed):
         train(tmp_path, *RUN, "--max_steps", 4, "--resume", "--batch", 3, "--seed", 1)
-    free = ["--max_steps", 3, "--save_every", 3, "--keep", 3, "--eval_pairs", 4, "--eval_draws", 1,
+    # the same rate set outright is the same setting
+    _, metrics = train(tmp_path, *RUN, "--max_steps", 3, "--resume", "--lr", 2.5e-6, "--save_every", 10)
+    assert [r["step"] for r in metrics] == [1, 2, 3]
+    free = ["--max_steps", 4, "--save_every", 4, "--keep", 3, "--eval_pairs", 4, "--eval_draws", 1,
             "--sample_steps", 2, "--max_nonfinite", 2]
     _, metrics = train(tmp_path, *RUN, *free, "--resume")
-    assert [r["step"] for r in metrics] == [1, 2, 3] and "heldout_accuracy" in metrics[-1]
+    assert [r["step"] for r in metrics] == [1, 2, 3, 4] and "heldout_accuracy" in metrics[-1]
+    # a checkpoint from before a setting existed: one line, not a guess at what it meant
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    del ckpt["config"]["time_ids"]
+    torch.save(ckpt, tmp_path / "ckpt-0000009.pt")
+    with pytest.raises(SystemExit, match="written by an older rpo.py, without --time_ids; resume it"):
+        train(tmp_path, *RUN, "--max_steps", 10, "--resume")
 
 
 def mapped_file(tensor):
@@ -1841,6 +1854,17 @@ def test_the_tiny_round_trip_trains_a_unet_and_lora_then_reports_means_and_win_r
     out = run_style("score", "--model", "tiny", "--unet", tmp_path / "lora_run", "--prompts",
                     tmp_path / "prompts.txt", "--ref", tmp_path / "images" / "base", "--steps", 2)
     assert json.loads(out.strip().splitlines()[-1])["tuned"]["images"] == 3
+
+
+def test_for_tiny_runs_prefer_judges_the_toy_world_they_were_trained_in(tmp_path):
+    flags = ["--max_steps", 1, "--batch", 2, "--toy_pairs", 16, "--eval_pairs", 0, "--sample_steps", 0]
+    train(tmp_path / "subject", *flags, "--data", "toy-subject")
+    run_style("prefer", "--model", "tiny", "--runs", tmp_path / "subject", "--n", 2, "--steps", 1,
+              "--scorers", "judge", "--out", tmp_path / "r.json")
+    assert json.load(open(tmp_path / "r.json"))["protocol"]["prompt_set"] == "toy-subject"
+    train(tmp_path / "plain", *flags)
+    with pytest.raises(SystemExit, match="trained on different data .toy, toy-subject.; pass --prompts"):
+        run_style("prefer", "--model", "tiny", "--runs", tmp_path / "subject", tmp_path / "plain")
 
 
 def test_a_folder_that_is_not_a_run_is_one_line_before_any_work(tmp_path):
