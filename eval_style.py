@@ -4,8 +4,8 @@ prefer: automated human-preference scores. The base model and each tuned run dra
 same initial noise; PickScore, HPSv2.1, the LAION aesthetic predictor and CLIP score (the toy world: its
 judge) score every image; the report gives each model's mean and each run's win rate against the base.
 
-    python rpo.py --model tiny --loss dpo --out out_dpo && python rpo.py --model tiny --out out_rpo
-    python eval_style.py prefer --model tiny --runs out_dpo out_rpo --n 16 --out prefer.json  # offline, CPU
+    python rpo.py --loss dpo --out out_dpo && python rpo.py --out out_rpo   # tiny-drawn, the toy world
+    python eval_style.py prefer --runs out_dpo out_rpo --n 16 --out prefer.json  # offline, CPU
 
 make-data and score: style alignment. Preference pairs whose winner is a source image edited into a style by
 InstructPix2Pix and whose loser is the original, then a score of how close a tuned model's generations come
@@ -16,8 +16,8 @@ to held-out images of that style.
         --out out_style
     python eval_style.py score --model tiny --unet out_style --prompts style_test.parquet --style "van gogh"
 
-Without --model tiny the same commands use the real scorers, InstructPix2Pix, Pick-a-Pic, Stable Diffusion
-and CLIP ViT-L/14.
+With --model sd15 or sdxl the same commands use the real scorers, InstructPix2Pix, Pick-a-Pic, Stable
+Diffusion and CLIP ViT-L/14.
 """
 import argparse
 import functools
@@ -26,18 +26,17 @@ import io
 import itertools
 import json
 import os
-import random
-import shutil
 import sys
 from contextlib import contextmanager
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageFilter, ImageOps
+from PIL import Image, ImageOps
 from tqdm import tqdm
 
 import rpo
+import toy
 
 # style -> (InstructPix2Pix instruction, the phrase the CLIP score compares generations with)
 STYLES = {"van gogh": ("turn it into a Van Gogh painting", "a painting in the style of Van Gogh"),
@@ -243,102 +242,6 @@ def aesthetic_mlp(state):
     return mlp.eval()
 
 
-# --------------------------------------------------------------------------------------- toy judge
-# The toy world's preference is known: a caption's winner is drawn in its world's winner style. The judge, a
-# small CNN trained on drawn images of the four styles (stripes or not, outline or not), some blurred as a VAE
-# blurs, and on coloured noise (a fifth class: an untrained model draws no style), scores an image by the
-# probability it gives the caption's winner style.
-JUDGE_FILE = "toy-judge-v2.pt"  # in RPO_HOME, trained once (about 20 s on 2 cores), seeded
-NOT_A_DRAWING = 4
-
-
-def judge_net():
-    conv = torch.nn.Conv2d
-    return torch.nn.Sequential(conv(3, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-                               conv(16, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-                               conv(32, 64, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
-                               torch.nn.Flatten(), torch.nn.Linear(64, NOT_A_DRAWING + 1))
-
-
-def style_class(stripes, outline):
-    return 2 * int(stripes) + int(outline)
-
-
-def drawn_styles(rng, captions, blur=True, noise=0.2):
-    """Each caption drawn in a random style at the toy resolution, half of them blurred, or (a share noise)
-    coloured noise: ([N,3,32,32] in [-1, 1], classes)."""
-    size, images, classes = rpo.PRESETS["tiny"]["resolution"], [], []
-    for caption in captions:
-        if rng.random() < noise:
-            img, cls = coloured_noise(rng, size), NOT_A_DRAWING
-        else:
-            stripes, outline = rng.random() < 0.5, rng.random() < 0.5
-            img, cls = rpo.draw_toy(caption, rng, stripes, outline), style_class(stripes, outline)
-            img = img.resize((size, size), Image.BICUBIC)
-            if blur and rng.random() < 0.5:
-                img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.0)))
-        images.append(np.asarray(img).transpose(2, 0, 1))
-        classes.append(cls)
-    return torch.from_numpy(np.stack(images)).float() / 127.5 - 1, torch.tensor(classes)
-
-
-def coloured_noise(rng, size):
-    """What an untrained model draws: Gaussian noise around a colour, smoothed or not."""
-    g = np.random.default_rng(rng.getrandbits(32))
-    x = 127.5 + g.uniform(-60, 60, 3) + g.uniform(20, 80) * g.normal(size=(size, size, 3))
-    return Image.fromarray(np.uint8(np.clip(x, 0, 255))).filter(ImageFilter.GaussianBlur(rng.uniform(0, 2)))
-
-
-def train_toy_judge(steps=600, batch=64):
-    rng, captions = random.Random(0), rpo.toy_captions("train")
-    torch.manual_seed(0)
-    judge = judge_net()
-    optimizer = torch.optim.AdamW(judge.parameters(), lr=3e-3)
-    for _ in range(steps):
-        x, y = drawn_styles(rng, [rng.choice(captions) for _ in range(batch)])
-        loss = F.cross_entropy(judge(x), y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return judge.eval()
-
-
-def toy_judge():
-    path = os.path.join(rpo.RPO_HOME, JUDGE_FILE)
-    if not os.path.exists(path):
-        os.makedirs(rpo.RPO_HOME, exist_ok=True)
-        tmp = f"{path}.tmp{os.getpid()}"  # runs started together each train their own: the same judge
-        torch.save(train_toy_judge().state_dict(), tmp)
-        os.replace(tmp, path)
-    judge = judge_net()
-    judge.load_state_dict(torch.load(path, weights_only=True))
-    return judge.eval()
-
-
-# judge score = P(style = the caption's winner style | image)
-@torch.no_grad()
-def judge_scores(judge, images, captions, world):
-    size = rpo.PRESETS["tiny"]["resolution"]
-    x = np.stack([np.asarray(im.convert("RGB").resize((size, size), Image.BICUBIC)) for im in images])
-    p = judge(torch.from_numpy(x).permute(0, 3, 1, 2).float() / 127.5 - 1).softmax(-1)
-    winner = [style_class(*rpo.toy_styles(world, caption)[0]) for caption in captions]
-    return p[torch.arange(len(images)), winner].double()
-
-
-def judge_accuracy(judge, world, split="heldout", n=400):
-    """The share of a toy world's drawn pairs (captions of split) whose winner the judge scores higher."""
-    rows = rpo.toy_rows(split, n, world)
-    size = rpo.PRESETS["tiny"]["resolution"]
-    pairs = [rpo.prepare_pair(rpo.PairJob(row, i, size)) for i, row in enumerate(rows)]
-    captions = [p["caption"] for p in pairs]
-
-    def scored(side):
-        images = [Image.fromarray(p[side].transpose(1, 2, 0)) for p in pairs]
-        return judge_scores(judge, images, captions, world)
-    winner, loser = scored("winner"), scored("loser")
-    return float((winner > loser).double().mean())
-
-
 # ---------------------------------------------------------------------------------------- helpers
 def device_dtype():
     cuda = torch.cuda.is_available()
@@ -354,30 +257,6 @@ def jpeg(img):
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=95)
     return buf.getvalue()
-
-
-def tiny_editor():
-    """A random InstructPix2Pix from rpo.py's tiny parts: its UNet takes 8 channels, noisy and source-image
-    latents."""
-    from diffusers import (AutoencoderKL, EulerAncestralDiscreteScheduler,
-                           StableDiffusionInstructPix2PixPipeline, UNet2DConditionModel)
-    from transformers import CLIPTextModel, CLIPTokenizer
-    folder = os.path.join(rpo.RPO_HOME, "tiny-ip2p-random")
-    if not os.path.exists(os.path.join(folder, "model_index.json")):
-        base = rpo.model_folder(rpo.parse_config(["--model", "tiny"]))
-        torch.manual_seed(0)
-        shutil.rmtree(folder + ".tmp", ignore_errors=True)
-        StableDiffusionInstructPix2PixPipeline(
-            vae=AutoencoderKL.from_pretrained(base, subfolder="vae"),
-            text_encoder=CLIPTextModel.from_pretrained(base, subfolder="text_encoder"),
-            tokenizer=CLIPTokenizer.from_pretrained(base, subfolder="tokenizer"),
-            unet=UNet2DConditionModel(**dict(rpo.SHAPES["tiny"]["unet"], in_channels=8)),
-            # as the real one
-            scheduler=EulerAncestralDiscreteScheduler.from_pretrained(base, subfolder="scheduler"),
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        ).save_pretrained(folder + ".tmp")
-        os.replace(folder + ".tmp", folder)
-    return folder
 
 
 def source_images(args, cfg):
@@ -418,7 +297,7 @@ def style_set(path, cfg, what):
 # -------------------------------------------------------------------------------------- make-data
 def load_editor(args, device, dtype):
     from diffusers import StableDiffusionInstructPix2PixPipeline
-    editor = args.editor or (tiny_editor() if args.model.startswith("tiny") else IP2P)
+    editor = args.editor or (toy.tiny_editor() if args.model.startswith("tiny") else IP2P)
     pipe = rpo.pretrained(StableDiffusionInstructPix2PixPipeline, editor, dtype=dtype, safety_checker=None,
                           requires_safety_checker=False).to(device)
     pipe.set_progress_bar_config(disable=True)
@@ -637,7 +516,7 @@ def prompt_set(args):
     --split (hub id --data_id), PartiPrompts, or a file: .txt (one per line), .tsv (PartiPrompts' own) or
     parquet files with a caption column."""
     if args.prompts in rpo.TOY_WORLDS:
-        return rpo.toy_captions(args.split or "test")
+        return toy.captions_of(args.split or "test")
     if args.prompts.endswith(".txt"):
         if not os.path.isfile(args.prompts):
             fail(f"--prompts {args.prompts!r} does not exist")
@@ -692,7 +571,7 @@ def load_scorers(names, world, clip_id):
         if name == "judge":
             if not world:
                 fail("the judge scores toy-world prompts only: pass --prompts toy or toy-subject")
-            scorers[name] = functools.partial(scored_by_judge, toy_judge(), world)
+            scorers[name] = functools.partial(scored_by_judge, toy.load_judge(), world)
         elif name == "pickscore":
             clip = rpo.pretrained(CLIPModel, PICKSCORE).eval()
             formula = functools.partial(pickscore, logit_scale=clip.logit_scale.item())
@@ -735,7 +614,7 @@ def scored_by_clip(clip, tokenizer, formula, images, prompts, device, dtype, bat
 
 
 def scored_by_judge(judge, world, images, prompts, device, dtype, batch):
-    return judge_scores(judge, images, prompts, world).numpy()
+    return toy.judge_scores(judge, images, prompts, world).numpy()
 
 
 def summarize(scores):
@@ -815,7 +694,7 @@ def prefer(args, cfg):
                     per_prompt=args.per_prompt, steps=args.steps, guidance=args.guidance,
                     resolution=args.resolution, seed=args.seed, scorers=list(scorers))
     if "judge" in scorers:
-        protocol["judge_accuracy"] = judge_accuracy(toy_judge(), world)
+        protocol["judge_accuracy"] = toy.judge_accuracy(toy.load_judge(), world)
     report = dict(protocol=protocol, **summarize(scores),
                   scores={name: {s: v.tolist() for s, v in by.items()} for name, by in scores.items()})
     print_report(report, protocol)
@@ -827,8 +706,8 @@ def prefer(args, cfg):
 # ------------------------------------------------------------------------------------------- main
 def parse_args(argv):
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--model", default="tiny", choices=list(rpo.IS_XL),
-                        help="tiny: random models, offline")
+    common.add_argument("--model", default="tiny-drawn", choices=list(rpo.IS_XL),
+                        help="tiny-drawn, tiny, tiny-xl: toy.py's models, offline")
     common.add_argument("--steps", type=int,
                         help="denoising steps; default 50 for prefer, else rpo.py's sample_steps for --model")
     common.add_argument("--guidance", type=float, default=7.5)

@@ -2,11 +2,15 @@
 Stable Diffusion 1.5 / SDXL UNet that contrasts every winner with every loser of a micro-batch,
 each pair weighted by how alike the two prompt-image pairs are in CLIP space.
 
-    python rpo.py                                  # tiny random model, toy data, offline, CPU, ~1 min
+    python rpo.py                                  # a tiny model that draws the toy world (toy.py), CPU
     python rpo.py --model sdxl --data pickapic     # the real thing
     torchrun --nproc_per_node=8 rpo.py --model sd15 --data /data/pickapic --global_contrast
 
-Any field of Config is a flag: --key value (booleans: --key, or --key false).
+The file, top to bottom: config (Config, PRESETS); models (load_models: policy, reference, VAE, text
+encoders, CLIP); data (Pick-a-Pic rows to decoded pairs, sharded and resumable); encoded pairs and the cache
+(Pairs, encode_pairs); pair weights (contrast_weights); loss (rpo_loss, preference_step); training (train:
+one optimizer step per pass); saving. Any field of Config is a flag: --key value (booleans: --key, or --key
+false). toy.py holds the toy world and is needed only for tiny models, toy data and --random_init.
 """
 import argparse
 import copy
@@ -38,7 +42,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import transformers
-from PIL import Image, ImageDraw
+from PIL import Image
 from tqdm import tqdm
 
 # ----------------------------------------------------------------------------------------- config
@@ -46,7 +50,7 @@ from tqdm import tqdm
 
 @dataclass
 class Config:
-    model: str = "tiny"  # tiny | tiny-xl | tiny-drawn | sd15 | sdxl
+    model: str = "tiny-drawn"  # tiny-drawn | tiny | tiny-xl (toy.py's) | sd15 | sdxl
     pretrained: str = None  # hub id or local diffusers folder; default from the preset
     random_init: bool = False  # sd15/sdxl shapes with random weights, no download (benchmarks)
     init_unet: str = None  # start policy and reference from this UNet folder (e.g. an SFT run's DIR/unet)
@@ -98,7 +102,7 @@ class Config:
 HUB_SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 HUB_SDXL = "stabilityai/stable-diffusion-xl-base-1.0"
 # Diffusion-DPO's recipe: lr 1e-8 per pair times the effective batch (2048 pairs on 8 GPUs: 2.048e-5), 2000
-# steps, 500 warmup. The toy's rate is 1e-5 at its 8 pairs a step.
+# steps, 500 warmup. The tiny models' rate is 1e-5 at their 8 pairs a step.
 PRESETS = {
     "tiny": dict(resolution=32, batch=8, grad_accum=1, lr_per_pair=1e-5 / 8, optimizer="adamw",
                  warmup_steps=10, max_steps=300, grad_checkpointing=False, save_every=150, sample_steps=8),
@@ -109,11 +113,13 @@ PRESETS = {
                  grad_accum=64, lr_per_pair=1e-8, optimizer="adafactor", warmup_steps=500, max_steps=2000,
                  grad_checkpointing=True, save_every=200, sample_steps=30),
 }
+PRESETS["tiny-xl"] = PRESETS["tiny"]
+# the default run: 300 steps at 1e-4 move toy.py's drawing model visibly towards the preferred style
+PRESETS["tiny-drawn"] = dict(PRESETS["tiny"], lr_per_pair=1e-4 / 8, sample_steps=30)
 # What may change on --resume: the rest shapes the data order, the model or the loss, and must match.
 FREE_ON_RESUME = ("max_steps", "save_every", "keep", "workers", "eval_data", "eval_split", "eval_pairs",
                   "eval_draws", "sample_steps", "max_nonfinite", "compile", "grad_checkpointing", "cache",
                   "out", "resume")
-PRESETS["tiny-xl"] = PRESETS["tiny-drawn"] = PRESETS["tiny"]
 IS_XL = {"tiny": False, "tiny-xl": True, "tiny-drawn": False, "sd15": False, "sdxl": True}
 CHOICES = dict(model=IS_XL, loss=("rpo", "dpo", "sft"), embed=("text", "image", "both"),
                precision=(None, "bf16", "fp16", "fp32"), optimizer=(None, "adamw", "adafactor"),
@@ -154,198 +160,19 @@ def parse_config(argv=None):
 
 
 # ----------------------------------------------------------------------------------------- models
-# tiny, tiny-xl (and sd15, sdxl with --random_init) are built from these configs with random weights,
-# saved as an ordinary diffusers folder, then loaded by the same from_pretrained code as the hub models.
-
-def clip_text_config(hidden, layers, heads, proj, act="quick_gelu", vocab=49408):
-    return dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
-                num_attention_heads=heads, max_position_embeddings=77, projection_dim=proj, hidden_act=act,
-                bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=vocab - 1)
-
-
-def vae_config(channels, scaling):
-    n = len(channels)
-    return dict(block_out_channels=channels, down_block_types=["DownEncoderBlock2D"] * n,
-                up_block_types=["UpDecoderBlock2D"] * n, layers_per_block=2 if n > 2 else 1,
-                latent_channels=4, norm_num_groups=min(32, channels[0]), scaling_factor=scaling)
-
-
-TINY_VOCAB = 514  # 256 byte symbols, the same with '</w>', start and end tokens
-TINY_TEXT = clip_text_config(32, 2, 2, 32, vocab=TINY_VOCAB)
-TINY_UNET = dict(sample_size=16, block_out_channels=[32, 64], layers_per_block=1, norm_num_groups=8,
-                 attention_head_dim=8, down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
-                 up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"])
-TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                   image_size=32, patch_size=8)
-VIT_L14 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-               image_size=224, patch_size=14)
-SHAPES = {
-    "tiny": dict(unet=dict(TINY_UNET, cross_attention_dim=32), vae=vae_config([16, 32], 0.18215),
-                 text=[TINY_TEXT], clip_vision=TINY_VISION),
-    "tiny-xl": dict(
-        unet=dict(TINY_UNET, cross_attention_dim=64, transformer_layers_per_block=[1, 2],
-                  use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
-                  projection_class_embeddings_input_dim=6 * 8 + 32),
-        vae=vae_config([16, 32], 0.13025), clip_vision=TINY_VISION,
-        text=[TINY_TEXT, clip_text_config(32, 2, 2, 32, act="gelu", vocab=TINY_VOCAB)]),
-    "sd15": dict(  # the UNet's other fields: diffusers' defaults, which are SD1.x's
-        unet=dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8),
-        vae=vae_config([128, 256, 512, 512], 0.18215), text=[clip_text_config(768, 12, 12, 768)],
-        clip_vision=VIT_L14),
-    "sdxl": dict(
-        unet=dict(sample_size=128, block_out_channels=[320, 640, 1280], layers_per_block=2,
-                  down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-                  up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-                  transformer_layers_per_block=[1, 2, 10], attention_head_dim=[5, 10, 20],
-                  cross_attention_dim=2048, use_linear_projection=True, addition_embed_type="text_time",
-                  addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816),
-        vae=vae_config([128, 256, 512, 512], 0.13025),
-        text=[clip_text_config(768, 12, 12, 768), clip_text_config(1280, 32, 20, 1280, act="gelu")],
-        clip_vision=VIT_L14),
-}
-SHAPES["tiny-drawn"] = SHAPES["tiny"]  # with a VAE and UNet trained to draw the toy world
-
-
-def byte_level_tokenizer():
-    """CLIP's BPE tokenizer with single-byte symbols and no merges: built in code, nothing downloaded."""
-    from transformers import CLIPTokenizer
-    printable = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
-    symbols = [chr(b) for b in printable] + [chr(256 + i) for i in range(256 - len(printable))]
-    words = symbols + [s + "</w>" for s in symbols] + ["<|startoftext|>", "<|endoftext|>"]
-    return CLIPTokenizer(vocab={w: i for i, w in enumerate(words)}, merges=[], model_max_length=77)
-
-
-def build_random_pipeline(model, folder):
-    """Random-weight pipeline of the given shape, saved as a diffusers folder with a CLIP in folder/clip."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-    shape, tmp = SHAPES[model], f"{folder}.tmp{os.getpid()}"  # runs started together each build their own
-    torch.manual_seed(0)
-    tokenizer = byte_level_tokenizer()
-    vae = AutoencoderKL(**shape["vae"])
-    if model == "tiny-drawn":
-        train_toy_vae(vae)
-    if model.startswith("tiny"):  # as SD chose 0.18215: unit-variance latents, else x_t is noise at every t
-        vae.register_to_config(scaling_factor=unit_variance_scale(vae))
-    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              clip_sample=False, steps_offset=1)
-    parts = dict(unet=UNet2DConditionModel(**shape["unet"]), vae=vae, scheduler=scheduler,
-                 text_encoder=CLIPTextModel(CLIPTextConfig(**shape["text"][0])), tokenizer=tokenizer)
-    if model == "tiny-drawn":
-        train_toy_unet(parts)
-    if IS_XL[model]:
-        from diffusers import StableDiffusionXLPipeline
-        encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**shape["text"][1]))
-        pipeline = StableDiffusionXLPipeline(**parts, text_encoder_2=encoder_2, tokenizer_2=tokenizer)
-        pipeline.save_pretrained(tmp)
-    else:
-        from diffusers import StableDiffusionPipeline
-        StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
-                                requires_safety_checker=False).save_pretrained(tmp)
-    save_random_clip(model, shape, tokenizer, os.path.join(tmp, "clip"))
-    try:
-        os.rename(tmp, folder)
-    except OSError:  # another process finished first; its folder is the same model (seed 0)
-        shutil.rmtree(tmp)
-
-
-def save_random_clip(model, shape, tokenizer, folder):
-    """The pair-weight CLIP of a random-init folder: for the tiny models, trained on the toy world."""
-    from transformers import CLIPConfig, CLIPModel
-    clip = CLIPModel(CLIPConfig(text_config=shape["text"][0], vision_config=shape["clip_vision"],
-                                projection_dim=shape["text"][0]["projection_dim"]))
-    if model.startswith("tiny"):
-        train_toy_clip(clip, tokenizer)
-    clip.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-
-
-@torch.no_grad()
-def unit_variance_scale(vae):
-    """The latent scaling factor that gives 64 toy training images unit-variance latents."""
-    rows = toy_rows("train", 64)
-    jobs = [PairJob(row, 0, PRESETS["tiny"]["resolution"]) for row in rows]
-    pixels = torch.stack([torch.from_numpy(prepare_pair(job)["winner"]) for job in jobs])
-    return 1 / vae.encode(pixels / 127.5 - 1).latent_dist.mode().std().item()
-
-
-def toy_images(rng, captions, size):
-    """One toy image per caption, flat, striped, outlined or both at random, as the data resizes it: uint8
-    [N,3,size,size]."""
-    images = [draw_toy(c, rng, rng.random() < 0.5, rng.random() < 0.5).resize((size, size), Image.BICUBIC)
-              for c in captions]
-    return torch.from_numpy(np.stack([np.asarray(image).transpose(2, 0, 1) for image in images]))
-
-
-def train_toy_vae(vae, steps=600, batch=32):
-    """tiny-drawn's VAE: reconstructs toy images (about 1 min on 2 cores)."""
-    rng, captions = random.Random(0), toy_captions("train")
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3)
-    for _ in range(steps):
-        chosen = [rng.choice(captions) for _ in range(batch)]
-        x = toy_images(rng, chosen, PRESETS["tiny"]["resolution"]) / 127.5 - 1
-        posterior = vae.encode(x).latent_dist
-        loss = F.mse_loss(vae.decode(posterior.sample()).sample, x) + 1e-6 * posterior.kl().mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    vae.eval()
-
-
-def train_toy_unet(parts, steps=3000, batch=32):
-    """tiny-drawn's UNet: draws toy images from their captions, one in ten captions empty so that sampling can
-    use guidance (about 10 min on 2 cores). Its range holds both toy worlds' winners and losers."""
-    rng, captions = random.Random(1), toy_captions("train")
-    vae, unet, scheduler = parts["vae"], parts["unet"], parts["scheduler"]
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-3)
-    for _ in range(steps):
-        chosen = [rng.choice(captions) for _ in range(batch)]
-        with torch.no_grad():
-            x = toy_images(rng, chosen, PRESETS["tiny"]["resolution"]) / 127.5 - 1
-            latents = vae.encode(x).latent_dist.mode() * vae.config.scaling_factor
-            conditioning = ["" if rng.random() < 0.1 else c for c in chosen]
-            ids = parts["tokenizer"](conditioning, padding="max_length", max_length=77, truncation=True,
-                                     return_tensors="pt").input_ids
-            prompt = parts["text_encoder"](ids).last_hidden_state
-        noise, t = torch.randn_like(latents), torch.randint(0, scheduler.config.num_train_timesteps, (batch,))
-        loss = F.mse_loss(unet(scheduler.add_noise(latents, noise, t), t, prompt).sample, noise)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-
-
-def train_toy_clip(clip, tokenizer, steps=300, batch=64):
-    """The tiny CLIP trained with CLIP's contrastive loss on toy captions and images of every style, so that
-    the pair embedding f tells colours, shapes and backgrounds apart (about 15 s on 2 cores). Seeded: every
-    build gives the same weights."""
-    rng, captions = random.Random(0), toy_captions("train")
-    torch.manual_seed(0)
-    optimizer = torch.optim.AdamW(clip.parameters(), lr=2e-3)
-    for _ in range(steps):
-        chosen = rng.sample(captions, batch)  # distinct captions: each image has one right caption
-        ids = tokenizer(chosen, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
-        ids = ids.input_ids
-        images = toy_images(rng, chosen, PRESETS["tiny"]["resolution"])
-        pixels = clip_pixels(images, clip.config.vision_config.image_size)
-        loss = clip(input_ids=ids, pixel_values=pixels, return_loss=True).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return clip.eval()
-
-
-FOLDER_VERSION = "v2"  # raised when what build_random_pipeline makes changes (v2: the trained toy CLIP)
-
-
 def model_folder(cfg):
-    """Where the base pipeline lives: a hub id or folder, or a random-init folder built once in RPO_HOME."""
-    if cfg.pretrained:
-        return cfg.pretrained
-    name = cfg.model if cfg.model == "tiny-drawn" else cfg.model + "-random"
-    folder = os.path.join(RPO_HOME, f"{name}-{FOLDER_VERSION}")
-    if not os.path.exists(os.path.join(folder, "model_index.json")):
-        build_random_pipeline(cfg.model, folder)
-    return folder
+    """Where the base pipeline lives: a hub id or folder; tiny models and --random_init's come from toy.py."""
+    return cfg.pretrained or toy_world().model_folder(cfg.model)
+
+
+def toy_world():
+    """toy.py (the toy world, tiny models, random-weight folders), imported only when they are asked for."""
+    try:
+        import toy
+    except ImportError:
+        sys.exit("rpo.py: tiny models, toy data and --random_init need toy.py beside rpo.py; pass --model "
+                 "sd15 or sdxl and --data PATH")
+    return toy
 
 
 def first_line(error):
@@ -506,84 +333,10 @@ def encode_images(m, pixels):
 # -------------------------------------------------------------------------------------------- data
 # Rows follow Pick-a-Pic v2: caption, jpg_0, jpg_1 (encoded images), label_0 (1, 0.5, 0). A source is a list
 # of files: parquet files (local, or a hub dataset's through hf:// URLs) or the toy data's virtual files of
-# TOY_FILE_ROWS generated rows. Every source goes through the same sharding, shuffling, checks and decoding.
+# generated rows. Every source goes through the same sharding, shuffling, checks and decoding.
 COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")
 SKIP_KEYS = ("ties", "bad_caption", "bad_label", "bad_image", "small")
-TOY_FILE_ROWS = 16
-TOY_WORLDS = ("toy", "toy-subject")
-COLORS = dict(red=(220, 40, 40), green=(40, 180, 60), blue=(40, 70, 220), yellow=(240, 220, 40),
-              purple=(140, 50, 170), orange=(250, 140, 20), white=(245, 245, 245), gray=(128, 128, 128))
-
-CIRCLE = [(math.cos(a * math.pi / 16), math.sin(a * math.pi / 16)) for a in range(32)]
-OUTLINES = dict(circle=CIRCLE, square=[(-1, -1), (1, -1), (1, 1), (-1, 1)],
-                triangle=[(0, -1), (1, 1), (-1, 1)], diamond=[(0, -1), (1, 0), (0, 1), (-1, 0)])
-
-
-def is_held_out(color, shape):
-    """One in five (color, shape) pairs never appears in a training caption."""
-    return (list(COLORS).index(color) + 3 * list(OUTLINES).index(shape)) % 5 == 0
-
-
-def toy_captions(split):
-    """Every 'a {color} {shape} on a {bg} background'. One in five (color, shape) pairs is held out from
-    'train'; of those 'heldout' captions, every other one is in 'validation' (for choosing settings) and the
-    rest in 'test'."""
-    subjects = [(c, s, b) for c in COLORS for s in OUTLINES for b in COLORS if b != c]
-    if split == "train":
-        return [f"a {c} {s} on a {b} background" for c, s, b in subjects if not is_held_out(c, s)]
-    held_out = [f"a {c} {s} on a {b} background" for c, s, b in subjects if is_held_out(c, s)]
-    return {"heldout": held_out, "validation": held_out[0::2], "test": held_out[1::2]}[split]
-
-
-def draw_toy(caption, rng, stripes, outline, size=64):
-    """A shape on a background, with or without white stripes across it and a thick black outline."""
-    _, color, shape, _, _, bg, _ = caption.split(" ")
-    r = rng.uniform(0.22, 0.38) * size
-    cx, cy = rng.uniform(r, size - r), rng.uniform(r, size - r)
-    points = [(cx + r * x, cy + r * y) for x, y in OUTLINES[shape]]
-    img = Image.new("RGB", (size, size), COLORS[bg])
-    ImageDraw.Draw(img).polygon(points, fill=COLORS[color])
-    if stripes:
-        mask, striped = Image.new("L", (size, size), 0), img.copy()
-        ImageDraw.Draw(mask).polygon(points, fill=255)
-        for k in range(-size, size, size // 8):
-            ImageDraw.Draw(striped).line([(k, 0), (k + size, size)], fill=(255, 255, 255), width=size // 32)
-        img = Image.composite(striped, img, mask)
-    if outline:
-        ImageDraw.Draw(img).polygon(points, outline=(0, 0, 0), width=size // 16)
-    return img
-
-
-def toy_styles(world, caption):
-    """(stripes, outline) of the winner and of the loser. 'toy': winners have both, losers neither.
-    'toy-subject': the preferred style depends on the subject, stripes for circles and triangles, an outline
-    for squares and diamonds; each loser wears the other group's style."""
-    if world == "toy":
-        return (True, True), (False, False)
-    round_ = caption.split(" ")[2] in ("circle", "triangle")
-    return ((True, False), (False, True)) if round_ else ((False, True), (True, False))
-
-
-def toy_row(world, split, i, seed=1234):
-    """Preference pair i of a toy world in Pick-a-Pic's schema; label_0 says which of jpg_0/jpg_1 is the
-    winner."""
-    rng = random.Random(f"{world}-{split}-{seed}-{i}")
-    caps = toy_captions(split)
-    cap = caps[rng.randrange(len(caps))]
-    winner_first = rng.random() < 0.5
-    winner, loser = toy_styles(world, cap)
-    encoded = []
-    for style in ((winner, loser) if winner_first else (loser, winner)):
-        buf = io.BytesIO()
-        draw_toy(cap, rng, *style).save(buf, format="PNG")
-        encoded.append(buf.getvalue())
-    return dict(caption=cap, jpg_0=encoded[0], jpg_1=encoded[1], label_0=1.0 if winner_first else 0.0)
-
-
-def toy_rows(split, n, world="toy"):
-    return (toy_row(world, split, i) for i in range(n))
-
-
+TOY_WORLDS = ("toy", "toy-subject")  # generated by toy.py
 def parquet_files(path):
     if os.path.isdir(path):
         files = sorted(glob.glob(os.path.join(path, "**", "*.parquet"), recursive=True))
@@ -598,8 +351,7 @@ def source_files(cfg, source, split, max_rows=0):
     """(path, rows) of each file of a source, in a fixed order; rows None means the whole file, counted from
     its footer when a reader reaches it. max_rows keeps the first rows in file order."""
     if source in TOY_WORLDS:
-        n = max_rows or cfg.toy_pairs
-        return [(f"{source}:{split}:{lo}", min(TOY_FILE_ROWS, n - lo)) for lo in range(0, n, TOY_FILE_ROWS)]
+        return toy_world().files(source, split, max_rows or cfg.toy_pairs)
     files, left = [], max_rows
     for path in dataset_paths(cfg, source, split):
         files.append((path, min(left, file_length((path, None))) if max_rows else None))
@@ -653,8 +405,7 @@ def read_rows(file, a, b):
     """Rows a..b-1 of a file, reading only the parquet row groups that hold them."""
     path, _ = file
     if path.split(":")[0] in TOY_WORLDS:
-        world, split, lo = path.split(":")
-        return [toy_row(world, split, int(lo) + i) for i in range(a, b)]
+        return toy_world().read(path, a, b)
     if path.endswith(".pt"):  # a cache file (see build_cache)
         return [(cache_file(path), r) for r in range(a, b)]
     meta, rows, start = parquet(path).metadata, [], 0
@@ -858,20 +609,25 @@ def decoded(jobs, pool=None):
     return list(pool.map(prepare_pair, jobs) if pool else map(prepare_pair, jobs))
 
 
-def collate(pairs):
-    return dict(index=[p["index"] for p in pairs], caption=[p["caption"] for p in pairs],
-                winner=torch.from_numpy(np.stack([p["winner"] for p in pairs])),
-                loser=torch.from_numpy(np.stack([p["loser"] for p in pairs])),
-                time_ids_w=torch.tensor([p["winner_time_ids"] for p in pairs], dtype=torch.float32),
-                time_ids_l=torch.tensor([p["loser_time_ids"] for p in pairs], dtype=torch.float32))
-
-
 # ------------------------------------------------------------------------------- encoded pairs, cache
 # The training step consumes encoded pairs: VAE latents, text-encoder states, SDXL time ids and the pair
 # embeddings f. They are computed on the fly, or once per dataset with --cache and read back every epoch.
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 CACHE_CHUNK = 256  # rows decoded and encoded at a time while building the cache
-WEIGHT_TIME = dict(seconds=0.0, in_flight=deque())  # pair-embedding time, for the end-of-run time share
+
+
+class Pairs(NamedTuple):
+    """An encoded micro-batch of M pairs, on the training device: what the loss needs."""
+    index: list  # pair ids: each seeds its pair's noise, timestep, flip and prompt dropout
+    latents_w: torch.Tensor  # VAE latents of the winners [M, 4, h, w] and of the losers
+    latents_l: torch.Tensor
+    prompt: torch.Tensor  # text-encoder states of the captions
+    pooled: torch.Tensor  # SDXL's pooled text embedding (None for SD1.5)
+    time_ids_w: torch.Tensor  # SDXL's size and crop conditioning [M, 6] of winners and losers
+    time_ids_l: torch.Tensor
+    f_w: torch.Tensor = None  # pair embeddings f(c, x_w), f(c, x_l) [M, D]: RPO's pair weights
+    f_l: torch.Tensor = None
+    clip_time: tuple = None  # (start, end) of computing f: perf_counter seconds or CUDA events
 
 
 # f(c, x) = normalize(normalize(text(c)) + normalize(image(x)));  --embed text | image | both
@@ -906,35 +662,44 @@ def clock(device):
     return time.perf_counter()
 
 
-def add_weight_time(interval=None):
-    """Adds a (start, end) of pair-embedding time to the running total, with any earlier ones now done:
-    perf_counter seconds, or CUDA events, read once the GPU has passed them (a query, never a sync), so only
-    the few intervals still in flight are kept. Returns the total so far."""
-    in_flight = WEIGHT_TIME["in_flight"]
+def seconds_done(in_flight, interval=None):
+    """Seconds of the (start, end) intervals in in_flight (interval added) that are done, taken out of it:
+    perf_counter seconds at once, CUDA events once the GPU has passed them (a query, never a sync), so only
+    the few intervals still in flight stay."""
     if interval:
         in_flight.append(interval)
+    seconds = 0.0
     while in_flight and (isinstance(in_flight[0][1], float) or in_flight[0][1].query()):
         start, end = in_flight.popleft()
-        WEIGHT_TIME["seconds"] += end - start if isinstance(start, float) else start.elapsed_time(end) / 1000
-    return WEIGHT_TIME["seconds"]
+        seconds += end - start if isinstance(start, float) else start.elapsed_time(end) / 1000
+    return seconds
 
 
 @torch.no_grad()
-def encode_pairs(m, batch, embed, with_f=True):
-    """Decoded pairs (see collate) -> the tensors the loss needs, all on the device."""
-    M = len(batch["caption"])
-    pixels = torch.cat([batch["winner"], batch["loser"]])
+def encode_pairs(m, pairs, embed, with_f=True):
+    """Prepared pairs -> Pairs, the one place a micro-batch is encoded. Cached pairs (see cached_pair) are
+    stacked as stored; decoded ones (see prepare_pair) go through the VAE and the text encoders, and with_f
+    through CLIP for the pair embeddings."""
+    index = [p["index"] for p in pairs]
+
+    def stacked(key):  # [M, ...] on the device; cached pairs hold [winner, loser] in their second axis
+        return torch.stack([torch.as_tensor(p[key]) for p in pairs]).to(m.device)
+    if "latents" in pairs[0]:
+        latents, time_ids, f = stacked("latents"), stacked("time_ids"), stacked("f")
+        pooled = stacked("pooled") if m.xl else None
+        return Pairs(index, latents[:, 0], latents[:, 1], stacked("prompt"), pooled, time_ids[:, 0],
+                     time_ids[:, 1], f[:, 0], f[:, 1])
+    captions = [p["caption"] for p in pairs]
+    pixels = torch.cat([stacked("winner"), stacked("loser")])
     latents = encode_images(m, pixels)
-    prompt, pooled = encode_prompts(m, batch["caption"])
-    enc = dict(index=batch["index"], latents_w=latents[:M], latents_l=latents[M:], prompt=prompt,
-               pooled=pooled, time_ids_w=batch["time_ids_w"].to(m.device),
-               time_ids_l=batch["time_ids_l"].to(m.device))
+    prompt, pooled = encode_prompts(m, captions)
+    time_ids_w, time_ids_l = (stacked(key).float() for key in ("winner_time_ids", "loser_time_ids"))
+    f, clip_time = [None, None], None
     if with_f:
         start = clock(m.device)
-        f = pair_embeddings(m, batch["caption"], pixels, embed)
-        add_weight_time((start, clock(m.device)))
-        enc.update(f_w=f[:M], f_l=f[M:])
-    return enc
+        f = pair_embeddings(m, captions, pixels, embed).chunk(2)
+        clip_time = (start, clock(m.device))
+    return Pairs(index, *latents.chunk(2), prompt, pooled, time_ids_w, time_ids_l, *f, clip_time)
 
 
 def cache_meta(cfg, m):
@@ -1001,7 +766,7 @@ def encode_file(cfg, m, file, k, pool):
         usable = [p for p in prepared if not isinstance(p, str)]
         small += [p.pop("small") for p in usable]
         for i in range(0, len(usable), cfg.batch):
-            parts.append(encode_both_flips(cfg, m, collate(usable[i:i + cfg.batch])))
+            parts.append(encode_both_flips(cfg, m, usable[i:i + cfg.batch]))
     tensors = {}
     for key in ("latents", "f", "prompt", "pooled", "time_ids"):
         stored = parts and parts[0][key] is not None  # SD1.5 has no pooled states
@@ -1009,21 +774,19 @@ def encode_file(cfg, m, file, k, pool):
     return dict(skip=skip, small=small, **tensors)
 
 
-def encode_both_flips(cfg, m, batch):
-    """A micro-batch's encodings, unflipped and flipped (images and crop time ids mirrored), as the cache
+def encode_both_flips(cfg, m, pairs):
+    """Decoded pairs' encodings, unflipped and flipped (images and crop time ids mirrored), as the cache
     stores them: latents, f and time ids as [n, flip, winner/loser, ...]."""
-    def flipped_ids(ids):
-        rows = [mirrored(row) for row in ids.tolist()]
-        return torch.tensor(rows, dtype=ids.dtype, device=ids.device)
-    flip = dict(batch, winner=batch["winner"].flip(-1), loser=batch["loser"].flip(-1),
-                time_ids_w=flipped_ids(batch["time_ids_w"]), time_ids_l=flipped_ids(batch["time_ids_l"]))
-    plain, flipped = encode_pairs(m, batch, cfg.embed), encode_pairs(m, flip, cfg.embed)
-    return dict(prompt=plain["prompt"], pooled=plain["pooled"],
-                **{key: by_flip_and_side(plain, flipped, key) for key in ("latents", "f", "time_ids")})
+    mirror = [dict(p, winner=p["winner"][:, :, ::-1].copy(), loser=p["loser"][:, :, ::-1].copy(),
+                   winner_time_ids=mirrored(p["winner_time_ids"]),
+                   loser_time_ids=mirrored(p["loser_time_ids"])) for p in pairs]
+    plain, flipped = encode_pairs(m, pairs, cfg.embed), encode_pairs(m, mirror, cfg.embed)
 
-
-def by_flip_and_side(plain, flipped, key):
-    return torch.stack([torch.stack([e[key + "_w"], e[key + "_l"]], 1) for e in (plain, flipped)], 1)
+    def by_flip_and_side(key):
+        return torch.stack([torch.stack([getattr(e, key + "_w"), getattr(e, key + "_l")], 1)
+                            for e in (plain, flipped)], 1)
+    return dict(prompt=plain.prompt, pooled=plain.pooled,
+                **{key: by_flip_and_side(key) for key in ("latents", "f", "time_ids")})
 
 
 def cache_path(cfg, k):
@@ -1055,25 +818,9 @@ def cached_pair(job):
 
 
 def training_batches(cfg, m, rank, world, start, pool):
-    """(encoded micro-batch, state to resume after it) forever, from the cache or from decoded rows."""
+    """(Pairs, state to resume after them) forever, from the cache or from decoded rows."""
     for pairs, state in pair_batches(cfg, rank, world, start, pool):
-        if cfg.cache:
-            yield cached_batch(pairs, m), state
-        else:
-            yield encode_pairs(m, collate(pairs), cfg.embed, with_f=cfg.loss == "rpo"), state
-
-
-def cached_batch(pairs, m):
-    """Cached pairs (see cached_pair) -> the tensors the loss needs, all on the device."""
-    latents, f, time_ids = (stack_on(m.device, pairs, key) for key in ("latents", "f", "time_ids"))
-    return dict(index=[p["index"] for p in pairs], latents_w=latents[:, 0], latents_l=latents[:, 1],
-                prompt=stack_on(m.device, pairs, "prompt"),
-                pooled=stack_on(m.device, pairs, "pooled") if m.xl else None,
-                time_ids_w=time_ids[:, 0], time_ids_l=time_ids[:, 1], f_w=f[:, 0], f_l=f[:, 1])
-
-
-def stack_on(device, pairs, key):
-    return torch.stack([p[key] for p in pairs]).to(device)
+        yield encode_pairs(m, pairs, cfg.embed, with_f=cfg.loss == "rpo"), state
 
 
 def heldout_pairs(cfg, m):
@@ -1088,7 +835,7 @@ def heldout_pairs(cfg, m):
     pairs = [p for p in prepared if not isinstance(p, str)]
     if not pairs:
         sys.exit(f"rpo.py: no usable held-out pairs in {source!r} (split {split!r})")
-    return [encode_pairs(m, collate(pairs[i:i + cfg.batch]), cfg.embed, with_f=False)
+    return [encode_pairs(m, pairs[i:i + cfg.batch], cfg.embed, with_f=False)
             for i in range(0, len(pairs), cfg.batch)]
 
 
@@ -1141,27 +888,27 @@ def pair_noise(keys, latents, T):
     return torch.stack(noise).to(latents.device, latents.dtype), torch.cat(t).to(latents.device)
 
 
-def denoising_errors(unet, m, latents, noise, t, prompt, pooled, time_ids):
-    noisy = m.scheduler.add_noise(latents, noise, t)
-    extra = dict(added_cond_kwargs=dict(text_embeds=pooled, time_ids=time_ids)) if m.xl else {}
-    return per_sample_error(unet(noisy, t, prompt, **extra).sample, noise)
+def pair_errors(unet, m, pairs, keys, prompt=None, pooled=None, winners_only=False):
+    """The per-sample errors of a UNet (policy or reference) on the winners and the losers, in one batched
+    forward: each pair's winner and loser are noised with the same draw at the same t. prompt, pooled: the
+    conditioning after prompt dropout (default: the pairs' own captions). Returns (err_w, err_l or None)."""
+    if prompt is None:
+        prompt, pooled = pairs.prompt, pairs.pooled
+    noise, t = pair_noise(keys, pairs.latents_w, m.scheduler.config.num_train_timesteps)
+    sides = 1 if winners_only else 2  # winners, then losers, each with the pair's noise, t and caption
 
+    def both(winners, losers):
+        return winners if winners_only else torch.cat([winners, losers])
 
-def pair_errors(unet, m, enc, keys, prompt=None, pooled=None, winners_only=False):
-    """Policy (or reference) errors of winners and losers, batched in one forward."""
-    if prompt is None:  # no prompt dropout: the pairs' own captions
-        prompt, pooled = enc["prompt"], enc["pooled"]
-    noise, t = pair_noise(keys, enc["latents_w"], m.scheduler.config.num_train_timesteps)
-    if winners_only:
-        return denoising_errors(unet, m, enc["latents_w"], noise, t, prompt, pooled, enc["time_ids_w"]), None
-    err = denoising_errors(unet, m, torch.cat([enc["latents_w"], enc["latents_l"]]), twice(noise), twice(t),
-                           twice(prompt), twice(pooled), torch.cat([enc["time_ids_w"], enc["time_ids_l"]]))
-    return err.chunk(2)
-
-
-def twice(x):
-    """x for the winners, then again for the losers (SD1.5's pooled states stay None)."""
-    return None if x is None else torch.cat([x, x])
+    def each(x):
+        return None if x is None else torch.cat([x] * sides)
+    noisy = m.scheduler.add_noise(both(pairs.latents_w, pairs.latents_l), each(noise), each(t))
+    extra = {}
+    if m.xl:  # SDXL's micro-conditioning: the pooled text embedding and the size and crop time ids
+        extra = dict(added_cond_kwargs=dict(text_embeds=each(pooled),
+                                            time_ids=both(pairs.time_ids_w, pairs.time_ids_l)))
+    err = per_sample_error(unet(noisy, each(t), each(prompt), **extra).sample, each(noise))
+    return (err, None) if winners_only else err.chunk(2)
 
 
 def gather(x):
@@ -1179,20 +926,20 @@ def gather(x):
     return torch.cat(parts)
 
 
-def preference_step(cfg, m, policy, enc, epoch):
+def preference_step(cfg, m, policy, pairs, epoch):
     """Loss and metrics of one micro-batch; prompt dropout blanks the conditioning, never the pair weights."""
-    keys = [f"noise-{cfg.seed}-{epoch}-{i}" for i in enc["index"]]
-    dropped = [coin(cfg.seed, epoch, i, "drop") < cfg.drop_prompt for i in enc["index"]]
+    keys = [f"noise-{cfg.seed}-{epoch}-{i}" for i in pairs.index]
+    dropped = [coin(cfg.seed, epoch, i, "drop") < cfg.drop_prompt for i in pairs.index]
     drop = torch.tensor(dropped, device=m.device)
-    prompt = torch.where(drop[:, None, None], m.empty_prompt, enc["prompt"])
-    pooled = torch.where(drop[:, None], m.empty_pooled, enc["pooled"]) if m.xl else None
+    prompt = torch.where(drop[:, None, None], m.empty_prompt, pairs.prompt)
+    pooled = torch.where(drop[:, None], m.empty_pooled, pairs.pooled) if m.xl else None
     if cfg.loss == "sft":
-        err_w, _ = pair_errors(policy, m, enc, keys, prompt, pooled, winners_only=True)
+        err_w, _ = pair_errors(policy, m, pairs, keys, prompt, pooled, winners_only=True)
         return err_w.mean(), dict(mse=err_w.detach().mean())
-    err_w, err_l = pair_errors(policy, m, enc, keys, prompt, pooled)
+    err_w, err_l = pair_errors(policy, m, pairs, keys, prompt, pooled)
     with torch.no_grad(), reference(m) as ref_unet:
-        ref_err_w, ref_err_l = pair_errors(ref_unet, m, enc, keys, prompt, pooled)
-    errors, f = [err_w, err_l, ref_err_w, ref_err_l], [enc.get("f_w"), enc.get("f_l")]
+        ref_err_w, ref_err_l = pair_errors(ref_unet, m, pairs, keys, prompt, pooled)
+    errors, f = [err_w, err_l, ref_err_w, ref_err_l], [pairs.f_w, pairs.f_l]
     if cfg.global_contrast and dist.is_initialized():  # the M x M matrix spans every rank's pairs
         errors, f = [gather(e) for e in errors], [None if x is None else gather(x) for x in f]
     weights = contrast_weights(*f, cfg.tau) if cfg.loss == "rpo" else None
@@ -1207,13 +954,13 @@ def evaluate(cfg, m, heldout, autocast):
     m.unet.eval()
     errs = []  # per micro-batch: err_w, err_l, ref_err_w, ref_err_l, each the mean over the draws
     with autocast:
-        for enc in heldout:
+        for pairs in heldout:
             draws = []
             for d in range(cfg.eval_draws):
-                keys = [f"eval-{d}-{i}" for i in enc["index"]]
+                keys = [f"eval-{d}-{i}" for i in pairs.index]
                 with reference(m) as ref_unet:
-                    ref_errs = pair_errors(ref_unet, m, enc, keys)
-                draws.append([*pair_errors(m.unet, m, enc, keys), *ref_errs])
+                    ref_errs = pair_errors(ref_unet, m, pairs, keys)
+                draws.append([*pair_errors(m.unet, m, pairs, keys), *ref_errs])
             errs.append([torch.stack(e).mean(0) for e in zip(*draws)])
     m.unet.train(was_training)
     mean = [torch.cat(e) for e in zip(*errs)]
@@ -1434,24 +1181,56 @@ def describe(cfg, m, run, trainer):
 
 
 def train(cfg, m, run, trainer, batches, heldout, step, nonfinite_total):
-    """The training loop from `step` to --max_steps. Every --save_every steps and at the end: held-out
-    metrics, a checkpoint and samples. Returns the logged records, the loop's timing, its last micro-batch."""
-    start_step, nonfinite_run, history, enc = step, 0, [], None
+    """The training loop from `step` to --max_steps: one optimizer step per pass, top to bottom. Every
+    --save_every steps and at the end: held-out metrics, a checkpoint and samples. Returns the logged records,
+    the loop's timing and its last micro-batch."""
+    start_step, nonfinite_run, history = step, 0, []
     step_seconds, saving = [], 0.0  # saving: seconds of evaluation, checkpoints and samples: not throughput
+    clip_seconds, clip_in_flight = 0.0, deque()  # time spent on pair embeddings, for the end-of-run line
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not run.master, dynamic_ncols=True)
-    WEIGHT_TIME.update(seconds=0.0, in_flight=deque())  # count only the training loop's pair embeddings
     t0 = t_first = time.perf_counter()
     while step < cfg.max_steps:
         t_step, lr = time.perf_counter(), trainer.schedule.get_last_lr()[0]
-        sums, enc, state = accumulate_gradients(cfg, m, trainer.policy, batches, run.autocast, trainer.scaler,
-                                                run.ddp)
-        logged, finite, absorbed = optimizer_step(trainer, sums, state["counts"], run)
+        # 1. forward and backward over --grad_accum micro-batches; DDP syncs the gradients on the last one
+        sums = {}
+        for micro in range(cfg.grad_accum):
+            pairs, state = next(batches)
+            clip_seconds += seconds_done(clip_in_flight, pairs.clip_time)
+            sync = micro == cfg.grad_accum - 1 or not run.ddp
+            with (nullcontext() if sync else trainer.policy.no_sync()), run.autocast:
+                loss, metrics = preference_step(cfg, m, trainer.policy, pairs, state["epoch"])
+            trainer.scaler.scale(loss / cfg.grad_accum).backward()
+            for k, v in dict(metrics, loss=loss.detach()).items():
+                sums[k] = sums.get(k, 0) + v.float() / cfg.grad_accum
+        # 2. clip; what the step logs reaches the host as one float64 vector on the device, all-reduced once
+        #    across ranks: metrics averaged, skip counts summed (each rank reads its own rows)
+        trainer.scaler.unscale_(trainer.optimizer)
+        sums["grad_norm"] = torch.nn.utils.clip_grad_norm_(trainer.params, 1.0)
+        names, vec = step_vector(sums, state["counts"], run.device)
+        if run.ddp:
+            dist.all_reduce(vec)
+            vec[:len(sums)] /= run.world
+        logged = {k: int(v) if k in SKIP_KEYS else v for k, v in zip(names, vec.tolist())}
+        # 3. step, unless the loss or the gradient is not finite: a NaN gradient under a finite loss (bf16
+        #    has no GradScaler to catch it) would turn every weight NaN. In fp16 an overflow under a finite
+        #    loss is the GradScaler's to absorb (it halves its scale) until the scale falls below 1
+        finite = math.isfinite(logged["loss"]) and math.isfinite(logged["grad_norm"])
+        absorbed = (not finite and math.isfinite(logged["loss"]) and trainer.scaler.is_enabled()
+                    and trainer.scaler.get_scale() >= 1)
+        if finite:
+            trainer.scaler.step(trainer.optimizer)
+        trainer.scaler.update()
+        with warnings.catch_warnings():  # torch warns when a skipped first step steps the schedule: intended
+            warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler.step\(\)` before")
+            trainer.schedule.step()  # every step, skipped or not: the warmup follows the step number
+        trainer.optimizer.zero_grad(set_to_none=True)
         nonfinite_run = 0 if finite or absorbed else nonfinite_run + 1
         nonfinite_total += not finite
         step += 1
         step_seconds.append(time.perf_counter() - t_step)
         if step == start_step + 1:  # the throughput leaves out the first step (compilation, warm-up)
             t_first = time.perf_counter()
+        # 4. held-out metrics, a checkpoint and samples every --save_every steps; the log
         record = dict(step=step, lr=lr, **logged, nonfinite=nonfinite_total)
         history.append(record)
         stop = nonfinite_run >= cfg.max_nonfinite
@@ -1466,66 +1245,20 @@ def train(cfg, m, run, trainer, batches, heldout, step, nonfinite_total):
                      f"stopped with a checkpoint of the last good weights in {cfg.out}. Lower --lr or "
                      f"--beta, or use --precision bf16/fp32")
     bar.close()
+    if run.device.type == "cuda":
+        torch.cuda.synchronize(run.device)  # every pair-embedding interval is done
     end = time.perf_counter()
     timing = dict(steps=step - start_step, seconds=end - t0, timed=end - t_first - saving, saving=saving,
-                  step_seconds=step_seconds)
-    return history, timing, enc
-
-
-def accumulate_gradients(cfg, m, policy, batches, autocast, scaler, ddp):
-    """Forward and backward over --grad_accum micro-batches (DDP syncs gradients on the last one only).
-    Returns the mean of each metric as tensors on the training device, and the last micro-batch with the data
-    state after it."""
-    sums = {}
-    for micro in range(cfg.grad_accum):
-        enc, state = next(batches)
-        sync = micro == cfg.grad_accum - 1 or not ddp
-        with (nullcontext() if sync else policy.no_sync()), autocast:
-            loss, metrics = preference_step(cfg, m, policy, enc, state["epoch"])
-        scaler.scale(loss / cfg.grad_accum).backward()
-        for k, v in dict(metrics, loss=loss.detach()).items():
-            sums[k] = sums.get(k, 0) + v.float() / cfg.grad_accum
-    return sums, enc, state
-
-
-def optimizer_step(trainer, sums, counts, run):
-    """Clip the gradient, reduce what the step logs over the ranks, and step unless the loss or gradient is
-    non-finite. Returns the logged values, whether they are finite, and whether the fp16 loss scaler absorbs
-    the overflow."""
-    trainer.scaler.unscale_(trainer.optimizer)
-    sums["grad_norm"] = torch.nn.utils.clip_grad_norm_(trainer.params, 1.0)
-    names, vec = step_vector(sums, counts, run.device)
-    values = (mean_over_ranks(names, vec, run.world) if run.ddp else vec).tolist()
-    logged = {k: int(v) if k in SKIP_KEYS else v for k, v in zip(names, values)}
-    # a NaN gradient under a finite loss (bf16 has no GradScaler to catch it) would turn every weight NaN
-    finite = math.isfinite(logged["loss"]) and math.isfinite(logged["grad_norm"])
-    # fp16: an overflow under a finite loss is the GradScaler's to absorb (it halves its scale), unless
-    # the scale is already below 1; only then does it count towards --max_nonfinite
-    overflow = not finite and math.isfinite(logged["loss"]) and trainer.scaler.is_enabled()
-    absorbed = overflow and trainer.scaler.get_scale() >= 1
-    if finite:
-        trainer.scaler.step(trainer.optimizer)
-    trainer.scaler.update()
-    with warnings.catch_warnings():  # torch warns when a skipped first step steps the schedule: intended
-        warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler.step\(\)` before")
-        trainer.schedule.step()  # every step, skipped or not: the warmup follows the step number
-    trainer.optimizer.zero_grad(set_to_none=True)
-    return logged, finite, absorbed
+                  step_seconds=step_seconds, clip_seconds=clip_seconds + seconds_done(clip_in_flight))
+    return history, timing, pairs if step > start_step else None
 
 
 def step_vector(sums, counts, device):
-    """What a step logs, as names and one float64 tensor on the training device: one all-reduce, one copy to
-    the host."""
+    """What a step logs, as names and one float64 tensor on the training device (metrics, then skip counts):
+    one all-reduce, one copy to the host."""
     names = sorted(sums) + list(SKIP_KEYS)
     skipped = torch.tensor([float(counts[k]) for k in SKIP_KEYS], dtype=torch.float64, device=device)
     return names, torch.cat([torch.stack([sums[k] for k in sorted(sums)]).double(), skipped])
-
-
-def mean_over_ranks(names, vec, world):
-    """Metrics are averaged over ranks; skip counts are summed, since each rank reads its own rows."""
-    dist.all_reduce(vec)
-    summed = torch.tensor([k in SKIP_KEYS for k in names], device=vec.device)
-    return torch.where(summed, vec, vec / world)
 
 
 def save_point(cfg, m, run, trainer, heldout, step, nonfinite_total, state):
@@ -1557,28 +1290,27 @@ def log_step(cfg, record, bar):
 # micro-step FLOPs = 4 x one UNet forward over its 2M images: policy forward + backward 3, reference 1
 # (SFT: 1.5); LoRA: 3 (SFT: 1): the frozen UNet's backward computes activation gradients, not weight ones
 @torch.no_grad()
-def step_flops(cfg, m, enc):
+def step_flops(cfg, m, pairs):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
     # the counter misses CPU's fused attention; on CUDA it counts the fused kernels (MATH would take GBs)
     math_attention = sdpa_kernel(SDPBackend.MATH) if m.device.type == "cpu" else nullcontext()
     with FlopCounterMode(display=False) as counter, math_attention, reference(m) as ref_unet:
         unet = getattr(ref_unet, "_orig_mod", ref_unet)  # the eager module under --compile
-        pair_errors(unet, m, enc, [f"flops-{i}" for i in enc["index"]])
+        pair_errors(unet, m, pairs, [f"flops-{i}" for i in pairs.index])
     policy = 1 + (1 if m.lora else 2)
     return counter.get_total_flops() * (policy / 2 if cfg.loss == "sft" else policy + 1)
 
 
-def end_of_run(cfg, m, run, history, timing, enc):
+def end_of_run(cfg, m, run, history, timing, pairs):
     """The end-of-run summary: throughput, FLOPs and peak memory (what benchmarks read), final metrics."""
     n_timed = max(timing["steps"] - 1, 0)
     steps_per_s = n_timed / timing["timed"] if n_timed else timing["steps"] / timing["seconds"]
     if run.device.type == "cuda":
-        torch.cuda.synchronize(run.device)  # every pair-embedding interval is done
         peak = torch.cuda.max_memory_allocated(run.device)
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    flops_per_s = step_flops(cfg, m, enc) * cfg.grad_accum * steps_per_s  # per rank; counted after the peak
+    flops_per_s = step_flops(cfg, m, pairs) * cfg.grad_accum * steps_per_s  # per rank; counted after the peak
     last = [r["accuracy"] for r in history[-10:] if "accuracy" in r]  # SFT has none
     step_ms = 1000 * statistics.median(timing["step_seconds"][1:] or timing["step_seconds"])
     return dict(steps=timing["steps"], seconds=round(timing["seconds"], 2), steps_per_s=round(steps_per_s, 4),
@@ -1586,7 +1318,7 @@ def end_of_run(cfg, m, run, history, timing, enc):
                 median_step_ms=round(step_ms, 2), tflops_per_s=round(flops_per_s / 1e12, 4),
                 mfu=round(flops_per_s / PEAK_BF16_FLOPS, 4) if run.device.type == "cuda" else None,
                 peak_mem_mb=round(peak / 2**20, 1),
-                weight_time_share=round(add_weight_time() / (timing["seconds"] - timing["saving"]), 4),
+                weight_time_share=round(timing["clip_seconds"] / (timing["seconds"] - timing["saving"]), 4),
                 loss=history[-1]["loss"], train_accuracy=round(statistics.fmean(last), 4) if last else None,
                 heldout_accuracy=history[-1].get("heldout_accuracy"),
                 heldout_margin=history[-1].get("heldout_margin"),
@@ -1611,11 +1343,13 @@ def main(argv=None):
     batches = training_batches(cfg, m, run.rank, run.world, start, pool)
     if run.master:
         print(describe(cfg, m, run, trainer), file=sys.stderr)
+    if run.master and step == 0 and cfg.sample_steps:  # the grid before any training, to compare with
+        save_samples(cfg, m, os.path.join(cfg.out, "samples_0.png"), run.autocast)
 
-    history, timing, last_enc = train(cfg, m, run, trainer, batches, heldout, step, nonfinite_total)
+    history, timing, last_pairs = train(cfg, m, run, trainer, batches, heldout, step, nonfinite_total)
 
     if run.master and history:
-        print(json_line(end_of_run(cfg, m, run, history, timing, last_enc)), flush=True)
+        print(json_line(end_of_run(cfg, m, run, history, timing, last_pairs)), flush=True)
     if pool:
         pool.terminate()
     if run.ddp:
@@ -1729,7 +1463,7 @@ SAMPLE_PROMPTS = ["a photo of a corgi wearing sunglasses on a beach",
 @torch.no_grad()
 def save_samples(cfg, m, path, autocast):
     """A grid of images from fixed prompts and seeds with the current policy UNet."""
-    prompts = toy_captions("heldout")[::7][:4] if cfg.data in TOY_WORLDS else SAMPLE_PROMPTS
+    prompts = toy_world().captions_of("heldout")[::7][:4] if cfg.data in TOY_WORLDS else SAMPLE_PROMPTS
     pipe = sample_pipeline(m)
     m.unet.eval()
     with autocast:

@@ -26,6 +26,7 @@ from PIL import Image
 
 import eval_style
 import rpo
+import toy
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -195,19 +196,19 @@ def pickapic_rows(n, seed=0):
 
 
 def test_toy_heldout_captions_are_never_trained_on():
-    train, heldout = set(rpo.toy_captions("train")), set(rpo.toy_captions("heldout"))
+    train, heldout = set(toy.captions_of("train")), set(toy.captions_of("heldout"))
     assert heldout and train and not train & heldout
-    assert {r["caption"] for r in rpo.toy_rows("train", 200)} <= train
+    assert {r["caption"] for r in toy.pair_rows("train", 200)} <= train
 
 
 def test_the_toy_clip_is_trained_the_same_way_every_build():
     from transformers import CLIPConfig, CLIPModel
-    shape = rpo.SHAPES["tiny"]
+    shape = toy.SHAPES["tiny"]
     config = CLIPConfig(text_config=shape["text"][0], vision_config=shape["clip_vision"], projection_dim=32)
     weights = []
     for _ in range(2):
         torch.manual_seed(1)
-        clip = rpo.train_toy_clip(CLIPModel(config), rpo.byte_level_tokenizer(), steps=3, batch=8)
+        clip = toy.train_clip(CLIPModel(config), toy.byte_level_tokenizer(), steps=3, batch=8)
         weights.append(clip.state_dict())
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     torch.manual_seed(1)
@@ -218,14 +219,14 @@ def test_the_toy_clip_is_trained_the_same_way_every_build():
 def toy_clip_embeddings(captions):
     """f(caption, image) from the tiny model's CLIP, for one image of each caption (drawn as in the data)."""
     cfg, m = tiny_models()
-    rows = [rpo.toy_row("toy", "heldout", i) for i in range(200)]
+    rows = [toy.pair_row("toy", "heldout", i) for i in range(200)]
     image_of = {r["caption"]: rpo.prepare_pair((r, 0, cfg.resolution, False, None))["winner"] for r in rows}
     pixels = torch.from_numpy(np.stack([image_of[c] for c in captions]))
     return m, pixels, rpo.pair_embeddings(m, captions, pixels, "both")
 
 
 def test_the_tiny_models_clip_knows_the_toy_world_it_retrieves_held_out_captions_and_groups_alike_pairs():
-    captions = sorted({r["caption"] for r in (rpo.toy_row("toy", "heldout", i) for i in range(200))})[:32]
+    captions = sorted({r["caption"] for r in (toy.pair_row("toy", "heldout", i) for i in range(200))})[:32]
     m, pixels, f = toy_clip_embeddings(captions)
     with torch.no_grad():
         ids = m.clip_tokenizer(captions, padding="max_length", max_length=77, return_tensors="pt").input_ids
@@ -244,10 +245,10 @@ def test_the_tiny_models_clip_knows_the_toy_world_it_retrieves_held_out_captions
 
 
 def test_validation_and_test_captions_split_the_held_out_ones_and_are_never_trained_on():
-    validation, test = set(rpo.toy_captions("validation")), set(rpo.toy_captions("test"))
+    validation, test = set(toy.captions_of("validation")), set(toy.captions_of("test"))
     assert validation and test and not validation & test
-    assert validation | test == set(rpo.toy_captions("heldout"))
-    assert not (validation | test) & set(rpo.toy_captions("train"))
+    assert validation | test == set(toy.captions_of("heldout"))
+    assert not (validation | test) & set(toy.captions_of("train"))
 
 
 def test_in_the_subject_world_round_shapes_win_striped_angular_ones_outlined_losers_wear_the_other_style():
@@ -256,7 +257,7 @@ def test_in_the_subject_world_round_shapes_win_striped_angular_ones_outlined_los
 
     def outline(img):  # pure black: only outlines are
         return (np.asarray(img) == 0).all(axis=2).mean()
-    for row in rpo.toy_rows("train", 40, world="toy-subject"):
+    for row in toy.pair_rows("train", 40, world="toy-subject"):
         first, second = rpo.decode(row["jpg_0"]), rpo.decode(row["jpg_1"])
         winner, loser = (first, second) if row["label_0"] == 1 else (second, first)
         round_ = row["caption"].split(" ")[2] in ("circle", "triangle")
@@ -267,13 +268,13 @@ def test_in_the_subject_world_round_shapes_win_striped_angular_ones_outlined_los
 def test_the_tiny_drawn_base_learns_to_draw_from_toy_images_and_captions():
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
-    shape = rpo.SHAPES["tiny-drawn"]
+    shape = toy.SHAPES["tiny-drawn"]
     parts = dict(vae=AutoencoderKL(**shape["vae"]), unet=UNet2DConditionModel(**shape["unet"]),
-                 scheduler=DDPMScheduler(), tokenizer=rpo.byte_level_tokenizer(),
+                 scheduler=DDPMScheduler(), tokenizer=toy.byte_level_tokenizer(),
                  text_encoder=CLIPTextModel(CLIPTextConfig(**shape["text"][0])))
     before = {k: copy.deepcopy(parts[k].state_dict()) for k in ("vae", "unet")}
-    rpo.train_toy_vae(parts["vae"], steps=2, batch=4)
-    rpo.train_toy_unet(parts, steps=2, batch=4)
+    toy.train_vae(parts["vae"], steps=2, batch=4)
+    toy.train_unet(parts, steps=2, batch=4)
     for k in ("vae", "unet"):
         after = parts[k].state_dict()
         assert any(not torch.equal(after[n], before[k][n]) for n in after), k
@@ -284,7 +285,7 @@ def test_toy_winners_carry_the_style_losers_lack():
 
     def dark(img):  # the black outline
         return (img.max(axis=0) < 40).mean()
-    for i, row in enumerate(rpo.toy_rows("train", 20)):
+    for i, row in enumerate(toy.pair_rows("train", 20)):
         pair = rpo.prepare_pair((row, i, cfg.resolution, False, None))
         assert dark(pair["winner"]) > dark(pair["loser"])
 
@@ -549,12 +550,12 @@ def tiny_models(model="tiny", *flags):
 
 
 def toy_pairs(cfg, split="train", n=8):
-    rows = enumerate(rpo.toy_rows(split, n))
+    rows = enumerate(toy.pair_rows(split, n))
     return [rpo.prepare_pair((row, i, cfg.resolution, False, None)) for i, row in rows]
 
 
 def toy_batch(cfg, m, split="train", n=8):
-    return rpo.encode_pairs(m, rpo.collate(toy_pairs(cfg, split, n)), cfg.embed)
+    return rpo.encode_pairs(m, toy_pairs(cfg, split, n), cfg.embed)
 
 
 def test_a_few_optimizer_steps_on_one_fixed_batch_raise_its_implicit_accuracy_and_leave_the_reference_alone():
@@ -611,7 +612,7 @@ def test_sdxl_prompt_dropout_blanks_the_pooled_embedding_with_the_prompt():
     (prompt, pooled), (kept_prompt, kept_pooled) = seen
     assert torch.equal(pooled, m.empty_pooled.expand_as(pooled))
     assert torch.equal(prompt, m.empty_prompt.expand_as(prompt))
-    assert torch.equal(kept_pooled, torch.cat([enc["pooled"]] * 2)) and not torch.equal(kept_pooled, pooled)
+    assert torch.equal(kept_pooled, torch.cat([enc.pooled] * 2)) and not torch.equal(kept_pooled, pooled)
 
 
 def test_the_learning_rate_warms_up_linearly_and_each_step_logs_the_rate_it_used(tmp_path):
@@ -631,9 +632,9 @@ def test_the_learning_rate_is_the_presets_rate_per_pair_times_the_effective_batc
     assert rpo.learning_rate(sdxl, 1) == pytest.approx(1e-8 * 256)
     assert rpo.learning_rate(sdxl, 8) == pytest.approx(2.048e-5)
     assert rpo.learning_rate(rpo.parse_config(["--model", "sdxl", "--lr", "3e-6"]), 8) == 3e-6
-    assert rpo.learning_rate(rpo.parse_config([]), 1) == 1e-5  # the toy's default run keeps its rate
-    _, metrics = train(tmp_path, "--batch", 2, "--grad_accum", 3, "--warmup_steps", 1, "--max_steps", 1,
-                       "--sample_steps", 0, "--eval_pairs", 0)
+    assert rpo.learning_rate(rpo.parse_config(["--model", "tiny"]), 1) == 1e-5  # the toy's rate at 8 pairs
+    _, metrics = train(tmp_path, "--model", "tiny", "--batch", 2, "--grad_accum", 3, "--warmup_steps", 1,
+                       "--max_steps", 1, "--sample_steps", 0, "--eval_pairs", 0)
     assert metrics[0]["lr"] == pytest.approx(1e-5 / 8 * 6)
     assert "= 6 pairs a step, lr 7.5e-06 = 1.25e-06 per pair x 6" in capsys.readouterr().err
 
@@ -659,11 +660,11 @@ def test_each_step_logs_the_diagonals_effective_beta_beside_w_diag(tmp_path):
 def test_winner_and_loser_of_a_pair_share_noise_and_timestep_and_pairs_differ():
     cfg, m = tiny_models()
     enc = toy_batch(cfg, m, n=4)
-    noise, t = rpo.pair_noise(["a", "b", "a"], enc["latents_w"][:3], 1000)
+    noise, t = rpo.pair_noise(["a", "b", "a"], enc.latents_w[:3], 1000)
     assert torch.equal(noise[0], noise[2]) and t[0] == t[2] and not torch.equal(noise[0], noise[1])
     # one forward of [winners; losers] with the noise repeated: identical winner and loser give
     # identical errors
-    same = dict(enc, latents_l=enc["latents_w"], time_ids_l=enc["time_ids_w"])
+    same = enc._replace(latents_l=enc.latents_w, time_ids_l=enc.time_ids_w)
     err_w, err_l = rpo.pair_errors(m.unet, m, same, [f"k{i}" for i in range(4)])
     assert torch.allclose(err_w, err_l)
 
@@ -672,7 +673,7 @@ def test_prompt_dropout_blanks_the_conditioning_but_not_the_pair_weights():
     cfg, m = tiny_models("tiny", "--drop_prompt", "1.0")
     enc = toy_batch(cfg, m, n=4)
     _, metrics = rpo.preference_step(cfg, m, m.unet, enc, 0)
-    blank = dict(enc, prompt=m.empty_prompt.expand_as(enc["prompt"]))
+    blank = enc._replace(prompt=m.empty_prompt.expand_as(enc.prompt))
     cfg0 = rpo.parse_config(["--drop_prompt", "0"])
     _, blanked = rpo.preference_step(cfg0, m, m.unet, blank, 0)
     _, kept = rpo.preference_step(cfg0, m, m.unet, enc, 0)
@@ -843,13 +844,14 @@ def on_meta(m):
 
 @pytest.mark.parametrize("loss", ["rpo", "dpo", "sft"])
 def test_a_step_and_everything_it_logs_are_made_on_the_training_device(loss):
-    cfg, m = tiny_models("tiny-xl", "--loss", loss, "--grad_accum", "2")
-    batch, device = rpo.collate(toy_pairs(cfg, n=4)), on_meta(m)
-    batches = ((rpo.encode_pairs(m, batch, cfg.embed, with_f=loss == "rpo"), dict(epoch=0)) for k in range(2))
-    no_scaler = torch.amp.GradScaler("cpu", enabled=False)
-    sums, _, _ = rpo.accumulate_gradients(cfg, m, m.unet, batches, nullcontext(), no_scaler, ddp=False)
-    sums["grad_norm"] = torch.nn.utils.clip_grad_norm_(m.unet.parameters(), 1.0)
-    # what main all-reduces and logs
+    cfg, m = tiny_models("tiny-xl", "--loss", loss)
+    pairs, device = toy_pairs(cfg, n=4), on_meta(m)
+    step_loss, metrics = rpo.preference_step(cfg, m, m.unet, rpo.encode_pairs(m, pairs, cfg.embed,
+                                                                               with_f=loss == "rpo"), 0)
+    step_loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(m.unet.parameters(), 1.0)
+    sums = {k: v.float() / 2 for k, v in dict(metrics, loss=step_loss.detach(), grad_norm=grad_norm).items()}
+    # what the training loop all-reduces and logs
     names, vec = rpo.step_vector(sums, {k: 3 for k in rpo.SKIP_KEYS}, device)
     assert vec.device == device and vec.dtype == torch.float64 and len(names) == len(vec)
     assert {"loss", "grad_norm", *rpo.SKIP_KEYS} <= set(names)
@@ -924,13 +926,13 @@ def test_rotation_deletes_only_this_runs_older_checkpoints_never_a_later_one(tmp
 
 def test_a_resume_may_change_only_settings_that_shape_neither_the_data_order_the_model_nor_the_loss(tmp_path):
     train(tmp_path, *RUN, "--save_every", 2, "--max_steps", 2)
-    # the rate follows the batch: 1e-5 / 8 per pair
-    changed = (r"trained with other settings: --batch 2 \(now 3\), --lr 2.5e-06 \(now 3.75e-06\), --seed 0 "
+    # the rate follows the batch: tiny-drawn's 1e-4 / 8 per pair
+    changed = (r"trained with other settings: --batch 2 \(now 3\), --lr 2.5e-05 \(now 3.75e-05\), --seed 0 "
                r"\(now 1\)\. They shape the data")
     with pytest.raises(SystemExit, match=changed):
         train(tmp_path, *RUN, "--max_steps", 4, "--resume", "--batch", 3, "--seed", 1)
     # the same rate set outright is the same setting
-    _, metrics = train(tmp_path, *RUN, "--max_steps", 3, "--resume", "--lr", 2.5e-6, "--save_every", 10)
+    _, metrics = train(tmp_path, *RUN, "--max_steps", 3, "--resume", "--lr", 2.5e-5, "--save_every", 10)
     assert [r["step"] for r in metrics] == [1, 2, 3]
     free = ["--max_steps", 4, "--save_every", 4, "--keep", 3, "--eval_pairs", 4, "--eval_draws", 1,
             "--sample_steps", 2, "--max_nonfinite", 2]
@@ -966,13 +968,13 @@ def test_every_json_line_rpo_writes_is_strict_json_with_null_for_a_value_that_is
     # train() reads each line with a parser that refuses NaN and Infinity
     summary, _ = train(tmp_path / "sft", *RUN, "--loss", "sft", "--max_steps", 2)
     assert summary["train_accuracy"] is None  # SFT has no implicit accuracy
-    summary, metrics = train(tmp_path / "inf", *RUN, "--beta", "inf", "--max_steps", 2)  # every loss NaN
+    # the random tiny model: policy = reference to the last bit, so s = 0 and beta x 0 is NaN at every step
+    summary, metrics = train(tmp_path / "inf", *RUN, "--model", "tiny", "--beta", "inf", "--max_steps", 2)
     assert summary["loss"] is None and [r["loss"] for r in metrics] == [None, None]
 
 
-def test_pair_embedding_time_is_a_running_total_that_keeps_only_the_cuda_intervals_still_in_flight(
-        monkeypatch):
-    class Event:  # what add_weight_time reads of a CUDA event
+def test_pair_embedding_time_is_a_running_total_that_keeps_only_the_cuda_intervals_still_in_flight():
+    class Event:  # what seconds_done reads of a CUDA event
         def __init__(self, at):
             self.at, self.done = at, False
 
@@ -981,17 +983,17 @@ def test_pair_embedding_time_is_a_running_total_that_keeps_only_the_cuda_interva
 
         def elapsed_time(self, end):
             return 1000 * (end.at - self.at)
-    monkeypatch.setattr(rpo, "WEIGHT_TIME", dict(seconds=0.0, in_flight=collections.deque()))
+    in_flight, seconds = collections.deque(), 0.0
     intervals = [(Event(k), Event(k + 0.25)) for k in range(1000)]  # one per micro-step of a long run
     for k, interval in enumerate(intervals):
         if k >= 2:  # the GPU runs two micro-steps behind
             intervals[k - 2][1].done = True
-        rpo.add_weight_time(interval)
-        assert len(rpo.WEIGHT_TIME["in_flight"]) <= 2
+        seconds += rpo.seconds_done(in_flight, interval)
+        assert len(in_flight) <= 2
     for _, end in intervals:
         end.done = True
-    assert rpo.add_weight_time() == 250.0 and not rpo.WEIGHT_TIME["in_flight"]
-    assert rpo.add_weight_time((1.0, 1.5)) == 250.5  # perf_counter seconds, on the CPU
+    assert seconds + rpo.seconds_done(in_flight) == 250.0 and not in_flight
+    assert rpo.seconds_done(in_flight, (1.0, 1.5)) == 0.5  # perf_counter seconds, on the CPU
 
 
 def test_a_checkpoint_truncated_mid_write_is_passed_over_for_the_previous_one(tmp_path):
@@ -1098,9 +1100,8 @@ AS_TWO_RANKS = """
                 yield a, state
                 yield b, state
                 continue
-            merged = {k: a[k] + b[k] if k == "index" else None if a[k] is None else torch.cat([a[k], b[k]])
-                      for k in a}
-            yield merged, state
+            yield type(a)(*(x + y if name == "index" else None if x is None or name == "clip_time"
+                            else torch.cat([x, y]) for name, x, y in zip(a._fields, a, b))), state
     rpo.training_batches = as_two_ranks
 """
 
@@ -1164,6 +1165,23 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_rpo_py_copied_alone_trains_a_model_folder_on_parquet_data_and_needs_toy_py_only_for_the_toy_world(
+        tmp_path):
+    alone = tmp_path / "alone"  # another codebase: rpo.py, and no toy.py beside it
+    alone.mkdir()
+    shutil.copy(os.path.join(HERE, "rpo.py"), alone)
+    base = rpo.model_folder(rpo.parse_config(["--model", "tiny"]))  # a diffusers folder, as from the hub
+    data = quirky_shards(tmp_path / "d", [8, 8])
+    flags = ["--model", "sd15", "--pretrained", base, "--clip", os.path.join(base, "clip"), "--data", data,
+             "--resolution", 32, "--batch", 2, "--grad_accum", 1, "--max_steps", 2, "--eval_pairs", 0,
+             "--sample_steps", 2]
+    finish(start(rpo_command(tmp_path / "out", *flags, script=alone / "rpo.py")))
+    assert len(logged(tmp_path / "out")) == 2 and (tmp_path / "out" / "unet").is_dir()
+    toy_run = rpo_command(tmp_path / "toy", "--model", "tiny", script=alone / "rpo.py")
+    returncode, _, stderr = ended(start(toy_run))
+    assert returncode != 0 and "tiny models, toy data and --random_init need toy.py beside rpo.py" in stderr
 
 
 def test_torchrun_with_one_process_takes_the_distributed_path_and_frees_ddp_before_the_process_group(
@@ -1704,12 +1722,12 @@ def test_hpsv2s_openclip_checkpoint_maps_into_clipmodel_with_the_features_opencl
 
 
 def test_the_toy_judge_picks_the_winner_of_held_out_pairs_and_gives_noise_no_style():
-    judge = eval_style.toy_judge()
+    judge = toy.load_judge()
     for world in rpo.TOY_WORLDS:
-        assert eval_style.judge_accuracy(judge, world) >= 0.95
-    rng, captions = random.Random(3), rpo.toy_captions("test")
-    noise = [eval_style.coloured_noise(rng, 32) for _ in captions]
-    assert eval_style.judge_scores(judge, noise, captions, "toy").max() < 0.1
+        assert toy.judge_accuracy(judge, world) >= 0.95
+    rng, captions = random.Random(3), toy.captions_of("test")
+    noise = [toy.coloured_noise(rng, 32) for _ in captions]
+    assert toy.judge_scores(judge, noise, captions, "toy").max() < 0.1
 
 
 class RecordingPipeline:
@@ -1754,7 +1772,7 @@ def test_prompt_sets_read_pick_a_pic_partiprompts_and_text_files_unique_and_in_o
     assert prompts("--prompts", "pickapic", "--data_id", "someone/pickapic") == ["a cat", "a dog", "a fox"]
     assert prompts("--prompts", tmp_path / "PartiPrompts.tsv") == ["a red cube", "bread"]
     assert prompts("--prompts", tmp_path / "p.txt") == ["one", "two"]
-    assert prompts("--prompts", "toy") == rpo.toy_captions("test")
+    assert prompts("--prompts", "toy") == toy.captions_of("test")
 
 
 def in_hub_cache(cache, repo_id, files):
@@ -1788,8 +1806,8 @@ def scorer_hub(tmp_path, monkeypatch):
     cache = tmp_path / "hub"
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    tokenizer = saved_files(rpo.byte_level_tokenizer().save_pretrained, tmp_path / "tokenizer")
-    shape = rpo.SHAPES["tiny"]
+    tokenizer = saved_files(toy.byte_level_tokenizer().save_pretrained, tmp_path / "tokenizer")
+    shape = toy.SHAPES["tiny"]
     for k, repo_id in enumerate((eval_style.PICKSCORE, eval_style.CLIP_L14)):
         torch.manual_seed(k)
         clip = CLIPModel(CLIPConfig(text_config=shape["text"][0], vision_config=shape["clip_vision"],
@@ -1810,7 +1828,7 @@ def scorer_hub(tmp_path, monkeypatch):
 def test_prefer_loads_the_published_scorers_from_the_hub_and_a_run_equal_to_the_base_ties_everywhere(
         tmp_path, scorer_hub):
     from diffusers import UNet2DConditionModel
-    base = rpo.model_folder(rpo.parse_config([]))
+    base = rpo.model_folder(rpo.parse_config(["--model", "tiny"]))
     UNet2DConditionModel.from_pretrained(base, subfolder="unet").save_pretrained(tmp_path / "same" / "unet")
     (tmp_path / "prompts.txt").write_text("a red circle on a blue background\na green square\na cat\n")
     scorers = ["pickscore", "hps", "aesthetic", "clip"]
@@ -1850,7 +1868,7 @@ def test_the_tiny_round_trip_trains_a_unet_and_lora_then_reports_means_and_win_r
     assert report["protocol"]["judge_accuracy"] >= 0.95
     assert sorted(os.listdir(tmp_path / "images")) == sorted(["base", *runs])
     # style alignment takes a LoRA run too
-    (tmp_path / "prompts.txt").write_text("\n".join(rpo.toy_captions("test")[:3]))
+    (tmp_path / "prompts.txt").write_text("\n".join(toy.captions_of("test")[:3]))
     out = run_style("score", "--model", "tiny", "--unet", tmp_path / "lora_run", "--prompts",
                     tmp_path / "prompts.txt", "--ref", tmp_path / "images" / "base", "--steps", 2)
     assert json.loads(out.strip().splitlines()[-1])["tuned"]["images"] == 3

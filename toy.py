@@ -1,0 +1,439 @@
+"""The toy world of rpo.py, for a laptop and for the tests: offline, on 2 CPU cores.
+
+- The world: captions of a coloured shape on a background, drawn flat, striped, outlined or both; in `toy` the
+  winner is striped and outlined, in `toy-subject` the preferred style depends on the shape. Its preference
+  pairs come in Pick-a-Pic's schema, so rpo.py reads them like any other data.
+- Tiny models: SD1.5- and SDXL-shaped pipelines a few MB in size, with random weights (built once under
+  RPO_HOME), or trained to draw the toy world (`tiny-drawn`: the folder toy-drawn/ beside this file). The
+  same builder makes sd15/sdxl-shaped random folders for rpo.py's --random_init benchmarks.
+- The judge: a small CNN that tells which style an image is drawn in, so eval_style.py can score what a tuned
+  tiny model draws; and a random InstructPix2Pix for eval_style.py's offline style pairs.
+
+    python toy.py   # rebuilds toy-drawn/ from scratch, bit for bit (one thread; about 25 minutes)
+
+rpo.py imports this file only for tiny models, toy data and --random_init.
+"""
+import io
+import math
+import os
+import random
+import shutil
+import sys
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFilter
+
+import rpo
+
+TOY_FILE_ROWS = 16  # rows per virtual file of toy data: rpo.py shards and shuffles them like parquet files
+DRAWN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy-drawn")  # tiny-drawn, shipped
+
+
+# -------------------------------------------------------------------------------------------- the world
+COLORS = dict(red=(220, 40, 40), green=(40, 180, 60), blue=(40, 70, 220), yellow=(240, 220, 40),
+              purple=(140, 50, 170), orange=(250, 140, 20), white=(245, 245, 245), gray=(128, 128, 128))
+
+CIRCLE = [(math.cos(a * math.pi / 16), math.sin(a * math.pi / 16)) for a in range(32)]
+OUTLINES = dict(circle=CIRCLE, square=[(-1, -1), (1, -1), (1, 1), (-1, 1)],
+                triangle=[(0, -1), (1, 1), (-1, 1)], diamond=[(0, -1), (1, 0), (0, 1), (-1, 0)])
+
+
+def is_held_out(color, shape):
+    """One in five (color, shape) pairs never appears in a training caption."""
+    return (list(COLORS).index(color) + 3 * list(OUTLINES).index(shape)) % 5 == 0
+
+
+def captions_of(split):
+    """Every 'a {color} {shape} on a {bg} background'. One in five (color, shape) pairs is held out from
+    'train'; of those 'heldout' captions, every other one is in 'validation' (for choosing settings) and the
+    rest in 'test'."""
+    subjects = [(c, s, b) for c in COLORS for s in OUTLINES for b in COLORS if b != c]
+    if split == "train":
+        return [f"a {c} {s} on a {b} background" for c, s, b in subjects if not is_held_out(c, s)]
+    held_out = [f"a {c} {s} on a {b} background" for c, s, b in subjects if is_held_out(c, s)]
+    return {"heldout": held_out, "validation": held_out[0::2], "test": held_out[1::2]}[split]
+
+
+def draw(caption, rng, stripes, outline, size=64):
+    """A shape on a background, with or without white stripes across it and a thick black outline."""
+    _, color, shape, _, _, bg, _ = caption.split(" ")
+    r = rng.uniform(0.22, 0.38) * size
+    cx, cy = rng.uniform(r, size - r), rng.uniform(r, size - r)
+    points = [(cx + r * x, cy + r * y) for x, y in OUTLINES[shape]]
+    img = Image.new("RGB", (size, size), COLORS[bg])
+    ImageDraw.Draw(img).polygon(points, fill=COLORS[color])
+    if stripes:
+        mask, striped = Image.new("L", (size, size), 0), img.copy()
+        ImageDraw.Draw(mask).polygon(points, fill=255)
+        for k in range(-size, size, size // 8):
+            ImageDraw.Draw(striped).line([(k, 0), (k + size, size)], fill=(255, 255, 255), width=size // 32)
+        img = Image.composite(striped, img, mask)
+    if outline:
+        ImageDraw.Draw(img).polygon(points, outline=(0, 0, 0), width=size // 16)
+    return img
+
+
+def styles(world, caption):
+    """(stripes, outline) of the winner and of the loser. 'toy': winners have both, losers neither.
+    'toy-subject': the preferred style depends on the subject, stripes for circles and triangles, an outline
+    for squares and diamonds; each loser wears the other group's style."""
+    if world == "toy":
+        return (True, True), (False, False)
+    round_ = caption.split(" ")[2] in ("circle", "triangle")
+    return ((True, False), (False, True)) if round_ else ((False, True), (True, False))
+
+
+def pair_row(world, split, i, seed=1234):
+    """Preference pair i of a toy world in Pick-a-Pic's schema; label_0 says which of jpg_0/jpg_1 is the
+    winner."""
+    rng = random.Random(f"{world}-{split}-{seed}-{i}")
+    caps = captions_of(split)
+    cap = caps[rng.randrange(len(caps))]
+    winner_first = rng.random() < 0.5
+    winner, loser = styles(world, cap)
+    encoded = []
+    for style in ((winner, loser) if winner_first else (loser, winner)):
+        buf = io.BytesIO()
+        draw(cap, rng, *style).save(buf, format="PNG")
+        encoded.append(buf.getvalue())
+    return dict(caption=cap, jpg_0=encoded[0], jpg_1=encoded[1], label_0=1.0 if winner_first else 0.0)
+
+
+def pair_rows(split, n, world="toy"):
+    return (pair_row(world, split, i) for i in range(n))
+
+
+def files(world, split, n):
+    """n rows of a world's split as rpo.py's (path, rows) of virtual files."""
+    return [(f"{world}:{split}:{lo}", min(TOY_FILE_ROWS, n - lo)) for lo in range(0, n, TOY_FILE_ROWS)]
+
+
+def read(path, a, b):
+    """Rows a..b-1 of a virtual file."""
+    world, split, lo = path.split(":")
+    return [pair_row(world, split, int(lo) + i) for i in range(a, b)]
+
+
+# ----------------------------------------------------------------------------------------- tiny models
+# tiny, tiny-xl (and sd15, sdxl for --random_init) are built from these configs with random weights, saved as
+# an ordinary diffusers folder, then loaded by the same from_pretrained code as the hub models.
+def clip_text_config(hidden, layers, heads, proj, act="quick_gelu", vocab=49408):
+    return dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
+                num_attention_heads=heads, max_position_embeddings=77, projection_dim=proj, hidden_act=act,
+                bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=vocab - 1)
+
+
+def vae_config(channels, scaling):
+    n = len(channels)
+    return dict(block_out_channels=channels, down_block_types=["DownEncoderBlock2D"] * n,
+                up_block_types=["UpDecoderBlock2D"] * n, layers_per_block=2 if n > 2 else 1,
+                latent_channels=4, norm_num_groups=min(32, channels[0]), scaling_factor=scaling)
+
+
+TINY_VOCAB = 514  # 256 byte symbols, the same with '</w>', start and end tokens
+TINY_TEXT = clip_text_config(32, 2, 2, 32, vocab=TINY_VOCAB)
+TINY_UNET = dict(sample_size=16, block_out_channels=[32, 64], layers_per_block=1, norm_num_groups=8,
+                 attention_head_dim=8, down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
+                 up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"])
+TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                   image_size=32, patch_size=8)
+VIT_L14 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+               image_size=224, patch_size=14)
+SHAPES = {
+    "tiny": dict(unet=dict(TINY_UNET, cross_attention_dim=32), vae=vae_config([16, 32], 0.18215),
+                 text=[TINY_TEXT], clip_vision=TINY_VISION),
+    "tiny-xl": dict(
+        unet=dict(TINY_UNET, cross_attention_dim=64, transformer_layers_per_block=[1, 2],
+                  use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+                  projection_class_embeddings_input_dim=6 * 8 + 32),
+        vae=vae_config([16, 32], 0.13025), clip_vision=TINY_VISION,
+        text=[TINY_TEXT, clip_text_config(32, 2, 2, 32, act="gelu", vocab=TINY_VOCAB)]),
+    "sd15": dict(  # the UNet's other fields: diffusers' defaults, which are SD1.x's
+        unet=dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8),
+        vae=vae_config([128, 256, 512, 512], 0.18215), text=[clip_text_config(768, 12, 12, 768)],
+        clip_vision=VIT_L14),
+    "sdxl": dict(
+        unet=dict(sample_size=128, block_out_channels=[320, 640, 1280], layers_per_block=2,
+                  down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+                  up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+                  transformer_layers_per_block=[1, 2, 10], attention_head_dim=[5, 10, 20],
+                  cross_attention_dim=2048, use_linear_projection=True, addition_embed_type="text_time",
+                  addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816),
+        vae=vae_config([128, 256, 512, 512], 0.13025),
+        text=[clip_text_config(768, 12, 12, 768), clip_text_config(1280, 32, 20, 1280, act="gelu")],
+        clip_vision=VIT_L14),
+}
+SHAPES["tiny-drawn"] = SHAPES["tiny"]  # with a VAE and UNet trained to draw the toy world
+
+
+def byte_level_tokenizer():
+    """CLIP's BPE tokenizer with single-byte symbols and no merges: built in code, nothing downloaded."""
+    from transformers import CLIPTokenizer
+    printable = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
+    symbols = [chr(b) for b in printable] + [chr(256 + i) for i in range(256 - len(printable))]
+    words = symbols + [s + "</w>" for s in symbols] + ["<|startoftext|>", "<|endoftext|>"]
+    return CLIPTokenizer(vocab={w: i for i, w in enumerate(words)}, merges=[], model_max_length=77)
+
+
+def build_random_pipeline(model, folder):
+    """Random-weight pipeline of the given shape, saved as a diffusers folder with a CLIP in folder/clip."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    shape, tmp = SHAPES[model], f"{folder}.tmp{os.getpid()}"  # runs started together each build their own
+    torch.manual_seed(0)
+    tokenizer = byte_level_tokenizer()
+    vae = AutoencoderKL(**shape["vae"])
+    if model == "tiny-drawn":
+        train_vae(vae)
+    if model.startswith("tiny"):  # as SD chose 0.18215: unit-variance latents, else x_t is noise at every t
+        vae.register_to_config(scaling_factor=unit_variance_scale(vae))
+    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              clip_sample=False, steps_offset=1)
+    parts = dict(unet=UNet2DConditionModel(**shape["unet"]), vae=vae, scheduler=scheduler,
+                 text_encoder=CLIPTextModel(CLIPTextConfig(**shape["text"][0])), tokenizer=tokenizer)
+    if model == "tiny-drawn":
+        train_unet(parts)
+    if rpo.IS_XL[model]:
+        from diffusers import StableDiffusionXLPipeline
+        encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**shape["text"][1]))
+        pipeline = StableDiffusionXLPipeline(**parts, text_encoder_2=encoder_2, tokenizer_2=tokenizer)
+        pipeline.save_pretrained(tmp)
+    else:
+        from diffusers import StableDiffusionPipeline
+        StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
+                                requires_safety_checker=False).save_pretrained(tmp)
+    save_random_clip(model, shape, tokenizer, os.path.join(tmp, "clip"))
+    try:
+        os.rename(tmp, folder)
+    except OSError:  # another process finished first; its folder is the same model (seed 0)
+        shutil.rmtree(tmp)
+
+
+def save_random_clip(model, shape, tokenizer, folder):
+    """The pair-weight CLIP of a random-init folder: for the tiny models, trained on the toy world."""
+    from transformers import CLIPConfig, CLIPModel
+    clip = CLIPModel(CLIPConfig(text_config=shape["text"][0], vision_config=shape["clip_vision"],
+                                projection_dim=shape["text"][0]["projection_dim"]))
+    if model.startswith("tiny"):
+        train_clip(clip, tokenizer)
+    clip.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+@torch.no_grad()
+def unit_variance_scale(vae):
+    """The latent scaling factor that gives 64 toy training images unit-variance latents."""
+    rows = pair_rows("train", 64)
+    jobs = [rpo.PairJob(row, 0, rpo.PRESETS["tiny"]["resolution"]) for row in rows]
+    pixels = torch.stack([torch.from_numpy(rpo.prepare_pair(job)["winner"]) for job in jobs])
+    return 1 / vae.encode(pixels / 127.5 - 1).latent_dist.mode().std().item()
+
+
+def drawings(rng, captions, size):
+    """One toy image per caption, flat, striped, outlined or both at random, as the data resizes it: uint8
+    [N,3,size,size]."""
+    images = [draw(c, rng, rng.random() < 0.5, rng.random() < 0.5).resize((size, size), Image.BICUBIC)
+              for c in captions]
+    return torch.from_numpy(np.stack([np.asarray(image).transpose(2, 0, 1) for image in images]))
+
+
+def train_vae(vae, steps=600, batch=32):
+    """tiny-drawn's VAE: reconstructs toy images (about 1 min on 2 cores)."""
+    rng, captions = random.Random(0), captions_of("train")
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3)
+    for _ in range(steps):
+        chosen = [rng.choice(captions) for _ in range(batch)]
+        x = drawings(rng, chosen, rpo.PRESETS["tiny"]["resolution"]) / 127.5 - 1
+        posterior = vae.encode(x).latent_dist
+        loss = F.mse_loss(vae.decode(posterior.sample()).sample, x) + 1e-6 * posterior.kl().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    vae.eval()
+
+
+def train_unet(parts, steps=3000, batch=32):
+    """tiny-drawn's UNet: draws toy images from their captions, one in ten captions empty so that sampling can
+    use guidance (about 10 min on 2 cores). Its range holds both toy worlds' winners and losers."""
+    rng, captions = random.Random(1), captions_of("train")
+    vae, unet, scheduler = parts["vae"], parts["unet"], parts["scheduler"]
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-3)
+    for _ in range(steps):
+        chosen = [rng.choice(captions) for _ in range(batch)]
+        with torch.no_grad():
+            x = drawings(rng, chosen, rpo.PRESETS["tiny"]["resolution"]) / 127.5 - 1
+            latents = vae.encode(x).latent_dist.mode() * vae.config.scaling_factor
+            conditioning = ["" if rng.random() < 0.1 else c for c in chosen]
+            ids = parts["tokenizer"](conditioning, padding="max_length", max_length=77, truncation=True,
+                                     return_tensors="pt").input_ids
+            prompt = parts["text_encoder"](ids).last_hidden_state
+        noise, t = torch.randn_like(latents), torch.randint(0, scheduler.config.num_train_timesteps, (batch,))
+        loss = F.mse_loss(unet(scheduler.add_noise(latents, noise, t), t, prompt).sample, noise)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
+def train_clip(clip, tokenizer, steps=300, batch=64):
+    """The tiny CLIP trained with CLIP's contrastive loss on toy captions and images of every style, so that
+    the pair embedding f tells colours, shapes and backgrounds apart (about 15 s on 2 cores). Seeded: every
+    build gives the same weights."""
+    rng, captions = random.Random(0), captions_of("train")
+    torch.manual_seed(0)
+    optimizer = torch.optim.AdamW(clip.parameters(), lr=2e-3)
+    for _ in range(steps):
+        chosen = rng.sample(captions, batch)  # distinct captions: each image has one right caption
+        ids = tokenizer(chosen, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+        ids = ids.input_ids
+        images = drawings(rng, chosen, rpo.PRESETS["tiny"]["resolution"])
+        pixels = rpo.clip_pixels(images, clip.config.vision_config.image_size)
+        loss = clip(input_ids=ids, pixel_values=pixels, return_loss=True).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return clip.eval()
+
+
+FOLDER_VERSION = "v2"  # raised when what build_random_pipeline makes changes (v2: the trained toy CLIP)
+
+
+def model_folder(model):
+    """The folder of a tiny model (tiny-drawn: the shipped one) or of --random_init's sd15/sdxl shapes, built
+    once in RPO_HOME."""
+    if model == "tiny-drawn":
+        return DRAWN
+    folder = os.path.join(rpo.RPO_HOME, f"{model}-random-{FOLDER_VERSION}")
+    if not os.path.exists(os.path.join(folder, "model_index.json")):
+        build_random_pipeline(model, folder)
+    return folder
+
+
+# ------------------------------------------------------------------------------------------- the judge
+# The toy world's preference is known: a caption's winner is drawn in its world's winner style. The judge, a
+# small CNN trained on drawn images of the four styles (stripes or not, outline or not), some blurred as a VAE
+# blurs, and on coloured noise (a fifth class: an untrained model draws no style), scores an image by the
+# probability it gives the caption's winner style.
+JUDGE_FILE = "toy-judge-v2.pt"  # in RPO_HOME, trained once (about 20 s on 2 cores), seeded
+NOT_A_DRAWING = 4
+
+
+def judge_net():
+    conv = torch.nn.Conv2d
+    return torch.nn.Sequential(conv(3, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+                               conv(16, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+                               conv(32, 64, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                               torch.nn.Flatten(), torch.nn.Linear(64, NOT_A_DRAWING + 1))
+
+
+def style_class(stripes, outline):
+    return 2 * int(stripes) + int(outline)
+
+
+def drawn_styles(rng, captions, blur=True, noise=0.2):
+    """Each caption drawn in a random style at the toy resolution, half of them blurred, or (a share noise)
+    coloured noise: ([N,3,32,32] in [-1, 1], classes)."""
+    size, images, classes = rpo.PRESETS["tiny"]["resolution"], [], []
+    for caption in captions:
+        if rng.random() < noise:
+            img, cls = coloured_noise(rng, size), NOT_A_DRAWING
+        else:
+            stripes, outline = rng.random() < 0.5, rng.random() < 0.5
+            img, cls = draw(caption, rng, stripes, outline), style_class(stripes, outline)
+            img = img.resize((size, size), Image.BICUBIC)
+            if blur and rng.random() < 0.5:
+                img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.0)))
+        images.append(np.asarray(img).transpose(2, 0, 1))
+        classes.append(cls)
+    return torch.from_numpy(np.stack(images)).float() / 127.5 - 1, torch.tensor(classes)
+
+
+def coloured_noise(rng, size):
+    """What an untrained model draws: Gaussian noise around a colour, smoothed or not."""
+    g = np.random.default_rng(rng.getrandbits(32))
+    x = 127.5 + g.uniform(-60, 60, 3) + g.uniform(20, 80) * g.normal(size=(size, size, 3))
+    return Image.fromarray(np.uint8(np.clip(x, 0, 255))).filter(ImageFilter.GaussianBlur(rng.uniform(0, 2)))
+
+
+def train_judge(steps=600, batch=64):
+    rng, captions = random.Random(0), captions_of("train")
+    torch.manual_seed(0)
+    judge = judge_net()
+    optimizer = torch.optim.AdamW(judge.parameters(), lr=3e-3)
+    for _ in range(steps):
+        x, y = drawn_styles(rng, [rng.choice(captions) for _ in range(batch)])
+        loss = F.cross_entropy(judge(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return judge.eval()
+
+
+def load_judge():
+    """The judge, trained once into RPO_HOME."""
+    path = os.path.join(rpo.RPO_HOME, JUDGE_FILE)
+    if not os.path.exists(path):
+        os.makedirs(rpo.RPO_HOME, exist_ok=True)
+        tmp = f"{path}.tmp{os.getpid()}"  # runs started together each train their own: the same judge
+        torch.save(train_judge().state_dict(), tmp)
+        os.replace(tmp, path)
+    net = judge_net()
+    net.load_state_dict(torch.load(path, weights_only=True))
+    return net.eval()
+
+
+# judge score = P(style = the caption's winner style | image)
+@torch.no_grad()
+def judge_scores(judge, images, captions, world):
+    size = rpo.PRESETS["tiny"]["resolution"]
+    x = np.stack([np.asarray(im.convert("RGB").resize((size, size), Image.BICUBIC)) for im in images])
+    p = judge(torch.from_numpy(x).permute(0, 3, 1, 2).float() / 127.5 - 1).softmax(-1)
+    winner = [style_class(*styles(world, caption)[0]) for caption in captions]
+    return p[torch.arange(len(images)), winner].double()
+
+
+def judge_accuracy(judge, world, split="heldout", n=400):
+    """The share of a toy world's drawn pairs (captions of split) whose winner the judge scores higher."""
+    rows = pair_rows(split, n, world)
+    size = rpo.PRESETS["tiny"]["resolution"]
+    pairs = [rpo.prepare_pair(rpo.PairJob(row, i, size)) for i, row in enumerate(rows)]
+    captions = [p["caption"] for p in pairs]
+
+    def scored(side):
+        images = [Image.fromarray(p[side].transpose(1, 2, 0)) for p in pairs]
+        return judge_scores(judge, images, captions, world)
+    winner, loser = scored("winner"), scored("loser")
+    return float((winner > loser).double().mean())
+
+
+# ------------------------------------------------------------------------- a tiny InstructPix2Pix
+def tiny_editor():
+    """A random InstructPix2Pix from rpo.py's tiny parts: its UNet takes 8 channels, noisy and source-image
+    latents."""
+    from diffusers import (AutoencoderKL, EulerAncestralDiscreteScheduler,
+                           StableDiffusionInstructPix2PixPipeline, UNet2DConditionModel)
+    from transformers import CLIPTextModel, CLIPTokenizer
+    folder = os.path.join(rpo.RPO_HOME, "tiny-ip2p-random")
+    if not os.path.exists(os.path.join(folder, "model_index.json")):
+        base = model_folder("tiny")
+        torch.manual_seed(0)
+        shutil.rmtree(folder + ".tmp", ignore_errors=True)
+        StableDiffusionInstructPix2PixPipeline(
+            vae=AutoencoderKL.from_pretrained(base, subfolder="vae"),
+            text_encoder=CLIPTextModel.from_pretrained(base, subfolder="text_encoder"),
+            tokenizer=CLIPTokenizer.from_pretrained(base, subfolder="tokenizer"),
+            unet=UNet2DConditionModel(**dict(SHAPES["tiny"]["unet"], in_channels=8)),
+            # as the real one
+            scheduler=EulerAncestralDiscreteScheduler.from_pretrained(base, subfolder="scheduler"),
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        ).save_pretrained(folder + ".tmp")
+        os.replace(folder + ".tmp", folder)
+    return folder
+
+
+if __name__ == "__main__":  # one thread: the same bits on any machine with the same torch
+    torch.set_num_threads(1)
+    shutil.rmtree(DRAWN, ignore_errors=True)
+    build_random_pipeline("tiny-drawn", DRAWN)
+    print(f"built {DRAWN}", file=sys.stderr)
