@@ -532,7 +532,10 @@ def prompt_set(args):
             fail(f"cannot read prompts from {data_id!r} (split {split!r}): {rpo.first_line(e)}; pass a local "
                  f"copy with --prompts PATH")
     else:
-        paths = rpo.parquet_files(args.prompts) if not args.prompts.endswith(".tsv") else [args.prompts]
+        pattern = os.path.join(args.prompts, "**", "*.parquet") if os.path.isdir(args.prompts) else args.prompts
+        paths = sorted(glob.glob(pattern, recursive=True))
+        if not paths:
+            fail(f"--prompts {args.prompts!r}: no such file, nor parquet files there")
     captions = [c for path in paths for c in prompt_column(path)]
     return list(dict.fromkeys(c for c in captions if isinstance(c, str) and c.strip()))  # unique, in order
 

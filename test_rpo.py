@@ -320,7 +320,7 @@ def test_local_shards_drop_ties_and_count_broken_rows(tmp_path):
 def test_missing_column_is_one_clear_error_before_training(tmp_path):
     rows = [{k: v for k, v in r.items() if k != "label_0"} for r in pickapic_rows(4)]
     folder = write_shards(tmp_path / "no_label", rows, 1)
-    with pytest.raises(SystemExit, match="lacks column.*label_0"):
+    with pytest.raises(SystemExit, match="no layout rpo.py reads: its parquet .* holds .*label_1.*Known"):
         rpo.main(["--data", str(folder), "--out", str(tmp_path / "o"), "--workers", "0"])
 
 
@@ -435,12 +435,13 @@ def quirky_shards(folder, sizes):
 
 
 def counted_reads(monkeypatch):
-    """(path, first row, end row) of every call of rpo.read_rows, in order."""
+    """(path, first row, end row) of the rows every call of rpo.read_rows returned, in order."""
     reads, real = [], rpo.read_rows
 
     def read_and_record(file, a, b):
-        reads.append((file[0], a, b))
-        return real(file, a, b)
+        rows = real(file, a, b)
+        reads.append((file.path, a, a + len(rows)))
+        return rows
     monkeypatch.setattr(rpo, "read_rows", read_and_record)
     return reads
 
@@ -489,8 +490,223 @@ def test_a_resume_reads_only_the_window_it_stopped_in_and_goes_on_with_the_same_
 
 def test_fewer_files_than_ranks_is_one_clear_error_before_training(tmp_path):
     cfg = rpo.parse_config(["--data", str(quirky_shards(tmp_path / "d", [10, 10]))])
-    with pytest.raises(SystemExit, match="2 data file.s. for 3 ranks.*at least 3 parquet files"):
+    with pytest.raises(SystemExit, match="2 data file.s. for 3 ranks.*at least 3 files"):
         next(rpo.pair_batches(cfg, 0, 3))
+
+
+# --------------------------------------------------------------------------- the layouts people have
+WINNER, LOSER = (200, 30, 30), (30, 30, 200)  # a winner is red, a loser blue, in every layout
+
+
+def layout_fixture(folder, layout, n=12):
+    """n pairs in one of the published layouts, in two files: pair 2 a tie where the layout can say so,
+    pair 5 an image that does not decode, pair 8 an image file that is missing where images are referenced
+    by path, and in hpdv2 pair 10 three images of which the annotator chose the middle one; a JSON file
+    also holds an entry that is not a record. Returns the
+    captions of the usable pairs, one per pair, and the skips."""
+    os.makedirs(folder, exist_ok=True)
+    tie, broken, missing = layout in ("pickapic", "pickapic-wds", "hpdv2"), 5, layout in ("hpdv2", "hpdv3")
+    skips = dict(ties=int(tie), bad_image=1, missing_image=int(missing))
+    records, usable = [], []
+    for i in range(n):
+        caption, images = f"pair {i}", [png(WINNER, (48 + i, 40)), png(LOSER, (40, 48 + i))]
+        winner_first = i % 2 == 0 or layout not in ("pickapic", "pickapic-wds")  # the rest put it first
+        if i == broken:
+            images[1] = b"not an image"
+        images = images if winner_first else images[::-1]
+        label_0 = 0.5 if i == 2 and tie else 1.0 if winner_first else 0.0
+        if i not in {broken, *([2] if tie else []), *([8] if missing else [])}:
+            usable.append(caption)
+        records.append((caption, images, label_0))
+    half = [records[:n // 2], records[n // 2:]]
+    if layout in ("pickapic", "chosen-rejected"):
+        for k, part in enumerate(half):
+            rows = ([dict(caption=c, jpg_0=a, jpg_1=b, label_0=l, label_1=1 - l) for c, (a, b), l in part]
+                    if layout == "pickapic" else
+                    [dict(prompt=c, chosen=dict(bytes=a, path=None), rejected=dict(bytes=b, path=None),
+                          source="fixture") for c, (a, b), _ in part])
+            pq.write_table(pa.Table.from_pylist(rows), os.path.join(folder, f"train-{k:05d}.parquet"))
+    elif layout == "pickapic-wds":
+        import tarfile
+        for k, part in enumerate(half):
+            with tarfile.open(os.path.join(folder, f"{k:05d}.tar"), "w") as tar:
+                for c, (a, b), l in part:
+                    key = f"{abs(hash(c)) % 10 ** 8:08d}"
+                    for suffix, data in (("original_prompt.txt", c.encode()), ("jpg_0.jpg", a),
+                                         ("jpg_1.jpg", b), ("label_0.txt", str(l).encode()),
+                                         ("label_1.txt", str(1 - l).encode())):
+                        info = tarfile.TarInfo(f"{key}.{suffix}")
+                        info.size = len(data)
+                        tar.addfile(info, io.BytesIO(data))
+    else:  # hpdv2, hpdv3: a JSON list per file, images in a folder of their own
+        os.makedirs(os.path.join(folder, "images"), exist_ok=True)
+        for k, part in enumerate(half):
+            entries = []
+            for c, images, l in part:
+                names = [f"images/{c.replace(' ', '_')}-{j}.jpg" for j in range(len(images))]
+                if c == "pair 10" and layout == "hpdv2":
+                    images, names = [images[1], images[0], png(LOSER)], [*names, "images/pair_10-2.jpg"]
+                    usable.append(c)  # two pairs: the chosen image against each of the others
+                for name, data in zip(names, images):
+                    if c != "pair 8":
+                        open(os.path.join(folder, name), "wb").write(data)
+                if layout == "hpdv3":
+                    entries.append(dict(prompt=c, path1=names[0], path2=names[1], model1="a", model2="b",
+                                        confidence=0.99, choice_dist=[5, 0]))
+                else:
+                    chosen = [1, 1] if l == 0.5 else [0, 1, 0] if len(names) == 3 else [1, 0]
+                    entries.append(dict(prompt=c, image_path=names, human_preference=chosen, user_hash="u"))
+            json.dump(entries + ["not a record"] * k, open(os.path.join(folder, f"train-{k}.json"), "w"))
+        skips["bad_caption"] = 1
+    return sorted(usable), skips
+
+
+LAYOUT_NAMES = ("pickapic", "pickapic-wds", "chosen-rejected", "hpdv3", "hpdv2")
+
+
+def one_epoch(cfg, rank=0, world=1):
+    """(caption, winner, loser) of each pair a rank takes in epoch 0, and the epoch's skip counts."""
+    pairs = []
+    for batch, state in rpo.pair_batches(cfg, rank, world):
+        if state["epoch"] > 0:  # its counts run into epoch 1: take away what epoch 1 counted before it
+            _, epoch_1 = next(rpo.pair_batches(cfg, rank, world, dict(epoch=1, at=None,
+                                                                    counts=dict.fromkeys(rpo.SKIP_KEYS, 0))))
+            return pairs, {k: n - epoch_1["counts"][k] for k, n in state["counts"].items()}
+        pairs += [(p["caption"], p["winner"], p["loser"]) for p in batch]
+
+
+@pytest.mark.parametrize("layout", LAYOUT_NAMES)
+def test_each_published_layout_is_recognised_and_gives_winner_first_pairs_counting_ties_broken_and_missing(
+        tmp_path, layout):
+    usable, skips = layout_fixture(tmp_path / "d", layout)
+    cfg = rpo.parse_config(["--data", str(tmp_path / "d"), "--batch", "1", "--no_flip"])
+    assert rpo.source_files(cfg, cfg.data, cfg.split)[0].layout == layout
+    pairs, counts = one_epoch(cfg)
+    assert sorted(caption for caption, _, _ in pairs) == usable
+    for _, winner, loser in pairs:
+        assert winner[0].mean() > winner[2].mean() + 100 and loser[2].mean() > loser[0].mean() + 100
+    assert {k: counts[k] for k in skips} == skips
+
+
+@pytest.mark.parametrize("layout", LAYOUT_NAMES)
+def test_in_every_layout_two_ranks_read_disjoint_shares_that_together_cover_every_pair_once(tmp_path, layout):
+    usable, _ = layout_fixture(tmp_path / "d", layout)
+    cfg = rpo.parse_config(["--data", str(tmp_path / "d"), "--batch", "1"])
+    shares = [sorted(caption for caption, _, _ in one_epoch(cfg, rank, 2)[0]) for rank in (0, 1)]
+    assert shares[0] and shares[1] and sorted(shares[0] + shares[1]) == usable
+
+
+def test_hpdv2s_rule_the_chosen_image_wins_against_each_image_not_chosen_and_all_or_none_chosen_is_a_tie(
+        tmp_path):
+    layout_fixture(tmp_path / "d", "hpdv2")
+    pairs = rpo.json_pairs(str(tmp_path / "d" / "train-1.json"), "hpdv2")
+    assert [(r, w, l) for r, w, l in pairs if r == 4] == [(4, 1, 0), (4, 1, 2)]  # pair 10: [0, 1, 0]
+    assert rpo.json_pairs(str(tmp_path / "d" / "train-0.json"), "hpdv2")[2] == (2, None, None)  # [1, 1]
+
+
+def test_a_resume_inside_a_tar_shard_rereads_at_most_that_shard_and_takes_exactly_the_uninterrupted_pairs(
+        tmp_path, monkeypatch):
+    layout_fixture(tmp_path / "d", "pickapic-wds", n=24)  # two shards of 12 samples
+    cfg = rpo.parse_config(["--data", str(tmp_path / "d"), "--batch", "2", "--shuffle_buffer", "4"])
+    run = [([p["index"] for p in b], s) for b, s in itertools.islice(rpo.pair_batches(cfg, 0, 1), 14)]
+    cut = next(c for c, (_, s) in enumerate(run) if s["at"][1] > 4)  # 5 or more samples into a shard
+    read, real = collections.Counter(), rpo.tar_samples
+
+    def counted(path):
+        for sample in real(path):
+            read[path] += 1
+            yield sample
+    monkeypatch.setattr(rpo, "tar_samples", counted)
+    rpo.tar_stream.cache_clear()  # a new process: no shard open
+    resumed = rpo.pair_batches(cfg, 0, 1, start=run[cut][1])
+    batch, state = next(resumed)
+    first, *later = read  # in the order the shards were opened
+    assert read[first] <= 12  # the shard it stopped in, from its start: re-read at most once
+    assert sum(read[path] for path in later) <= 4 + 4 * 2  # past it, one window and the decoders' read-ahead
+    assert ([p["index"] for p in batch], state) == run[cut + 1]
+    assert [([p["index"] for p in b], s) for b, s in itertools.islice(resumed, 14 - cut - 2)] == run[cut + 2:]
+
+
+@pytest.mark.parametrize("kind", ["json", "tar"])
+def test_an_unknown_layout_is_one_line_naming_what_it_holds_and_the_known_layouts(tmp_path, kind):
+    if kind == "json":
+        json.dump([dict(text="a cat", good="a.jpg", bad="b.jpg")], open(tmp_path / "pairs.json", "w"))
+    else:
+        import tarfile
+        with tarfile.open(tmp_path / "000.tar", "w") as tar:
+            for name in ("k1.txt", "k1.png"):
+                info = tarfile.TarInfo(name)
+                info.size = 1
+                tar.addfile(info, io.BytesIO(b"x"))
+    with pytest.raises(SystemExit, match=f"no layout rpo.py reads: its {kind} .* holds .*Known.*hpdv3: json "
+                                         "with prompt, path1, path2") as e:
+        rpo.main(["--data", str(tmp_path), "--out", str(tmp_path / "o"), "--workers", "0"])
+    assert "\n" not in str(e.value) and not os.path.exists(tmp_path / "o" / "metrics.jsonl")
+
+
+def test_a_folder_that_mixes_file_kinds_is_one_clear_error_before_training(tmp_path):
+    folder = write_shards(tmp_path / "d", pickapic_rows(4), 1)
+    json.dump([dict(prompt="a", path1="1.jpg", path2="2.jpg")], open(folder / "train.json", "w"))
+    cfg = rpo.parse_config(["--data", str(folder)])
+    with pytest.raises(SystemExit, match=r"is pickapic \(parquet files\) but also holds 1 other .*train.json"):
+        rpo.source_files(cfg, cfg.data, cfg.split)
+
+
+def test_layout_names_the_layout_when_a_file_would_fit_two(tmp_path):
+    rows = [dict(r, prompt=r["caption"], chosen=r["jpg_1"], rejected=r["jpg_0"]) for r in pickapic_rows(4)]
+    folder = write_shards(tmp_path / "both", rows, 1)
+    cfg = rpo.parse_config(["--data", str(folder)])
+    assert rpo.source_files(cfg, cfg.data, cfg.split)[0].layout == "pickapic"  # first in LAYOUTS
+    cfg = rpo.parse_config(["--data", str(folder), "--layout", "chosen-rejected"])
+    assert rpo.read_rows(rpo.source_files(cfg, cfg.data, cfg.split)[0], 0, 1)[0]["jpg_0"] == rows[0]["jpg_1"]
+
+
+@pytest.mark.parametrize("layout", LAYOUT_NAMES)
+def test_the_tiny_model_trains_from_each_layout_with_held_out_pairs_from_the_same_layout(tmp_path, layout):
+    layout_fixture(tmp_path / "d", layout)
+    summary, logs = train(tmp_path / "o", "--data", tmp_path / "d", "--eval_data", tmp_path / "d",
+                          "--eval_split", "train", "--batch", 2, "--max_steps", 2, "--sample_steps", 0)
+    assert [l["step"] for l in logs if "loss" in l] == [1, 2]
+    assert all(math.isfinite(l["loss"]) for l in logs if "loss" in l)
+    assert any("heldout_accuracy" in l for l in logs) and summary["steps"] == 2
+
+
+def clustered_shards(folder, n_files=4, rows_per_file=1000, seed=0):
+    """Pick-a-Pic's clustering: a prompt's pairs sit side by side in a file (one user session), 1 to 30 of
+    them (15 on average, as in Pick-a-Pic v1's 583K pairs of 37.5K prompts). Images are not decoded here."""
+    rng, prompt, rows = random.Random(seed), 0, []
+    while len(rows) < n_files * rows_per_file:
+        rows += [dict(caption=f"prompt {prompt}", jpg_0=b"", jpg_1=b"", label_0=1.0)] * rng.randint(1, 30)
+        prompt += 1
+    os.makedirs(folder, exist_ok=True)
+    for k in range(n_files):
+        part = rows[k * rows_per_file:(k + 1) * rows_per_file]
+        pq.write_table(pa.Table.from_pylist(part), os.path.join(folder, f"part-{k}.parquet"))
+    return folder, [r["caption"] for r in rows]
+
+
+def same_prompt_share(captions, M):
+    """The share of a micro-batch's off-diagonal entries (winner i, loser j != i) whose pairs share a prompt,
+    over consecutive micro-batches of M pairs."""
+    batches = [captions[i:i + M] for i in range(0, len(captions) - M + 1, M)]
+    same = sum(a == b for batch in batches for i, a in enumerate(batch) for b in batch[i + 1:]) * 2
+    return same / (len(batches) * M * (M - 1))
+
+
+def test_one_prompts_pairs_meet_in_a_micro_batch_no_more_than_twice_as_often_as_under_a_global_shuffle(
+        tmp_path, monkeypatch):
+    folder, captions = clustered_shards(tmp_path / "d")
+    cfg = rpo.parse_config(["--data", str(folder), "--batch", "8"])  # windows of 1000 rows, the default
+
+    def stream():
+        files = rpo.source_files(cfg, cfg.data, "train")
+        return [row["caption"] for _, row, _ in rpo.rank_rows(cfg, files, epoch=0, rank=0, world=1)]
+    shuffled = same_prompt_share(stream(), 8)
+    global_ = same_prompt_share(random.Random(1).sample(captions, len(captions)), 8)
+    monkeypatch.setattr(rpo, "spread", lambda order, captions, gap: order)
+    windows_only = same_prompt_share(stream(), 8)
+    assert windows_only > 3 * global_  # without spreading, the windows keep each session together
+    assert shuffled <= 2 * global_
 
 
 def test_sdxl_time_ids_record_each_images_own_size_and_crop():

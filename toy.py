@@ -106,8 +106,9 @@ def pair_rows(split, n, world="toy"):
 
 
 def files(world, split, n):
-    """n rows of a world's split as rpo.py's (path, rows) of virtual files."""
-    return [(f"{world}:{split}:{lo}", min(TOY_FILE_ROWS, n - lo)) for lo in range(0, n, TOY_FILE_ROWS)]
+    """n rows of a world's split as rpo.py's virtual files."""
+    return [rpo.DataFile(f"{world}:{split}:{lo}", min(TOY_FILE_ROWS, n - lo), "toy")
+            for lo in range(0, n, TOY_FILE_ROWS)]
 
 
 def read(path, a, b):
