@@ -532,8 +532,9 @@ def prompt_set(args):
             fail(f"cannot read prompts from {data_id!r} (split {split!r}): {rpo.first_line(e)}; pass a local "
                  f"copy with --prompts PATH")
     else:
-        pattern = os.path.join(args.prompts, "**", "*.parquet") if os.path.isdir(args.prompts) else args.prompts
-        paths = sorted(glob.glob(pattern, recursive=True))
+        folder = os.path.isdir(args.prompts)
+        paths = sorted(glob.glob(os.path.join(args.prompts, "**", "*.parquet") if folder else args.prompts,
+                                 recursive=True))
         if not paths:
             fail(f"--prompts {args.prompts!r}: no such file, nor parquet files there")
     captions = [c for path in paths for c in prompt_column(path)]
@@ -792,7 +793,7 @@ def fill_defaults(args, cfg):
 
 def main(argv=None):
     args = parse_args(argv)
-    cfg = rpo.parse_config(["--model", args.model, "--max_pairs", "0"])
+    cfg = rpo.parse_config(["--model", args.model, "--max_pairs", "0", "--report_to", "none"])  # its presets
     fill_defaults(args, cfg)
     if args.command == "score":
         return score(args, cfg)

@@ -13,12 +13,13 @@ one optimizer step per pass); saving. Any field of Config is a flag: --key value
 false). toy.py holds the toy world and is needed only for tiny models, toy data and --random_init.
 """
 import argparse
-import collections
 import copy
 import dataclasses
 import datetime
 import functools
 import glob
+import hashlib
+import importlib.util
 import io
 import itertools
 import json
@@ -32,7 +33,7 @@ import statistics
 import sys
 import time
 import warnings
-from collections import deque
+from collections import Counter, deque
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -94,6 +95,7 @@ class Config:
     shuffle_buffer: int = 1000
     cache: str = ""  # folder of encoded pairs (VAE latents, text states, CLIP features)
     out: str = None  # the run's folder; default out/run-N, a new N per fresh run, the newest N under --resume
+    report_to: str = "tensorboard"  # tensorboard | wandb | none: live curves of metrics.jsonl and the grids
     save_every: int = None
     keep: int = 2
     resume: bool = False
@@ -122,11 +124,11 @@ PRESETS["tiny-drawn"] = dict(PRESETS["tiny"], lr_per_pair=1e-4 / 8, sample_steps
 # What may change on --resume: the rest shapes the data order, the model or the loss, and must match.
 FREE_ON_RESUME = ("max_steps", "save_every", "keep", "workers", "eval_data", "eval_split", "eval_pairs",
                   "eval_draws", "sample_steps", "max_nonfinite", "compile", "grad_checkpointing", "cache",
-                  "out", "resume", "image_root")
+                  "out", "resume", "image_root", "report_to")
 IS_XL = {"tiny": False, "tiny-xl": True, "tiny-drawn": False, "sd15": False, "sdxl": True}
 CHOICES = dict(model=IS_XL, loss=("rpo", "dpo", "sft"), embed=("text", "image", "both"),
                precision=(None, "bf16", "fp16", "fp32"), optimizer=(None, "adamw", "adafactor"),
-               time_ids=("constant", "image"))
+               time_ids=("constant", "image"), report_to=("tensorboard", "wandb", "none"))
 for lib in (diffusers, transformers):  # their load-time chatter would bury the training log
     lib.utils.logging.set_verbosity_error()
     lib.utils.logging.disable_progress_bar()
@@ -155,6 +157,9 @@ def parse_config(argv=None):
             continue
         if getattr(cfg, k) is None:
             setattr(cfg, k, v)
+    if cfg.report_to != "none" and importlib.util.find_spec(cfg.report_to) is None:
+        sys.exit(f"rpo.py: --report_to {cfg.report_to} needs the {cfg.report_to} package: pip install "
+                 f"{cfg.report_to}, or pass --report_to none")
     if cfg.layout not in (None, *LAYOUTS):
         sys.exit(f"rpo.py: --layout must be one of {list(LAYOUTS)}, got {cfg.layout!r}")
     if cfg.lora_rank < 0:
@@ -655,7 +660,7 @@ def spread(order, captions, rng):
     with c rows in a window of n sits about n / c places apart, so its pairs rarely share a micro-batch.
     Pick-a-Pic stores a prompt's pairs side by side (one user session); shuffled windows alone keep them
     close (README: Which pairs meet)."""
-    count, seen, phase, key = collections.Counter(captions), collections.Counter(), {}, {}
+    count, seen, phase, key = Counter(captions), Counter(), {}, {}
     for i in order:
         c = captions[i]
         phase.setdefault(c, rng.random())
@@ -1386,7 +1391,7 @@ def describe(cfg, m, run, trainer):
             f"parameters{' (LoRA)' if m.lora else ''}")
 
 
-def train(cfg, m, run, trainer, batches, heldout, step, nonfinite_total):
+def train(cfg, m, run, trainer, batches, heldout, step, nonfinite_total, tracker):
     """The training loop from `step` to --max_steps: one optimizer step per pass, top to bottom. Every
     --save_every steps and at the end: held-out metrics, a checkpoint and samples. Returns the logged records,
     the loop's timing and its last micro-batch."""
@@ -1440,12 +1445,15 @@ def train(cfg, m, run, trainer, batches, heldout, step, nonfinite_total):
         record = dict(step=step, lr=lr, **logged, nonfinite=nonfinite_total)
         history.append(record)
         stop = nonfinite_run >= cfg.max_nonfinite
-        if step % cfg.save_every == 0 or step == cfg.max_steps or stop:
+        saved = step % cfg.save_every == 0 or step == cfg.max_steps or stop
+        if saved:
             t_save = time.perf_counter()
             record.update(save_point(cfg, m, run, trainer, heldout, step, nonfinite_total, state))
             saving += time.perf_counter() - t_save
         if run.master:
             log_step(cfg, record, bar)
+            if tracker:
+                tracker.log(step, record, samples_path(cfg, step) if saved and cfg.sample_steps else None)
         if stop:
             sys.exit(f"rpo.py: {nonfinite_run} non-finite steps (loss or gradient) in a row at step {step}; "
                      f"stopped with a checkpoint of the last good weights in {cfg.out}. Lower --lr or "
@@ -1474,8 +1482,52 @@ def save_point(cfg, m, run, trainer, heldout, step, nonfinite_total, state):
         logged = {"heldout_" + k: v for k, v in evaluate(cfg, m, heldout, run.autocast).items()}
     save_checkpoint(cfg, m, trainer, step, nonfinite_total, state, run)
     if run.master and cfg.sample_steps:
-        save_samples(cfg, m, os.path.join(cfg.out, f"samples_{step}.png"), run.autocast)
+        save_samples(cfg, m, samples_path(cfg, step), run.autocast)
     return logged
+
+
+def samples_path(cfg, step):
+    return os.path.join(cfg.out, f"samples_{step}.png")
+
+
+class Tracker(NamedTuple):
+    log: object  # log(step, values, grid path or None)
+    close: object
+
+
+def open_tracker(cfg, step):
+    """--report_to's writer (rank 0), continuing at `step`: log(step, values, grid path) and close(). Each key
+    of metrics.jsonl is a scalar of the same name; each sample grid an image; the config a text."""
+    config = dataclasses.asdict(cfg)
+    if cfg.report_to == "tensorboard":
+        from torch.utils.tensorboard import SummaryWriter
+        # purge_step: TensorBoard drops what an interrupted run logged after its checkpoint, as metrics.jsonl
+        writer = SummaryWriter(os.path.join(cfg.out, "tensorboard"), purge_step=step + 1 if step else None)
+        if not step:
+            writer.add_text("config", "    " + json.dumps(config, indent=1).replace("\n", "\n    "), 0)
+
+        def log(step, values, grid=None):
+            for k, v in values.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    writer.add_scalar(k, v, step)
+            if grid:
+                image = np.asarray(Image.open(grid).convert("RGB"))
+                writer.add_image("samples", image, step, dataformats="HWC")
+            writer.flush()  # the curves are current while the run goes on
+        return Tracker(log, writer.close)
+    if cfg.report_to == "wandb":
+        import wandb
+        # one W&B run per run folder, so --resume continues it; W&B's steps only go forward, so the values
+        # an interrupted run logged after its last checkpoint stay (README: Watching a run)
+        run_id = "rpo-" + hashlib.sha1(os.path.abspath(cfg.out).encode()).hexdigest()[:16]
+        wb = wandb.init(project=os.environ.get("WANDB_PROJECT", "diffusion-rpo"), id=run_id, resume="allow",
+                        name=os.path.basename(cfg.out), dir=cfg.out, config=config)
+
+        def log(step, values, grid=None):
+            values = {k: v for k, v in values.items() if k != "step" and isinstance(v, (int, float))}
+            wb.log(dict(values, **({"samples": wandb.Image(grid)} if grid else {})), step=step)
+        return Tracker(log, wb.finish)
+    return None
 
 
 def json_line(record):
@@ -1545,6 +1597,7 @@ def main(argv=None):
     step, nonfinite_total, data_states = resume(cfg, m, trainer, run)
     if run.master:
         cut_metrics_log(cfg.out, step)
+    tracker = open_tracker(cfg, step) if run.master else None
     if cfg.cache:
         build_cache(cfg, m, run.rank, run.world, pool)
     heldout = heldout_pairs(cfg, m) if run.master else None
@@ -1553,12 +1606,20 @@ def main(argv=None):
     if run.master:
         print(describe(cfg, m, run, trainer), file=sys.stderr)
     if run.master and step == 0 and cfg.sample_steps:  # the grid before any training, to compare with
-        save_samples(cfg, m, os.path.join(cfg.out, "samples_0.png"), run.autocast)
+        save_samples(cfg, m, samples_path(cfg, 0), run.autocast)
+        if tracker:
+            tracker.log(0, {}, samples_path(cfg, 0))
 
-    history, timing, last_pairs = train(cfg, m, run, trainer, batches, heldout, step, nonfinite_total)
+    history, timing, last_pairs = train(cfg, m, run, trainer, batches, heldout, step, nonfinite_total,
+                                        tracker)
 
     if run.master and history:
-        print(json_line(end_of_run(cfg, m, run, history, timing, last_pairs)), flush=True)
+        summary = end_of_run(cfg, m, run, history, timing, last_pairs)
+        print(json_line(summary), flush=True)
+        if tracker:  # throughput, FLOPs and peak memory, at the last step
+            tracker.log(history[-1]["step"], {"end/" + k: v for k, v in summary.items() if k != "steps"})
+    if tracker:
+        tracker.close()
     if pool:
         pool.terminate()
     if run.ddp:

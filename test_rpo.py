@@ -2,6 +2,8 @@
 import collections
 import copy
 import gc
+import glob
+import importlib.util
 import io
 import itertools
 import json
@@ -648,7 +650,7 @@ def test_a_folder_that_mixes_file_kinds_is_one_clear_error_before_training(tmp_p
     folder = write_shards(tmp_path / "d", pickapic_rows(4), 1)
     json.dump([dict(prompt="a", path1="1.jpg", path2="2.jpg")], open(folder / "train.json", "w"))
     cfg = rpo.parse_config(["--data", str(folder)])
-    with pytest.raises(SystemExit, match=r"is pickapic \(parquet files\) but also holds 1 other .*train.json"):
+    with pytest.raises(SystemExit, match=r"is pickapic \(parquet files\) but also holds 1 other.*train.json"):
         rpo.source_files(cfg, cfg.data, cfg.split)
 
 
@@ -1140,6 +1142,77 @@ def test_rotation_deletes_only_this_runs_older_checkpoints_never_a_later_one(tmp
     assert os.readlink(tmp_path / "ckpt.pt") == "ckpt-0000006.pt"
 
 
+def tensorboard_log(out):
+    """What TensorBoard shows for a run folder: {tag: [(step, value)]} of scalars, and the steps of the sample
+    grids and of the config text."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    log = EventAccumulator(os.path.join(out, "tensorboard"), size_guidance={"scalars": 0, "images": 0,
+                                                                            "tensors": 0})
+    log.Reload()
+    scalars = {tag: [(e.step, e.value) for e in log.Scalars(tag)] for tag in log.Tags()["scalars"]}
+    images = [e.step for e in log.Images("samples")] if "samples" in log.Tags()["images"] else []
+    return scalars, images, [e.step for e in log.Tensors("config/text_summary")]
+
+
+def jsonl_scalars(records):
+    """metrics.jsonl as {key: [(step, value as TensorBoard stores it, float32)]}; null (not finite) is NaN."""
+    scalars = collections.defaultdict(list)
+    for r in records:
+        for k, v in r.items():
+            if k != "step":
+                scalars[k].append((r["step"], float(np.float32(math.nan if v is None else v))))
+    return dict(scalars)
+
+
+def same_curves(a, b):
+    def same(x, y):  # (step, value), NaN equal to NaN
+        return x[0] == y[0] and (x[1] == y[1] or math.isnan(x[1]) and math.isnan(y[1]))
+    return a.keys() == b.keys() and all(len(a[k]) == len(b[k]) and all(map(same, a[k], b[k])) for k in a)
+
+
+def test_tensorboard_holds_every_value_of_metrics_jsonl_at_its_step_each_sample_grid_and_the_config(tmp_path):
+    summary, records = train(tmp_path / "o", "--model", "tiny", "--batch", 2, "--max_steps", 4,
+                             "--save_every", 2, "--sample_steps", 2)
+    scalars, grids, config = tensorboard_log(tmp_path / "o")
+    end = {k: v for k, v in scalars.items() if k.startswith("end/")}
+    assert same_curves({k: v for k, v in scalars.items() if k not in end}, jsonl_scalars(records))
+    assert {"loss", "accuracy", "w_diag", "lr", "grad_norm", "ties", "heldout_accuracy"} <= scalars.keys()
+    assert grids == [0, 2, 4] and config == [0]
+    assert end["end/pairs_per_s"] == [(4, pytest.approx(summary["pairs_per_s"]))]
+
+
+def test_a_resumed_run_continues_the_tensorboard_curves_holding_each_step_once(tmp_path):
+    out = tmp_path / "o"
+    train(out, "--model", "tiny", "--batch", 2, "--max_steps", 5, "--save_every", 2, "--sample_steps", 0)
+    os.remove(out / "ckpt-0000005.pt")  # as if killed after logging step 5, before its checkpoint
+    _, records = train(out, "--model", "tiny", "--batch", 2, "--max_steps", 6, "--save_every", 2,
+                       "--sample_steps", 0, "--resume")
+    scalars, _, _ = tensorboard_log(out)
+    assert [step for step, _ in scalars["loss"]] == [1, 2, 3, 4, 5, 6]
+    assert same_curves({k: v for k, v in scalars.items() if not k.startswith("end/")}, jsonl_scalars(records))
+
+
+def test_report_to_wandb_in_offline_mode_writes_a_run_folder(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")  # optional: not in requirements.txt
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run_script(tmp_path / "o", "--model", "tiny", "--batch", 2, "--max_steps", 2, "--sample_steps", 2,
+               "--eval_pairs", 0, "--report_to", "wandb", timeout=300)
+    runs = glob.glob(str(tmp_path / "o" / "wandb" / "offline-run-*"))
+    assert len(runs) == 1 and glob.glob(os.path.join(runs[0], "*.wandb"))
+
+
+def test_report_to_a_tracker_that_is_not_installed_is_one_line_before_any_work(monkeypatch):
+    real = importlib.util.find_spec
+
+    def not_installed(name, *args):
+        return None if name == "wandb" else real(name, *args)
+    monkeypatch.setattr(importlib.util, "find_spec", not_installed)
+    with pytest.raises(SystemExit, match="--report_to wandb needs the wandb package: pip install wandb, or "
+                                         "pass --report_to none"):
+        rpo.parse_config(["--report_to", "wandb"])
+
+
 def test_a_resume_may_change_only_settings_that_shape_neither_the_data_order_the_model_nor_the_loss(tmp_path):
     train(tmp_path, *RUN, "--save_every", 2, "--max_steps", 2)
     # the rate follows the batch: tiny-drawn's 1e-4 / 8 per pair
@@ -1470,6 +1543,13 @@ def test_two_ranks_with_uneven_files_cross_epochs_without_a_hang_and_resume_exac
     states = torch.load(tmp_path / "full" / "ckpt.pt", weights_only=False)["data_states"]
     assert states[0]["epoch"] != states[1]["epoch"]  # at step 24 the ranks are in different epochs
     assert full[-1]["ties"] == sum(s["counts"]["ties"] for s in states)  # each rank counts its own rows
+
+
+def test_under_torchrun_only_rank_0_writes_the_tensorboard_log(tmp_path):
+    records = run_script(tmp_path, *DDP_FLAGS, "--batch", 2, nproc=2)
+    assert len(glob.glob(str(tmp_path / "tensorboard" / "events.out.tfevents.*"))) == 1
+    scalars, _, _ = tensorboard_log(tmp_path)
+    assert same_curves({k: v for k, v in scalars.items() if not k.startswith("end/")}, jsonl_scalars(records))
 
 
 def test_replication_loop_reports_heldout_accuracy_and_rpo_with_one_pair_is_dpo(tmp_path):
