@@ -18,7 +18,6 @@ import dataclasses
 import datetime
 import functools
 import glob
-import hashlib
 import importlib.util
 import io
 import itertools
@@ -379,7 +378,7 @@ def source_files(cfg, source, split, max_rows=0):
     files = []
     for path in paths:
         if LAYOUTS[layout][0] == "json":
-            n, root = len(json_pairs(path, layout)), cfg.image_root or os.path.dirname(path)
+            n, root = len(json_pairs_of(path, layout, source)), cfg.image_root or os.path.dirname(path)
             files += [DataFile(f"{path}#{lo}", min(JSON_FILE_ROWS, n - lo), layout, root)
                       for lo in range(0, n, JSON_FILE_ROWS)]
         else:
@@ -414,7 +413,7 @@ def dataset_paths(cfg, source, split):
             paths = sorted(p for p in glob.glob(os.path.join(source, "**", "*"), recursive=True)
                            if p.endswith(DATA_EXTENSIONS))
         else:
-            paths = sorted(glob.glob(source))
+            paths = sorted(p for p in glob.glob(source) if p.endswith(DATA_EXTENSIONS))
         if not paths:
             raise FileNotFoundError(f"no {', '.join(DATA_EXTENSIONS)} files there")
     except Exception as e:  # any network, auth or format error: one line, with what to do instead
@@ -460,7 +459,7 @@ def row_group(path, g, columns):
     return parquet(path).read_row_group(g, columns=list(columns))
 
 
-@functools.lru_cache(maxsize=2)
+@functools.lru_cache(maxsize=None)  # windows hop between a source's files: each is parsed once
 def json_records(path):
     """A JSON file's list of records (HPDv2 and HPDv3 publish their pairs as one JSON list)."""
     import fsspec
@@ -468,7 +467,17 @@ def json_records(path):
         return json.load(fh)
 
 
-@functools.lru_cache(maxsize=2)
+def json_pairs_of(path, layout, where):
+    """json_pairs, or one line when the file is not a JSON list."""
+    try:
+        if not isinstance(json_records(path), list):
+            raise ValueError("it holds no JSON list of records")
+        return json_pairs(path, layout)
+    except Exception as e:
+        sys.exit(f"rpo.py: cannot read {path!r} of dataset {where!r}: {first_line(e)}")
+
+
+@functools.lru_cache(maxsize=None)
 def json_pairs(path, layout):
     """The pairs of a JSON source as (record, winner, loser) image indices. hpdv3: path1 is the preferred
     image. hpdv2, HPDv2's rule: each image its annotator chose (human_preference 1) wins against each one not
@@ -478,7 +487,8 @@ def json_pairs(path, layout):
         if layout == "hpdv3":
             pairs.append((r, 0, 1))
             continue
-        chosen = [bool(p) for p in (record.get("human_preference") or [] if isinstance(record, dict) else [])]
+        chosen = record.get("human_preference") if isinstance(record, dict) else None
+        chosen = [bool(p) for p in chosen] if isinstance(chosen, list) else []  # not a list: counted as a tie
         winners = [i for i, c in enumerate(chosen) if c]
         losers = [i for i, c in enumerate(chosen) if not c]
         pairs += [(r, w, l) for w in winners for l in losers] or [(r, None, None)]
@@ -490,19 +500,24 @@ def tar_samples(path):
     disk): {member suffix: bytes} per key, the key being a member's name up to its first dot."""
     import tarfile
     import fsspec
-    with fsspec.open(path, "rb") as fh, tarfile.open(fileobj=fh, mode="r|*") as tar:
-        key, sample = None, {}
-        for member in tar:
-            if not member.isfile():
-                continue
-            folder, name = os.path.split(member.name)
-            stem, _, suffix = name.partition(".")
-            if (folder, stem) != key and sample:
-                yield sample
-                sample = {}
-            key, sample[suffix] = (folder, stem), tar.extractfile(member).read()
-        if sample:
-            yield sample
+    key, sample = None, {}
+    try:
+        with fsspec.open(path, "rb") as fh, tarfile.open(fileobj=fh, mode="r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                folder, name = os.path.split(member.name)
+                stem, _, suffix = name.partition(".")
+                if (folder, stem) != key and sample:
+                    yield sample
+                    sample = {}
+                key, sample[suffix] = (folder, stem), tar.extractfile(member).read()
+    except (tarfile.TarError, EOFError) as e:  # a truncated download: the shard ends where it breaks
+        print(f"rpo.py: tar shard {path} breaks off ({first_line(e)}); its samples up to there are read",
+              file=sys.stderr)
+        sample = {}  # the sample it broke in may lack members
+    if sample:
+        yield sample
 
 
 @functools.lru_cache(maxsize=4)
@@ -582,7 +597,8 @@ def pickapic_row(file, record):
     if file.layout == "hpdv3":
         paths = [record.get("path1"), record.get("path2")]
     else:
-        paths = record.get("image_path") or record.get("file_path") or []
+        paths = record.get("image_path") or record.get("file_path")
+        paths = paths if isinstance(paths, list) else []
     tie = w is None  # hpdv2: every image chosen, or none
     w, l = (0, 1) if tie else (w, l)
 
@@ -670,9 +686,9 @@ def spread(order, captions, rng):
 
 
 def caption_of(row):
-    if isinstance(row, tuple):  # a cache row: (cache file, row)
-        return row[0]["caption"][row[1]]
-    return row.get("caption")
+    """A row's caption, or None where it is not a string (a row skipped as bad_caption)."""
+    caption = row[0]["caption"][row[1]] if isinstance(row, tuple) else row.get("caption")  # cache: (file, r)
+    return caption if isinstance(caption, str) else None
 
 
 def coin(seed, epoch, index, what):
@@ -1037,10 +1053,9 @@ def training_batches(cfg, m, rank, world, start, pool):
 def heldout_pairs(cfg, m):
     """Up to eval_pairs held-out pairs in file order, unflipped, encoded once in micro-batches of --batch
     pairs (one VAE call over all of them does not fit a GPU at 1024 px); None without a held-out source."""
-    source = cfg.eval_data or (cfg.data if cfg.data in (*TOY_WORLDS, "pickapic") else None)
-    if not source or cfg.eval_pairs <= 0:
+    source, split = heldout_source(cfg)
+    if not source:
         return None
-    split = cfg.eval_split or default_eval_split(source)
     rows = itertools.islice(rows_in_order(cfg, source, split), cfg.eval_pairs)
     prepared = decoded([PairJob(row, i, cfg.resolution, time_ids=cfg.time_ids) for i, row in rows])
     pairs = [p for p in prepared if not isinstance(p, str)]
@@ -1050,10 +1065,17 @@ def heldout_pairs(cfg, m):
             for i in range(0, len(pairs), cfg.batch)]
 
 
-def default_eval_split(source):
+def heldout_source(cfg):
+    """(source, split) of the held-out pairs; (None, None) without them. Default: toy's held-out captions,
+    Pick-a-Pic's validation_unique split."""
+    source = cfg.eval_data or (cfg.data if cfg.data in (*TOY_WORLDS, "pickapic") else None)
+    if not source or cfg.eval_pairs <= 0:
+        return None, None
+    if cfg.eval_split:
+        return source, cfg.eval_split
     if source in TOY_WORLDS:
-        return "heldout"
-    return "validation_unique" if source == "pickapic" else "train"
+        return source, "heldout"
+    return source, "validation_unique" if source == "pickapic" else "train"
 
 
 # ------------------------------------------------------------------------------------- pair weights
@@ -1502,7 +1524,7 @@ def open_tracker(cfg, step):
     if cfg.report_to == "tensorboard":
         from torch.utils.tensorboard import SummaryWriter
         # purge_step: TensorBoard drops what an interrupted run logged after its checkpoint, as metrics.jsonl
-        writer = SummaryWriter(os.path.join(cfg.out, "tensorboard"), purge_step=step + 1 if step else None)
+        writer = SummaryWriter(os.path.join(cfg.out, "tensorboard"), purge_step=step + 1 if step else 0)
         if not step:
             writer.add_text("config", "    " + json.dumps(config, indent=1).replace("\n", "\n    "), 0)
 
@@ -1517,9 +1539,11 @@ def open_tracker(cfg, step):
         return Tracker(log, writer.close)
     if cfg.report_to == "wandb":
         import wandb
-        # one W&B run per run folder, so --resume continues it; W&B's steps only go forward, so the values
-        # an interrupted run logged after its last checkpoint stay (README: Watching a run)
-        run_id = "rpo-" + hashlib.sha1(os.path.abspath(cfg.out).encode()).hexdigest()[:16]
+        # one W&B run per run folder (its id kept in DIR/wandb_id.json), so --resume continues it; W&B's
+        # steps only go forward, so what an interrupted run logged after its last checkpoint stays (README)
+        id_path = os.path.join(cfg.out, "wandb_id.json")
+        run_id = json.load(open(id_path)) if os.path.exists(id_path) else os.urandom(6).hex()
+        atomic_save(run_id, id_path)
         wb = wandb.init(project=os.environ.get("WANDB_PROJECT", "diffusion-rpo"), id=run_id, resume="allow",
                         name=os.path.basename(cfg.out), dir=cfg.out, config=config)
 
@@ -1589,9 +1613,9 @@ def main(argv=None):
     # JPEG decoders are forked first, before a process group or CUDA state exists
     pool = multiprocessing.get_context("fork").Pool(cfg.workers) if cfg.workers > 0 else None
     run = set_up(cfg)
-    for source, split in ((cfg.data, cfg.split), (cfg.eval_data, cfg.eval_split)):
+    for source, split in ((cfg.data, cfg.split), heldout_source(cfg)):
         if source:  # a source rpo.py cannot read stops here, in one line, before the models load
-            source_files(cfg, source, split or default_eval_split(source))
+            source_files(cfg, source, split)
     m = load_models(cfg, run.device, run.dtype)
     trainer = make_trainer(cfg, m, run)
     step, nonfinite_total, data_states = resume(cfg, m, trainer, run)

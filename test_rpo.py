@@ -629,6 +629,38 @@ def test_a_resume_inside_a_tar_shard_rereads_at_most_that_shard_and_takes_exactl
     assert [([p["index"] for p in b], s) for b, s in itertools.islice(resumed, 14 - cut - 2)] == run[cut + 2:]
 
 
+def test_a_truncated_or_empty_tar_shard_ends_where_it_breaks_instead_of_stopping_the_run(tmp_path):
+    layout_fixture(tmp_path / "d", "pickapic-wds", n=24)  # two shards of 12 samples
+    whole = open(tmp_path / "d" / "00001.tar", "rb").read()
+    open(tmp_path / "d" / "00001.tar", "wb").write(whole[:len(whole) // 2])  # an interrupted download
+    open(tmp_path / "d" / "00002.tar", "wb").close()
+    cfg = rpo.parse_config(["--data", str(tmp_path / "d"), "--batch", "1"])
+    pairs, _ = one_epoch(cfg)
+    second = [int(caption.split()[1]) for caption, _, _ in pairs if int(caption.split()[1]) >= 12]
+    assert 12 < len(pairs) < 22 and 0 < len(second) < 12 and max(second) < 18
+
+
+def test_malformed_json_records_are_counted_skips_not_a_crash(tmp_path):
+    folder = tmp_path / "d"
+    os.makedirs(folder / "images")
+    for name in ("w.jpg", "l.jpg"):
+        open(folder / "images" / name, "wb").write(png(WINNER if name == "w.jpg" else LOSER))
+    good = dict(prompt="good", image_path=["images/w.jpg", "images/l.jpg"], human_preference=[1, 0])
+    json.dump([good, dict(good, prompt=["a list"]), dict(good, human_preference=1), dict(good, image_path=5),
+               dict(good, image_path=[None, "images/l.jpg"])], open(folder / "train.json", "w"))
+    cfg = rpo.parse_config(["--data", str(folder), "--batch", "1"])
+    pairs, counts = one_epoch(cfg)
+    assert [caption for caption, _, _ in pairs] == ["good"]
+    assert (counts["bad_caption"], counts["ties"], counts["bad_image"]) == (1, 1, 2)
+
+
+def test_a_json_file_that_holds_no_list_of_records_is_one_line_before_training(tmp_path):
+    layout_fixture(tmp_path / "d", "hpdv3")
+    json.dump({"not": "a list"}, open(tmp_path / "d" / "train-2.json", "w"))
+    with pytest.raises(SystemExit, match="cannot read .*train-2.json.*holds no JSON list of records"):
+        rpo.main(["--data", str(tmp_path / "d"), "--out", str(tmp_path / "o"), "--workers", "0"])
+
+
 @pytest.mark.parametrize("kind", ["json", "tar"])
 def test_an_unknown_layout_is_one_line_naming_what_it_holds_and_the_known_layouts(tmp_path, kind):
     if kind == "json":
@@ -1181,10 +1213,13 @@ def test_tensorboard_holds_every_value_of_metrics_jsonl_at_its_step_each_sample_
     assert end["end/pairs_per_s"] == [(4, pytest.approx(summary["pairs_per_s"]))]
 
 
-def test_a_resumed_run_continues_the_tensorboard_curves_holding_each_step_once(tmp_path):
+@pytest.mark.parametrize("lost", ["the last checkpoint", "every checkpoint"])
+def test_a_resumed_run_continues_the_tensorboard_curves_holding_each_step_once(tmp_path, lost):
     out = tmp_path / "o"
     train(out, "--model", "tiny", "--batch", 2, "--max_steps", 5, "--save_every", 2, "--sample_steps", 0)
-    os.remove(out / "ckpt-0000005.pt")  # as if killed after logging step 5, before its checkpoint
+    # as if killed after logging step 5, before its checkpoint (or before the first one)
+    for ckpt in sorted(glob.glob(str(out / "ckpt-*.pt")))[-1 if lost == "the last checkpoint" else 0:]:
+        os.remove(ckpt)
     _, records = train(out, "--model", "tiny", "--batch", 2, "--max_steps", 6, "--save_every", 2,
                        "--sample_steps", 0, "--resume")
     scalars, _, _ = tensorboard_log(out)
@@ -1192,7 +1227,7 @@ def test_a_resumed_run_continues_the_tensorboard_curves_holding_each_step_once(t
     assert same_curves({k: v for k, v in scalars.items() if not k.startswith("end/")}, jsonl_scalars(records))
 
 
-def test_report_to_wandb_in_offline_mode_writes_a_run_folder(tmp_path, monkeypatch):
+def test_report_to_wandb_in_offline_mode_writes_a_run_folder_that_a_resume_continues(tmp_path, monkeypatch):
     pytest.importorskip("wandb")  # optional: not in requirements.txt
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
@@ -1200,6 +1235,11 @@ def test_report_to_wandb_in_offline_mode_writes_a_run_folder(tmp_path, monkeypat
                "--eval_pairs", 0, "--report_to", "wandb", timeout=300)
     runs = glob.glob(str(tmp_path / "o" / "wandb" / "offline-run-*"))
     assert len(runs) == 1 and glob.glob(os.path.join(runs[0], "*.wandb"))
+    run_script(tmp_path / "o", "--model", "tiny", "--batch", 2, "--max_steps", 3, "--sample_steps", 2,
+               "--eval_pairs", 0, "--report_to", "wandb", "--resume", timeout=300)
+    run_id = json.load(open(tmp_path / "o" / "wandb_id.json"))
+    runs = glob.glob(str(tmp_path / "o" / "wandb" / "offline-run-*"))
+    assert len(runs) == 2 and all(run.endswith("-" + run_id) for run in runs)  # the resume continues the run
 
 
 def test_report_to_a_tracker_that_is_not_installed_is_one_line_before_any_work(monkeypatch):
