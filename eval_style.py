@@ -525,16 +525,12 @@ def prompt_set(args):
         data_id = args.data_id if args.prompts == "pickapic" else PARTI
         split = args.split or (PICKAPIC_TEST if args.prompts == "pickapic" else "train")
         try:
-            import datasets
-            files = datasets.load_dataset_builder(data_id).config.data_files
-            paths = list(files[split])
+            paths = list(rpo.hub_data_files(data_id)[split])
         except Exception as e:  # offline, a wrong id, no such split
             fail(f"cannot read prompts from {data_id!r} (split {split!r}): {rpo.first_line(e)}; pass a local "
                  f"copy with --prompts PATH")
     else:
-        folder = os.path.isdir(args.prompts)
-        paths = sorted(glob.glob(os.path.join(args.prompts, "**", "*.parquet") if folder else args.prompts,
-                                 recursive=True))
+        paths = rpo.local_files(args.prompts, (".parquet", ".tsv", ".csv"))
         if not paths:
             fail(f"--prompts {args.prompts!r}: no such file, nor parquet files there")
     captions = [c for path in paths for c in prompt_column(path)]

@@ -404,22 +404,31 @@ def dataset_paths(cfg, source, split):
     where = cfg.data_id if source == "pickapic" else source
     try:
         if source == "pickapic":
-            import datasets
-            data_files = datasets.load_dataset_builder(cfg.data_id).config.data_files
+            data_files = hub_data_files(cfg.data_id)
             if split not in data_files:
                 raise KeyError(f"no split {split!r}, only {sorted(data_files)}")
             paths = list(data_files[split])
-        elif os.path.isdir(source):
-            paths = sorted(p for p in glob.glob(os.path.join(source, "**", "*"), recursive=True)
-                           if p.endswith(DATA_EXTENSIONS))
         else:
-            paths = sorted(p for p in glob.glob(source) if p.endswith(DATA_EXTENSIONS))
+            paths = local_files(source, DATA_EXTENSIONS)
         if not paths:
             raise FileNotFoundError(f"no {', '.join(DATA_EXTENSIONS)} files there")
     except Exception as e:  # any network, auth or format error: one line, with what to do instead
         sys.exit(f"rpo.py: cannot read dataset {where!r} (split {split!r}): {first_line(e)}. Pass a local "
                  f"copy with --data /path (a file, a folder or a glob), or another hub id with --data_id")
     return paths
+
+
+@functools.lru_cache(maxsize=None)  # the start-up check, the training and held-out data: resolved once
+def hub_data_files(data_id):
+    """A hub dataset's data files by split, as `datasets` resolves them: hf:// URLs pinned to its commit."""
+    import datasets
+    return datasets.load_dataset_builder(data_id).config.data_files
+
+
+def local_files(source, extensions):
+    """The files of a local source with these endings: a folder's, searched recursively, or a glob's."""
+    pattern = os.path.join(source, "**", "*") if os.path.isdir(source) else source
+    return sorted(p for p in glob.glob(pattern, recursive=True) if p.endswith(extensions))
 
 
 def detect_layout(path, where):
@@ -430,7 +439,8 @@ def detect_layout(path, where):
         if kind == "tar":
             found = list(next(tar_samples(path), {}))
         elif kind == "json":
-            found = list(json_records(path)[0]) if json_records(path) else []
+            records = json_records(path)
+            found = list(records[0]) if records else []
         else:
             found = parquet(path).schema_arrow.names
     except Exception as e:
@@ -464,14 +474,15 @@ def json_records(path):
     """A JSON file's list of records (HPDv2 and HPDv3 publish their pairs as one JSON list)."""
     import fsspec
     with fsspec.open(path, "rb") as fh:
-        return json.load(fh)
+        records = json.load(fh)
+    if not isinstance(records, list):
+        raise ValueError("it holds no JSON list of records")
+    return records
 
 
 def json_pairs_of(path, layout, where):
-    """json_pairs, or one line when the file is not a JSON list."""
+    """json_pairs, or one line when the file cannot be read."""
     try:
-        if not isinstance(json_records(path), list):
-            raise ValueError("it holds no JSON list of records")
         return json_pairs(path, layout)
     except Exception as e:
         sys.exit(f"rpo.py: cannot read {path!r} of dataset {where!r}: {first_line(e)}")
@@ -1521,6 +1532,9 @@ def open_tracker(cfg, step):
     """--report_to's writer (rank 0), continuing at `step`: log(step, values, grid path) and close(). Each key
     of metrics.jsonl is a scalar of the same name; each sample grid an image; the config a text."""
     config = dataclasses.asdict(cfg)
+
+    def numbers(values):  # a record's scalars: the step is the axis, strings and nulls have no curve
+        return {k: v for k, v in values.items() if k != "step" and isinstance(v, (int, float))}
     if cfg.report_to == "tensorboard":
         from torch.utils.tensorboard import SummaryWriter
         # purge_step: TensorBoard drops what an interrupted run logged after its checkpoint, as metrics.jsonl
@@ -1529,9 +1543,8 @@ def open_tracker(cfg, step):
             writer.add_text("config", "    " + json.dumps(config, indent=1).replace("\n", "\n    "), 0)
 
         def log(step, values, grid=None):
-            for k, v in values.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    writer.add_scalar(k, v, step)
+            for k, v in numbers(values).items():
+                writer.add_scalar(k, v, step)
             if grid:
                 image = np.asarray(Image.open(grid).convert("RGB"))
                 writer.add_image("samples", image, step, dataformats="HWC")
@@ -1548,8 +1561,7 @@ def open_tracker(cfg, step):
                         name=os.path.basename(cfg.out), dir=cfg.out, config=config)
 
         def log(step, values, grid=None):
-            values = {k: v for k, v in values.items() if k != "step" and isinstance(v, (int, float))}
-            wb.log(dict(values, **({"samples": wandb.Image(grid)} if grid else {})), step=step)
+            wb.log(dict(numbers(values), **({"samples": wandb.Image(grid)} if grid else {})), step=step)
         return Tracker(log, wb.finish)
     return None
 
