@@ -14,10 +14,13 @@ false). toy.py holds the toy world and is needed only for tiny models, toy data 
 """
 import argparse
 import copy
+import ctypes
 import dataclasses
 import datetime
+import fcntl
 import functools
 import glob
+import hashlib
 import importlib.util
 import io
 import itertools
@@ -27,12 +30,17 @@ import multiprocessing
 import os
 import random
 import resource
+import shlex
 import shutil
+import signal
+import socket
 import statistics
 import sys
 import time
 import warnings
 from collections import Counter, deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -95,7 +103,8 @@ class Config:
     cache: str = ""  # folder of encoded pairs (VAE latents, text states, CLIP features)
     out: str = None  # the run's folder; default out/run-N, a new N per fresh run, the newest N under --resume
     report_to: str = "tensorboard"  # tensorboard | wandb | none: live curves of metrics.jsonl and the grids
-    save_every: int = None
+    save_every: int = None  # steps between save points: checkpoint, DIR/unet, held-out metrics, samples
+    save_every_minutes: float = 30.0  # also a checkpoint this long after the last one; 0 = off
     keep: int = 2
     resume: bool = False
     seed: int = 0
@@ -121,13 +130,19 @@ PRESETS["tiny-xl"] = PRESETS["tiny"]
 # the default run: 300 steps at 1e-4 move toy.py's drawing model visibly towards the preferred style
 PRESETS["tiny-drawn"] = dict(PRESETS["tiny"], lr_per_pair=1e-4 / 8, sample_steps=30)
 # What may change on --resume: the rest shapes the data order, the model or the loss, and must match.
-FREE_ON_RESUME = ("max_steps", "save_every", "keep", "workers", "eval_data", "eval_split", "eval_pairs",
-                  "eval_draws", "sample_steps", "max_nonfinite", "compile", "grad_checkpointing", "cache",
-                  "out", "resume", "image_root", "report_to")
+FREE_ON_RESUME = ("max_steps", "save_every", "save_every_minutes", "keep", "workers", "eval_data",
+                  "eval_split", "eval_pairs", "eval_draws", "sample_steps", "max_nonfinite", "compile",
+                  "grad_checkpointing", "cache", "out", "resume", "image_root", "report_to")
 IS_XL = {"tiny": False, "tiny-xl": True, "tiny-drawn": False, "sd15": False, "sdxl": True}
 CHOICES = dict(model=IS_XL, loss=("rpo", "dpo", "sft"), embed=("text", "image", "both"),
                precision=(None, "bf16", "fp16", "fp32"), optimizer=(None, "adamw", "adafactor"),
                time_ids=("constant", "image"), report_to=("tensorboard", "wandb", "none"))
+# what each numeric flag may be, checked before any work ("0..1": a share)
+RANGES = dict(lora_rank=">= 0", eval_pairs=">= 0", eval_draws=">= 1", max_pairs=">= 0", toy_pairs=">= 1",
+              beta="> 0", tau="> 0", resolution=">= 8", batch=">= 1", grad_accum=">= 1", lr="> 0",
+              lr_per_pair="> 0", warmup_steps=">= 0", max_steps=">= 1", drop_prompt="0..1", workers=">= 0",
+              shuffle_buffer=">= 1", save_every=">= 1", save_every_minutes=">= 0", keep=">= 1", seed=">= 0",
+              max_nonfinite=">= 1", sample_steps=">= 0")
 for lib in (diffusers, transformers):  # their load-time chatter would bury the training log
     lib.utils.logging.set_verbosity_error()
     lib.utils.logging.disable_progress_bar()
@@ -136,6 +151,15 @@ RPO_HOME = os.environ.get("RPO_HOME", os.path.expanduser("~/.cache/rpo"))  # ran
 
 def as_bool(text):
     return str(text).lower() in ("1", "true", "yes", "on")
+
+
+def in_range(value, rule):
+    if not math.isfinite(value):
+        return False
+    if rule == "0..1":
+        return 0 <= value <= 1
+    op, bound = rule.split()
+    return value > float(bound) if op == ">" else value >= float(bound)
 
 
 def parse_config(argv=None):
@@ -156,6 +180,12 @@ def parse_config(argv=None):
             continue
         if getattr(cfg, k) is None:
             setattr(cfg, k, v)
+    for name, rule in RANGES.items():
+        value = getattr(cfg, name)
+        if value is not None and not in_range(value, rule):
+            sys.exit(f"rpo.py: --{name} must be {rule.replace('..', ' to ')}, got {value}")
+    if cfg.resolution % 8:
+        sys.exit(f"rpo.py: --resolution must be a multiple of 8 (the VAE's factor), got {cfg.resolution}")
     if cfg.report_to != "none" and importlib.util.find_spec(cfg.report_to) is None:
         sys.exit(f"rpo.py: --report_to {cfg.report_to} needs the {cfg.report_to} package: pip install "
                  f"{cfg.report_to}, or pass --report_to none")
@@ -344,7 +374,7 @@ def encode_images(m, pixels):
 # A source is a list of DataFiles: parquet files or tar shards (local, or a hub dataset's through hf:// URLs),
 # JSON files split into virtual files, toy.py's generated files, cache files. Whatever their layout, rows go
 # through the same sharding, shuffling, checks and decoding.
-SKIP_KEYS = ("ties", "bad_caption", "bad_label", "bad_image", "missing_image", "small")
+SKIP_KEYS = ("ties", "bad_caption", "bad_label", "bad_image", "missing_image", "unreadable", "small")
 TOY_WORLDS = ("toy", "toy-subject")  # generated by toy.py
 DATA_EXTENSIONS = (".parquet", ".tar", ".json")
 JSON_FILE_ROWS = 4096  # pairs per virtual file of a JSON source: the unit dealt to the ranks
@@ -370,7 +400,7 @@ def source_files(cfg, source, split, max_rows=0):
     if source in TOY_WORLDS:
         return toy_world().files(source, split, max_rows or cfg.toy_pairs)
     paths = dataset_paths(cfg, source, split)
-    layout = (cfg.layout if source == cfg.data else None) or detect_layout(paths[0], source)
+    layout = (cfg.layout if source == cfg.data else None) or detect_layout(paths, source)
     others = [p for p in paths if file_kind(p) != LAYOUTS[layout][0]]
     if others:
         sys.exit(f"rpo.py: dataset {source!r} is {layout} ({LAYOUTS[layout][0]} files) but also holds "
@@ -378,9 +408,9 @@ def source_files(cfg, source, split, max_rows=0):
     files = []
     for path in paths:
         if LAYOUTS[layout][0] == "json":
-            n, root = len(json_pairs_of(path, layout, source)), cfg.image_root or os.path.dirname(path)
-            files += [DataFile(f"{path}#{lo}", min(JSON_FILE_ROWS, n - lo), layout, root)
-                      for lo in range(0, n, JSON_FILE_ROWS)]
+            n, root = len(json_pairs_or_none(path, layout)), cfg.image_root or os.path.dirname(path)
+            files += [DataFile(f"{path}#{lo}", min(JSON_FILE_ROWS, n - lo) if n else 1, layout, root)
+                      for lo in range(0, max(n, 1), JSON_FILE_ROWS)]  # an unreadable one: one lost row
         else:
             files.append(DataFile(path, None, layout))
     if not max_rows:
@@ -431,20 +461,26 @@ def local_files(source, extensions):
     return sorted(p for p in glob.glob(pattern, recursive=True) if p.endswith(extensions))
 
 
-def detect_layout(path, where):
-    """The layout of a source from its first file: a parquet's columns, a JSON list's first record's keys,
-    the member names of a tar shard's first sample. One line if none fits."""
-    kind = file_kind(path)
-    try:
-        if kind == "tar":
-            found = list(next(tar_samples(path), {}))
-        elif kind == "json":
-            records = json_records(path)
-            found = list(records[0]) if records else []
-        else:
-            found = parquet(path).schema_arrow.names
-    except Exception as e:
-        sys.exit(f"rpo.py: cannot read {path!r} of dataset {where!r}: {first_line(e)}")
+def detect_layout(paths, where):
+    """The layout of a source from its first file that reads: a parquet's columns, a JSON list's first
+    record's keys, the member names of a tar shard's first sample. One line if none fits, or none reads."""
+    errors = []
+    for path in paths:
+        kind = file_kind(path)
+        try:
+            if kind == "tar":
+                found = list(next(tar_samples(path), {}))
+            elif kind == "json":
+                records = json_records(path)
+                found = list(records[0]) if records else []
+            else:
+                found = parquet(path).schema_arrow.names
+            break
+        except Exception as e:
+            errors.append(f"cannot read {path!r} of dataset {where!r}: {first_line(e)}")
+    else:
+        others = f" (nor any of its other {len(paths) - 1} files)" if paths[1:] else ""
+        sys.exit(f"rpo.py: {errors[0]}{others}")
     for layout, (layout_kind, needs) in LAYOUTS.items():
         if layout_kind == kind and all(any(n in found for n in need.split("|")) for need in needs):
             return layout
@@ -480,12 +516,33 @@ def json_records(path):
     return records
 
 
-def json_pairs_of(path, layout, where):
-    """json_pairs, or one line when the file cannot be read."""
+def json_pairs_or_none(path, layout):
+    """json_pairs, or [] with a warning when the file cannot be read (a JSON that does not parse)."""
     try:
         return json_pairs(path, layout)
     except Exception as e:
-        sys.exit(f"rpo.py: cannot read {path!r} of dataset {where!r}: {first_line(e)}")
+        warn_unreadable(path, first_line(e))
+        return []
+
+
+# a row of a file, or of a row group, that cannot be read: a counted skip, in the place of the rows it held
+UNREADABLE = dict(caption=None, jpg_0=None, jpg_1=None, label_0=None, unreadable=True)
+
+
+@functools.lru_cache(maxsize=None)  # one warning per file and process
+def warn_unreadable(where, error):
+    print(f"rpo.py: warning: {where} cannot be read ({error}); what it holds is skipped and counted as "
+          f"'unreadable'", file=sys.stderr)
+
+
+def check_files(files):
+    """Each local parquet file's footer (one small read): the broken ones are reported now, not hours in."""
+    for path in sorted({f.path for f in files if f.layout in LAYOUTS and file_kind(f.path) == "parquet"}):
+        if "://" not in path:
+            try:
+                parquet(path).metadata
+            except Exception as e:
+                warn_unreadable(path, first_line(e))
 
 
 @functools.lru_cache(maxsize=None)
@@ -555,13 +612,22 @@ def tar_records(path, a, b):
 
 
 def file_length(file):
-    """A file's rows: known for parquet (its footer), JSON, toy and cache files; a tar shard's is not."""
-    return file.rows if file.rows is not None else parquet(file.path).metadata.num_rows
+    """A file's rows: known for parquet (its footer; 0 for one without), JSON, toy and cache files; a tar
+    shard's is not."""
+    if file.rows is not None:
+        return file.rows
+    try:
+        return parquet(file.path).metadata.num_rows
+    except Exception as e:
+        warn_unreadable(file.path, first_line(e))
+        return 0
 
 
 def read_rows(file, a, b):
     """Rows a..b-1 of a file as Pick-a-Pic rows, fewer at its end; a parquet file's from the row groups that
-    hold them, a tar shard's by reading on."""
+    hold them, a tar shard's by reading on. What cannot be read is UNREADABLE rows in its place: a row group's
+    rows, or one row for a file that does not open (its length unknown), so the rows after it keep their
+    places and a resume reads the same rows."""
     b = min(b, file.rows) if file.rows is not None else b
     if a >= b:
         return []
@@ -569,21 +635,30 @@ def read_rows(file, a, b):
         return toy_world().read(file.path, a, b)
     if file.layout == "cache":  # see build_cache
         return [(cache_file(file.path), r) for r in range(a, b)]
-    if file.layout == "pickapic-wds":
-        return [pickapic_row(file, sample) for sample in tar_records(file.path, a, b)]
-    if LAYOUTS[file.layout][0] == "json":
-        path, lo = file.path.rsplit("#", 1)
-        pairs, records = json_pairs(path, file.layout)[int(lo) + a:int(lo) + b], json_records(path)
-        return [pickapic_row(file, (records[r], w, l)) for r, w, l in pairs]
-    columns = LAYOUTS[file.layout][1]
-    meta, rows, start = parquet(file.path).metadata, [], 0
+    try:
+        if file.layout == "pickapic-wds":
+            return [pickapic_row(file, sample) for sample in tar_records(file.path, a, b)]
+        if LAYOUTS[file.layout][0] == "json":
+            path, lo = file.path.rsplit("#", 1)
+            pairs, records = json_pairs(path, file.layout)[int(lo) + a:int(lo) + b], json_records(path)
+            return [pickapic_row(file, (records[r], w, l)) for r, w, l in pairs]
+        meta = parquet(file.path).metadata
+    except Exception as e:
+        warn_unreadable(file.path.split("#")[0], first_line(e))
+        return [UNREADABLE] if a == 0 else []
+    rows, start = [], 0
     for g in range(meta.num_row_groups):
         n = meta.row_group(g).num_rows
-        if start < b and a < start + n:
-            lo = max(a, start)
-            rows += row_group(file.path, g, columns).slice(lo - start, min(b, start + n) - lo).to_pylist()
+        lo, hi = max(a, start), min(b, start + n)
+        if lo < hi:
+            try:
+                table = row_group(file.path, g, LAYOUTS[file.layout][1])
+                rows += [pickapic_row(file, row) for row in table.slice(lo - start, hi - lo).to_pylist()]
+            except Exception as e:  # a damaged row group, or one without the layout's columns
+                warn_unreadable(f"{file.path} (row group {g})", first_line(e))
+                rows += [UNREADABLE] * (hi - lo)
         start += n
-    return [pickapic_row(file, row) for row in rows]
+    return rows
 
 
 def pickapic_row(file, record):
@@ -621,6 +696,8 @@ def pickapic_row(file, record):
 
 def skip_reason(row):
     """Why a row cannot be trained on (a counter in SKIP_KEYS), or None."""
+    if row.get("unreadable"):
+        return "unreadable"
     if not isinstance(row["caption"], str):
         return "bad_caption"
     if row["label_0"] not in (0, 0.5, 1):
@@ -824,26 +901,73 @@ def epoch_jobs(cfg, files, epoch, rank, world, at):
         yield after, PairJob(row, pid, cfg.resolution, flip, crop_seed, cfg.time_ids)
 
 
+class Decoders:
+    """--workers processes that decode JPEGs. The first are forked at start, before any CUDA or process-group
+    state exists; a pool whose worker died (the OOM killer) is forked anew, as DataLoader forks its workers
+    after CUDA starts: they never touch it."""
+
+    def __init__(self, workers):
+        self.workers, self.pool = workers, None
+        self.restart()
+
+    def restart(self):
+        if self.pool:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+        self.pool = ProcessPoolExecutor(self.workers, multiprocessing.get_context("fork"),
+                                        initializer=decoder_started)
+        self.pool.submit(int).result()  # a fork pool starts its workers at the first task: now
+
+    def submit(self, fn, job):
+        return self.pool.submit(fn, job)
+
+    def shutdown(self):
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def decoder_started():
+    """A decoding worker leaves the stop signals to the main process (which ends it), and dies with it."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+    if sys.platform == "linux":  # PR_SET_PDEATHSIG: a main process killed with -9 leaves no worker behind
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)
+
+
 def prepared_in_order(prepare, jobs, pool, ahead):
     """(at, prepare(job)) for each (at, job), in order; with a pool, up to `ahead` jobs run in the workers
-    while the caller works on the results before them."""
+    while the caller works on the results before them. A worker that dies breaks the pool: it is started anew
+    and the jobs still pending run again, so the results are the same (a job is a function of its row). Three
+    deaths in a row, with no result in between, stop the run."""
     if pool is None:
         for at, job in jobs:
             yield at, prepare(job)
         return
-    running = deque()
-    for at, job in jobs:
-        running.append((at, pool.apply_async(prepare, (job,))))
-        if len(running) > ahead:
-            done_at, result = running.popleft()
-            yield done_at, result.get()
-    for done_at, result in running:
-        yield done_at, result.get()
+    pending, deaths = deque(), 0  # [at, job, future or None]
+    for item in itertools.chain(jobs, [None]):
+        if item is not None:
+            pending.append([*item, None])
+        while pending and (item is None or len(pending) > ahead):
+            try:
+                for p in pending:
+                    p[2] = p[2] or pool.submit(prepare, p[1])
+                result = pending[0][2].result()
+            except BrokenProcessPool:
+                deaths += 1
+                if deaths == 3:
+                    sys.exit("rpo.py: decoding workers died 3 times in a row (out of memory?); lower "
+                             "--workers, or give the job more memory, and --resume")
+                print(f"rpo.py: warning: a decoding worker died (out of memory?); {pool.workers} new workers "
+                      f"decode its {len(pending)} pending pairs again", file=sys.stderr)
+                pool.restart()
+                for p in pending:
+                    p[2] = None
+                continue
+            deaths = 0
+            yield pending.popleft()[0], result
 
 
 def decoded(jobs, pool=None):
     """prepare_pair over jobs, in order: pairs, or skip reasons for the rows that cannot be used."""
-    return list(pool.map(prepare_pair, jobs) if pool else map(prepare_pair, jobs))
+    return [pair for _, pair in prepared_in_order(prepare_pair, ((None, job) for job in jobs), pool, 64)]
 
 
 # ------------------------------------------------------------------------------- encoded pairs, cache
@@ -939,21 +1063,59 @@ def encode_pairs(m, pairs, embed, with_f=True):
     return Pairs(index, *latents.chunk(2), prompt, pooled, time_ids_w, time_ids_l, *f, clip_time)
 
 
-def cache_meta(cfg, m):
+def cache_meta(cfg, m, files):
+    """What a cache was built from: settings, and the source's files with their sizes (a local file that
+    grows, say a download that went on, makes it another source); hub URLs name their commit."""
+    paths = sorted({f.path.split("#")[0] for f in files})
+    sizes = [[p, os.path.getsize(p) if os.path.isfile(p) else None] for p in paths]
     return dict(base=m.base, model=cfg.model, resolution=cfg.resolution, clip=cfg.clip, embed=cfg.embed,
                 data=cfg.data, data_id=cfg.data_id if cfg.data == "pickapic" else None, split=cfg.split,
-                max_pairs=cfg.max_pairs, time_ids=cfg.time_ids, dtype=str(m.dtype),
+                max_pairs=cfg.max_pairs, time_ids=cfg.time_ids, dtype=str(m.dtype), files=sizes,
                 format=2)  # 2: keeps each row's caption, for spread
 
 
 def atomic_save(obj, path):
-    """Write then rename: a kill mid-write leaves the previous file whole. JSON for .json, else torch.save."""
-    if path.endswith(".json"):
-        with open(path + ".tmp", "w") as fh:
-            json.dump(obj, fh)
-    else:
-        torch.save(obj, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    """Write under a temporary name, fsync, rename, fsync the folder: a kill or a power cut at any moment
+    leaves the previous file whole, and the new one counts only once it is on disk. Text as it is, JSON for
+    .json, else torch.save. A write that fails (a full disk) leaves nothing behind and stops the run."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "w" if isinstance(obj, str) or path.endswith(".json") else "wb") as fh:
+            if isinstance(obj, str):
+                fh.write(obj)
+            elif path.endswith(".json"):
+                json.dump(obj, fh)
+            else:
+                torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        fsync_folder(os.path.dirname(path))
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+        cannot_write(path, tmp, e)
+
+
+def fsync_folder(folder):
+    """Sync a folder's entries: a rename counts once the folder that holds it is on disk."""
+    fd = os.open(folder or ".", os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def cannot_write(path, tmp, error):
+    """One line for a write that failed, after removing what it left. torch.save reports a full disk as a
+    bare RuntimeError: the free space says it."""
+    if os.path.isdir(tmp):
+        shutil.rmtree(tmp, ignore_errors=True)
+    elif os.path.lexists(tmp):
+        os.remove(tmp)
+    folder = os.path.dirname(path) or "."
+    free = shutil.disk_usage(folder).free / 2**20
+    sys.exit(f"rpo.py: cannot write {path} ({first_line(error)}; {free:.0f} MB free there); nothing of it is "
+             f"left, and what was there before is whole. Free space in {folder} and start again (a run: with "
+             f"--resume)")
 
 
 def build_cache(cfg, m, rank, world, pool):
@@ -962,10 +1124,10 @@ def build_cache(cfg, m, rank, world, pool):
     interrupted build resumes at the files still missing. A cache file keeps each row's skip reason, so the
     cached epochs skip and count exactly what the uncached ones would."""
     os.makedirs(cfg.cache, exist_ok=True)
-    meta, meta_path = cache_meta(cfg, m), os.path.join(cfg.cache, "meta.json")
+    files = source_files(cfg, cfg.data, cfg.split, cfg.max_pairs)
+    meta, meta_path = cache_meta(cfg, m, files), os.path.join(cfg.cache, "meta.json")
     if cache_is_built(cfg, meta, meta_path, rank):
         return
-    files = source_files(cfg, cfg.data, cfg.split, cfg.max_pairs)
     for k in tqdm(range(rank, len(files), world), desc="caching", disable=rank != 0):
         if not os.path.exists(cache_path(cfg, k)):
             atomic_save(encode_file(cfg, m, files[k], k, pool), cache_path(cfg, k))
@@ -984,7 +1146,9 @@ def cache_is_built(cfg, meta, meta_path, rank):
     if os.path.exists(meta_path):
         old = json.load(open(meta_path))
         if {k: old.get(k) for k in meta} != meta:
-            sys.exit(f"rpo.py: cache {cfg.cache} was built for {old}, not {meta}; use another --cache folder")
+            differ = ", ".join(f"{k} {old.get(k)} (now {v})" for k, v in meta.items() if old.get(k) != v)
+            sys.exit(f"rpo.py: cache {cfg.cache} was built for other settings: {differ[:2000]}; use another "
+                     f"--cache folder")
         return "rows" in old
     if rank == 0:
         atomic_save(meta, meta_path)
@@ -1003,12 +1167,13 @@ def encode_file(cfg, m, file, k, pool):
         skip += [p if isinstance(p, str) else None for p in prepared]
         usable = [p for p in prepared if not isinstance(p, str)]
         small += [p.pop("small") for p in usable]
-        for i in range(0, len(usable), cfg.batch):
-            parts.append(encode_both_flips(cfg, m, usable[i:i + cfg.batch]))
+        for i in range(0, len(usable), cfg.batch):  # each micro-batch to the host as it is made
+            parts.append({key: None if x is None else x.cpu()
+                          for key, x in encode_both_flips(cfg, m, usable[i:i + cfg.batch]).items()})
     tensors = {}
     for key in ("latents", "f", "prompt", "pooled", "time_ids"):
         stored = parts and parts[0][key] is not None  # SD1.5 has no pooled states
-        tensors[key] = torch.cat([p[key] for p in parts]).cpu() if stored else None
+        tensors[key] = torch.cat([p[key] for p in parts]) if stored else None
     return dict(skip=skip, small=small, caption=captions, **tensors)
 
 
@@ -1227,6 +1392,7 @@ class Run:
     precision: str
     dtype: torch.dtype
     autocast: object  # the mixed-precision context of every forward
+    lock: object  # rank 0: the open lock file of the run folder (see lock_run_folder)
 
     @property
     def master(self):
@@ -1242,14 +1408,18 @@ def set_up(cfg):
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if ddp and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0" and \
+            os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and local_rank == 0:
+        print("rpo.py: warning: torchrun restarted its workers and shares its rendezvous store with them: "
+              "the new process group may read the old workers' addresses and fail to connect "
+              "(pytorch#167288). Launch torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1", file=sys.stderr)
     if ddp:  # NCCL takes only GPU tensors: everything the loop reduces or gathers is made on `device`
         backend = "nccl" if device.type == "cuda" else "gloo"
         wait = datetime.timedelta(minutes=30)  # while rank 0 evaluates and saves alone, the others wait
         dist.init_process_group(backend, timeout=wait, device_id=device if device.type == "cuda" else None)
     rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
-    cfg.out = run_folder(cfg, rank, ddp)
-    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    precision = cfg.precision or ("bf16" if bf16 else "fp32")
+    cfg.out, lock = run_folder(cfg, rank, ddp)
+    cfg.precision = precision = cfg.precision or default_precision(device)  # the checkpoint keeps it
     dtype = dict(bf16=torch.bfloat16, fp16=torch.float16, fp32=torch.float32)[precision]
     autocast = torch.autocast(device.type, dtype=dtype) if precision != "fp32" else nullcontext()
     if local_rank == 0:
@@ -1260,13 +1430,22 @@ def set_up(cfg):
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    return Run(device, rank, world, local_rank, ddp, precision, dtype, autocast)
+    return Run(device, rank, world, local_rank, ddp, precision, dtype, autocast, lock)
+
+
+def default_precision(device):
+    """bf16 on a GPU that computes it natively (Ampere and later), fp16 on one that only emulates it (V100,
+    T4: slow), fp32 on the CPU."""
+    if device.type != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
 
 
 def run_folder(cfg, rank, ddp):
     """--out, or out/run-N: a new N for a fresh run (claimed by creating it, so runs started together differ),
-    under --resume the newest that holds a checkpoint; rank 0 picks and every rank takes its pick. A fresh run
-    never writes into a folder that holds another run."""
+    under --resume the newest that holds a checkpoint; rank 0 picks and every rank takes its pick. Rank 0
+    locks it for the life of the run and clears what a killed save left. A fresh run never writes into a
+    folder that holds another run. Returns the folder and the lock."""
     out = cfg.out
     if out is None:
         if rank == 0:
@@ -1286,11 +1465,54 @@ def run_folder(cfg, rank, ddp):
             picked = [out]
             dist.broadcast_object_list(picked, src=0)
             out = picked[0]
+    lock = lock_run_folder(out) if rank == 0 else None
     ran = checkpoints(out) + glob.glob(os.path.join(out, "metrics.jsonl"))
     if not cfg.resume and any(os.path.getsize(p) for p in ran):
+        if lock:
+            lock.close()
         sys.exit(f"rpo.py: --out {out} holds a run (checkpoints or metrics.jsonl); pass --resume to continue "
                  f"it, or choose another --out")
-    return out
+    if rank == 0:
+        clean_leftovers(out)
+    return out, lock
+
+
+def lock_run_folder(out):
+    """An exclusive lock on DIR/rpo.lock for the life of the run: a second launch into the folder of a run
+    that is still going stops here, naming it. The kernel drops the lock when the process ends, kill -9
+    included, so a restart is never blocked."""
+    os.makedirs(out, exist_ok=True)
+    lock = open(os.path.join(out, "rpo.lock"), "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "another process"
+        lock.close()
+        sys.exit(f"rpo.py: {out} belongs to a run that is still going ({holder}); stop that one first, or "
+                 f"choose another --out")
+    except OSError as e:  # a filesystem without flock (README: Long runs)
+        print(f"rpo.py: warning: cannot lock {out} ({first_line(e)}); nothing stops a second launch into it",
+              file=sys.stderr)
+        return lock
+    lock.truncate(0)
+    lock.write(f"host {socket.gethostname()}, pid {os.getpid()}\n")
+    lock.flush()
+    return lock
+
+
+def clean_leftovers(out):
+    """What a save killed mid-way left in DIR: temporary files and folders go, and a weights folder caught
+    between its old and new versions gets the old one back."""
+    for name in os.listdir(out):
+        path = os.path.join(out, name)
+        live = path[:-len(".old")]
+        if name.endswith(".old") and not os.path.exists(live):
+            os.replace(path, live)
+        elif os.path.isdir(path) and not os.path.islink(path) and name.endswith((".tmp", ".old")):
+            shutil.rmtree(path)
+        elif name.endswith(".tmp"):
+            os.remove(path)
 
 
 def claim(folder):
@@ -1316,7 +1538,9 @@ def make_trainer(cfg, m, run):
     policy = m.unet
     if run.ddp:
         device_ids = [run.local_rank] if run.device.type == "cuda" else None
-        policy = torch.nn.parallel.DistributedDataParallel(m.unet, device_ids=device_ids)
+        # gradients as views of DDP's buckets: without, every gradient is held twice (SDXL fp32: +10 GB)
+        policy = torch.nn.parallel.DistributedDataParallel(m.unet, device_ids=device_ids,
+                                                           gradient_as_bucket_view=True)
     if cfg.compile:
         policy = torch.compile(policy)
         m.ref_unet = torch.compile(m.ref_unet) if m.ref_unet is not None else None
@@ -1345,8 +1569,8 @@ def make_optimizer(cfg, params, lr, device):
 
 def resume(cfg, m, trainer, run):
     """Under --resume, the newest checkpoint in --out restores the trained weights, optimizer, schedule,
-    scaler and random states. Returns the step, the non-finite steps so far and every rank's data state
-    (0, 0, None without one)."""
+    scaler and random states. Returns the step, the non-finite steps so far, every rank's data state and the
+    checkpoint (0, 0, None, None without one)."""
     ckpt = load_checkpoint(cfg.out) if cfg.resume else None
     if cfg.resume and run.ddp:  # each rank reads --out itself: nodes that do not share it would diverge
         step = torch.tensor([ckpt["step"] if ckpt else 0], device=run.device)
@@ -1357,7 +1581,12 @@ def resume(cfg, m, trainer, run):
             sys.exit(f"rpo.py: the ranks found checkpoints of different steps in {cfg.out} ({int(lowest)} to "
                      f"{int(highest)}): --out (and --cache) must be on a filesystem every node sees")
     if ckpt is None:
-        return 0, 0, None
+        return 0, 0, None, None
+    if len(ckpt["data_states"]) != run.world:  # the data order depends on the world size
+        n = len(ckpt["data_states"])
+        sys.exit(f"rpo.py: {cfg.out} was trained on {n} rank(s), and its data order depends on that number: "
+                 f"resume it on {n}, or start a new --out from its weights with --init_unet {cfg.out}/unet "
+                 f"(LoRA: --init_lora {cfg.out}/lora)")
     missing = [k for k in dataclasses.asdict(cfg) if k not in ckpt["config"]]
     if missing:
         sys.exit(f"rpo.py: the checkpoint in {cfg.out} was written by an older rpo.py, without "
@@ -1367,8 +1596,6 @@ def resume(cfg, m, trainer, run):
     if changed:
         sys.exit(f"rpo.py: {cfg.out} was trained with other settings: {', '.join(changed)}. They shape the "
                  f"data order, the model or the loss: resume with the run's values, or start a new --out")
-    if len(ckpt["data_states"]) != run.world:  # the data order depends on the world size
-        sys.exit(f"rpo.py: checkpoint was written by {len(ckpt['data_states'])} ranks; resume with as many")
     missing, unexpected = m.unet.load_state_dict(ckpt["unet"], strict=False)  # LoRA: adapters only
     missing = [k for k in missing if not m.lora or ".default." in k]
     if unexpected or missing:
@@ -1382,7 +1609,7 @@ def resume(cfg, m, trainer, run):
     torch.set_rng_state(ckpt["rng"]["torch"])
     if run.master and ckpt["step"]:
         print(f"resumed from step {ckpt['step']}", file=sys.stderr)
-    return ckpt["step"], ckpt["nonfinite"], ckpt["data_states"]
+    return ckpt["step"], ckpt["nonfinite"], ckpt["data_states"], ckpt
 
 
 def changed_settings(saved, cfg, world):
@@ -1400,12 +1627,19 @@ def changed_settings(saved, cfg, world):
 
 
 def cut_metrics_log(out, step):
-    """DIR/metrics.jsonl keeps the steps up to `step`: those after it (all, from step 0) are logged again."""
-    os.makedirs(out, exist_ok=True)
+    """DIR/metrics.jsonl keeps the steps up to `step`: those after it (all, from step 0) are logged again, as
+    is a last line that a kill cut short. Returns the last step it keeps (0 for none)."""
     path = os.path.join(out, "metrics.jsonl")
-    lines = open(path).readlines() if os.path.exists(path) else []
-    with open(path, "w") as fh:
-        fh.writelines(line for line in lines if json.loads(line)["step"] <= step)
+    kept = []
+    for line in open(path).readlines() if os.path.exists(path) else []:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # only the last line can be cut short: nothing follows it
+            break
+        if record["step"] <= step:
+            kept.append((record["step"], line))
+    atomic_save("".join(line for _, line in kept), path)
+    return kept[-1][0] if kept else 0
 
 
 def describe(cfg, m, run, trainer):
@@ -1418,17 +1652,22 @@ def describe(cfg, m, run, trainer):
     scaled = f" = {cfg.lr_per_pair:g} per pair x {pairs}" if cfg.lr is None else " (--lr)"
     row = cfg.batch * (run.world if cfg.global_contrast else 1)
     weights = f", each row of w over {row} pairs" if cfg.loss == "rpo" else ""
+    emulated = run.device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False)
     return (f"training {cfg.model} ({m.base}) with {cfg.loss} on {cfg.data} into {cfg.out}: {ranks} x "
             f"{cfg.batch} pairs x {cfg.grad_accum} accumulation = {pairs} pairs a step, lr "
-            f"{learning_rate(cfg, run.world):g}{scaled}{weights}, {run.precision}, {trained:.1f}M trainable "
+            f"{learning_rate(cfg, run.world):g}{scaled}{weights}, {run.precision}"
+            f"{' (this GPU has no native bf16)' if emulated else ''}, {trained:.1f}M trainable "
             f"parameters{' (LoRA)' if m.lora else ''}")
 
 
-def train(cfg, m, run, trainer, batches, heldout, step, nonfinite_total, tracker):
+def train(cfg, m, run, trainer, batches, heldout, step, nonfinite_total, tracker, asked):
     """The training loop from `step` to --max_steps: one optimizer step per pass, top to bottom. Every
-    --save_every steps and at the end: held-out metrics, a checkpoint and samples. Returns the logged records,
-    the loop's timing and its last micro-batch."""
-    start_step, nonfinite_run, history = step, 0, []
+    --save_every steps and at the end, a save point: a checkpoint, then the weights, held-out metrics and
+    samples. A checkpoint alone every --save_every_minutes, and when a signal asks the run to stop (`asked`,
+    see stop_requests), which it then does. Returns the logged records, the loop's timing, its last
+    micro-batch and what stopped it early (None: it ran to --max_steps)."""
+    start_step, nonfinite_run, history, stopped_by = step, 0, [], None
+    last_checkpoint = time.monotonic()
     step_seconds, saving = [], 0.0  # saving: seconds of evaluation, checkpoints and samples: not throughput
     clip_seconds, clip_in_flight = 0.0, deque()  # time spent on pair embeddings, for the end-of-run line
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not run.master, dynamic_ncols=True)
@@ -1447,14 +1686,17 @@ def train(cfg, m, run, trainer, batches, heldout, step, nonfinite_total, tracker
             for k, v in dict(metrics, loss=loss.detach()).items():
                 sums[k] = sums.get(k, 0) + v.float() / cfg.grad_accum
         # 2. clip; what the step logs reaches the host as one float64 vector on the device, all-reduced once
-        #    across ranks: metrics averaged, skip counts summed (each rank reads its own rows)
+        #    across ranks: metrics averaged, skip counts summed (each rank reads its own rows), and two flags
+        #    that every rank then acts on: a signal on any rank, rank 0's clock saying a checkpoint is due
         trainer.scaler.unscale_(trainer.optimizer)
         sums["grad_norm"] = torch.nn.utils.clip_grad_norm_(trainer.params, 1.0)
-        names, vec = step_vector(sums, state["counts"], run.device)
+        due = run.master and 0 < 60 * cfg.save_every_minutes <= time.monotonic() - last_checkpoint
+        names, vec = step_vector(sums, state["counts"], [asked["signal"] is not None, due], run.device)
         if run.ddp:
             dist.all_reduce(vec)
             vec[:len(sums)] /= run.world
         logged = {k: int(v) if k in SKIP_KEYS else v for k, v in zip(names, vec.tolist())}
+        signalled, due = logged.pop("signalled") > 0, logged.pop("due") > 0
         # 3. step, unless the loss or the gradient is not finite: a NaN gradient under a finite loss (bf16
         #    has no GradScaler to catch it) would turn every weight NaN. In fp16 an overflow under a finite
         #    loss is the GradScaler's to absorb (it halves its scale) until the scale falls below 1
@@ -1474,47 +1716,80 @@ def train(cfg, m, run, trainer, batches, heldout, step, nonfinite_total, tracker
         step_seconds.append(time.perf_counter() - t_step)
         if step == start_step + 1:  # the throughput leaves out the first step (compilation, warm-up)
             t_first = time.perf_counter()
-        # 4. held-out metrics, a checkpoint and samples every --save_every steps; the log
+        # 4. the checkpoint first (nothing after it can lose it), then at a save point the weights, held-out
+        #    metrics and samples; the log
         record = dict(step=step, lr=lr, **logged, nonfinite=nonfinite_total)
         history.append(record)
         stop = nonfinite_run >= cfg.max_nonfinite
-        saved = step % cfg.save_every == 0 or step == cfg.max_steps or stop
-        if saved:
+        save_point = step % cfg.save_every == 0 or step == cfg.max_steps or stop
+        if save_point or signalled or due:
             t_save = time.perf_counter()
-            record.update(save_point(cfg, m, run, trainer, heldout, step, nonfinite_total, state))
+            save_checkpoint(cfg, m, trainer, step, nonfinite_total, state, run, record, save_point)
+            last_checkpoint = time.monotonic()
+            if save_point:
+                record.update(finish_save_point(cfg, m, run, heldout, step))
             saving += time.perf_counter() - t_save
         if run.master:
-            log_step(cfg, record, bar)
-            if tracker:
-                tracker.log(step, record, samples_path(cfg, step) if saved and cfg.sample_steps else None)
+            log_step(cfg, record, bar, tracker, save_point)
         if stop:
             sys.exit(f"rpo.py: {nonfinite_run} non-finite steps (loss or gradient) in a row at step {step}; "
-                     f"stopped with a checkpoint of the last good weights in {cfg.out}. Lower --lr or "
-                     f"--beta, or use --precision bf16/fp32")
+                     f"stopped with a checkpoint of the last good weights in {cfg.out}. A resume would meet "
+                     f"them again: start a new --out from those weights, --init_unet {cfg.out}/unet (LoRA: "
+                     f"--init_lora {cfg.out}/lora), with a lower --lr or --beta, or --precision bf16 or fp32")
+        if signalled and step < cfg.max_steps:
+            stopped_by = asked["signal"] or "a signal to another rank"
+            break
     bar.close()
     if run.device.type == "cuda":
         torch.cuda.synchronize(run.device)  # every pair-embedding interval is done
     end = time.perf_counter()
     timing = dict(steps=step - start_step, seconds=end - t0, timed=end - t_first - saving, saving=saving,
                   step_seconds=step_seconds, clip_seconds=clip_seconds + seconds_done(clip_in_flight))
-    return history, timing, pairs if step > start_step else None
+    return history, timing, pairs if step > start_step else None, stopped_by
 
 
-def step_vector(sums, counts, device):
-    """What a step logs, as names and one float64 tensor on the training device (metrics, then skip counts):
-    one all-reduce, one copy to the host."""
-    names = sorted(sums) + list(SKIP_KEYS)
-    skipped = torch.tensor([float(counts[k]) for k in SKIP_KEYS], dtype=torch.float64, device=device)
-    return names, torch.cat([torch.stack([sums[k] for k in sorted(sums)]).double(), skipped])
+def step_vector(sums, counts, flags, device):
+    """What a step logs, as names and one float64 tensor on the training device (metrics, skip counts, then
+    the flags `signalled` and `due`): one all-reduce, one copy to the host."""
+    names = sorted(sums) + list(SKIP_KEYS) + ["signalled", "due"]
+    counted = [float(counts[k]) for k in SKIP_KEYS] + [float(flag) for flag in flags]
+    counted = torch.tensor(counted, dtype=torch.float64, device=device)
+    return names, torch.cat([torch.stack([sums[k] for k in sorted(sums)]).double(), counted])
 
 
-def save_point(cfg, m, run, trainer, heldout, step, nonfinite_total, state):
-    """Held-out metrics (returned, to log), a checkpoint and a sample grid."""
+# the exit status of a run that a signal stopped, with a checkpoint: EX_TEMPFAIL, "try again later"
+PREEMPTED = 75
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
+@contextmanager
+def stop_requests():
+    """While training, SIGTERM, SIGINT or SIGUSR1 asks the run to stop after the optimizer step it is in, with
+    a checkpoint of that step; a second SIGINT stops it at once. Yields {"signal": the name, or None}."""
+    asked = dict(signal=None)
+
+    def ask(signum, frame):  # only a flag: the loop reads it once per step
+        if signum == signal.SIGINT and asked["signal"]:
+            raise KeyboardInterrupt
+        asked["signal"] = signal.Signals(signum).name
+    previous = {s: signal.signal(s, ask) for s in STOP_SIGNALS}
+    try:
+        yield asked
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def finish_save_point(cfg, m, run, heldout, step):
+    """A save point after its checkpoint, on rank 0: the weights (DIR/unet or DIR/lora), the held-out metrics
+    (returned, to log) and the sample grid."""
+    if not run.master:
+        return {}
+    save_weights(m, os.path.join(cfg.out, "lora" if m.lora else "unet"))
     logged = {}
     if heldout is not None:
         logged = {"heldout_" + k: v for k, v in evaluate(cfg, m, heldout, run.autocast).items()}
-    save_checkpoint(cfg, m, trainer, step, nonfinite_total, state, run)
-    if run.master and cfg.sample_steps:
+    if cfg.sample_steps:
         save_samples(cfg, m, samples_path(cfg, step), run.autocast)
     return logged
 
@@ -1572,13 +1847,18 @@ def json_line(record):
                        for k, v in record.items()}, allow_nan=False)
 
 
-def log_step(cfg, record, bar):
+def log_step(cfg, record, bar, tracker, save_point):
+    """A step's record in metrics.jsonl and the tracker (with a save point's sample grid), and the bar."""
     with open(os.path.join(cfg.out, "metrics.jsonl"), "a") as fh:
         fh.write(json_line(record) + "\n")
-    bar.update(1)
-    skipped = sum(record[k] for k in SKIP_KEYS if k not in ("ties", "small"))
-    bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record.get('accuracy', float('nan')):.2f}",
-                    skipped=skipped)
+    if tracker:
+        step = record["step"]
+        tracker.log(step, record, samples_path(cfg, step) if save_point and cfg.sample_steps else None)
+    if bar:
+        bar.update(1)
+        skipped = sum(record[k] for k in SKIP_KEYS if k not in ("ties", "small"))
+        bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record.get('accuracy', float('nan')):.2f}",
+                        skipped=skipped)
 
 
 # micro-step FLOPs = 4 x one UNet forward over its 2M images: policy forward + backward 3, reference 1
@@ -1623,20 +1903,47 @@ def end_of_run(cfg, m, run, history, timing, pairs):
 def main(argv=None):
     cfg = parse_config(argv)
     # JPEG decoders are forked first, before a process group or CUDA state exists
-    pool = multiprocessing.get_context("fork").Pool(cfg.workers) if cfg.workers > 0 else None
+    pool = Decoders(cfg.workers) if cfg.workers > 0 else None
     run = set_up(cfg)
+    try:  # the run folder's lock and the decoders go with this call, however it ends
+        stopped = stages(cfg, run, pool)
+    finally:
+        if pool:
+            pool.shutdown()
+        if run.lock:
+            run.lock.close()
+    if stopped:  # by a signal: the step it was in is checkpointed
+        signal_name, step = stopped
+        args = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--resume"]
+        if not any(a == "--out" or a.startswith("--out=") for a in args):
+            args += ["--out", cfg.out]
+        launch = "torchrun [the same options] " if run.ddp else "python "
+        if run.master:
+            print(f"rpo.py: stopped by {signal_name} at step {step} with a checkpoint in {cfg.out}; continue "
+                  f"with: {launch}{shlex.join(['rpo.py', *args, '--resume'])}", file=sys.stderr)
+        sys.exit(PREEMPTED)
+
+
+def stages(cfg, run, pool):
+    """The run, from the models to the summary line. Returns (signal, step) if a signal stopped it early."""
     for source, split in ((cfg.data, cfg.split), heldout_source(cfg)):
         if source:  # a source rpo.py cannot read stops here, in one line, before the models load
-            source_files(cfg, source, split)
+            files = source_files(cfg, source, split)
+            if run.master:
+                check_files(files)
     m = load_models(cfg, run.device, run.dtype)
     trainer = make_trainer(cfg, m, run)
-    step, nonfinite_total, data_states = resume(cfg, m, trainer, run)
-    if run.master:
-        cut_metrics_log(cfg.out, step)
+    step, nonfinite_total, data_states, ckpt = resume(cfg, m, trainer, run)
+    logged_to = cut_metrics_log(cfg.out, step) if run.master else step
     tracker = open_tracker(cfg, step) if run.master else None
     if cfg.cache:
         build_cache(cfg, m, run.rank, run.world, pool)
     heldout = heldout_pairs(cfg, m) if run.master else None
+    if logged_to < step:  # the run died between its last checkpoint and that step's log line: finish them
+        record = dict(ckpt["record"])
+        if ckpt["save_point"]:
+            record.update(finish_save_point(cfg, m, run, heldout, step))
+        log_step(cfg, record, None, tracker, ckpt["save_point"])
     start = data_states[run.rank] if data_states else None
     batches = training_batches(cfg, m, run.rank, run.world, start, pool)
     if run.master:
@@ -1646,18 +1953,17 @@ def main(argv=None):
         if tracker:
             tracker.log(0, {}, samples_path(cfg, 0))
 
-    history, timing, last_pairs = train(cfg, m, run, trainer, batches, heldout, step, nonfinite_total,
-                                        tracker)
+    with stop_requests() as asked:
+        history, timing, last_pairs, stopped_by = train(cfg, m, run, trainer, batches, heldout, step,
+                                                        nonfinite_total, tracker, asked)
 
-    if run.master and history:
+    if run.master and history and not stopped_by:
         summary = end_of_run(cfg, m, run, history, timing, last_pairs)
         print(json_line(summary), flush=True)
         if tracker:  # throughput, FLOPs and peak memory, at the last step
             tracker.log(history[-1]["step"], {"end/" + k: v for k, v in summary.items() if k != "steps"})
     if tracker:
         tracker.close()
-    if pool:
-        pool.terminate()
     if run.ddp:
         # DDP's Reducer holds the process group. Freed after destroy_process_group, it would be the last
         # holder and destroy gloo's group with the GIL held, while a gloo worker thread may need the GIL to
@@ -1667,15 +1973,19 @@ def main(argv=None):
             torch.compiler.reset()  # compiled code may keep the module it was compiled from alive
         del trainer  # the only holder of the DDP module
         dist.destroy_process_group()
+    return (stopped_by, history[-1]["step"]) if stopped_by else None
 
 
 # ------------------------------------------------------------------------------------------ saving
-def save_checkpoint(cfg, m, trainer, step, nonfinite, state, run):
-    """DIR/ckpt-STEP.pt (resume state, written then renamed; the last `keep` kept, ckpt.pt links the newest)
-    and DIR/unet (diffusers), or with LoRA DIR/lora (what a diffusers pipeline's load_lora_weights reads)."""
+def save_checkpoint(cfg, m, trainer, step, nonfinite, state, run, record, save_point):
+    """DIR/ckpt-STEP.pt: what --resume needs, the step's record (which a resume logs if the run died before
+    it did) and a digest of its content, checked when it is loaded. Written whole and synced before it counts
+    (atomic_save); the last `keep` are kept, and ckpt.pt links the newest."""
     if not weights_are_finite(m.unet):  # the same weights on every rank: every rank stops here
         sys.exit(f"rpo.py: the weights became non-finite by step {step} and were not saved; the newest "
-                 f"checkpoint in {cfg.out}, if any, holds the last good ones. Lower --lr or --beta")
+                 f"checkpoint in {cfg.out}, if any, holds the last good ones. Start a new --out from the "
+                 f"last saved weights, --init_unet {cfg.out}/unet (LoRA: --init_lora {cfg.out}/lora), with a "
+                 f"lower --lr or --beta")
     states = [None] * run.world  # every rank's data state: epoch, place in its share, skip counts
     if dist.is_initialized():
         dist.all_gather_object(states, state)
@@ -1689,7 +1999,9 @@ def save_checkpoint(cfg, m, trainer, step, nonfinite, state, run):
     rng = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
     ckpt = dict(unet=weights, optimizer=trainer.optimizer.state_dict(),
                 lr_schedule=trainer.schedule.state_dict(), scaler=trainer.scaler.state_dict(), step=step,
-                nonfinite=nonfinite, data_states=states, config=dataclasses.asdict(cfg), rng=rng)
+                nonfinite=nonfinite, data_states=states, config=dataclasses.asdict(cfg), rng=rng,
+                record=dict(record), save_point=save_point)
+    ckpt["digest"] = content_digest(ckpt)
     path = os.path.join(cfg.out, f"ckpt-{step:07d}.pt")
     atomic_save(ckpt, path)
     link_newest(path, os.path.join(cfg.out, "ckpt.pt"))
@@ -1697,7 +2009,31 @@ def save_checkpoint(cfg, m, trainer, step, nonfinite, state, run):
     own = [p for p in checkpoints(cfg.out) if checkpoint_step(p) <= step]
     for old in own[:-cfg.keep]:
         os.remove(old)
-    save_weights(m, os.path.join(cfg.out, "lora" if m.lora else "unet"))
+
+
+def content_digest(ckpt):
+    """sha256 of a checkpoint's content, every tensor's bytes included: a file that changed after it was
+    written (a failing disk, a copy cut short, a stray write) no longer matches it."""
+    h = hashlib.sha256()
+
+    def add(x):
+        if isinstance(x, torch.Tensor):
+            h.update(f"{x.dtype}{tuple(x.shape)}".encode())
+            h.update(x.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        elif isinstance(x, np.ndarray):
+            h.update(f"{x.dtype}{x.shape}".encode() + np.ascontiguousarray(x).tobytes())
+        elif isinstance(x, dict):
+            for k, v in x.items():
+                h.update(repr(k).encode())
+                add(v)
+        elif isinstance(x, (list, tuple)):
+            h.update(f"{type(x).__name__}{len(x)}".encode())
+            for v in x:
+                add(v)
+        else:
+            h.update(repr(x).encode())
+    add({k: v for k, v in ckpt.items() if k != "digest"})
+    return h.hexdigest()
 
 
 def weights_are_finite(unet):
@@ -1710,19 +2046,31 @@ def link_newest(path, link):
         os.remove(link + ".tmp")
     os.symlink(os.path.basename(path), link + ".tmp")
     os.replace(link + ".tmp", link)
+    fsync_folder(os.path.dirname(link))
 
 
 def save_weights(m, folder):
-    """The UNet (diffusers) or its adapters (LoRA), written whole beside `folder`, then swapped in."""
-    shutil.rmtree(folder + ".tmp", ignore_errors=True)
-    if m.lora:
-        save_lora(m, folder + ".tmp")
-    else:
-        m.unet.save_pretrained(folder + ".tmp")
+    """DIR/unet (diffusers) or, with LoRA, DIR/lora (what a diffusers pipeline's load_lora_weights reads):
+    written whole and synced beside `folder`, then swapped in; a start after a kill mid-swap finishes it
+    (clean_leftovers)."""
+    tmp = folder + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        if m.lora:
+            save_lora(m, tmp)
+        else:
+            m.unet.save_pretrained(tmp)
+        for name in os.listdir(tmp):
+            with open(os.path.join(tmp, name), "rb") as fh:
+                os.fsync(fh.fileno())
+        fsync_folder(tmp)
+    except (OSError, RuntimeError) as e:
+        cannot_write(folder, tmp, e)
     shutil.rmtree(folder + ".old", ignore_errors=True)
     if os.path.exists(folder):
         os.replace(folder, folder + ".old")
-    os.replace(folder + ".tmp", folder)
+    os.replace(tmp, folder)
+    fsync_folder(os.path.dirname(folder))
     shutil.rmtree(folder + ".old", ignore_errors=True)
 
 
@@ -1749,14 +2097,21 @@ def checkpoint_step(path):
 
 
 def load_checkpoint(out):
-    """The newest checkpoint that loads; a truncated or corrupt file is reported and passed over. It is
-    memory-mapped: the ranks of one host share its pages instead of each holding a copy."""
+    """The newest checkpoint that loads and matches its digest; one that does not is reported in one line
+    and passed over. It is memory-mapped: the ranks of one host share its pages instead of each holding a
+    copy."""
     for path in reversed(checkpoints(out)):
         try:
-            return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+            ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
         except Exception as e:
             print(f"rpo.py: checkpoint {path} is unreadable ({type(e).__name__}); trying an older one",
                   file=sys.stderr)
+            continue
+        if "digest" in ckpt and content_digest(ckpt) != ckpt["digest"]:
+            print(f"rpo.py: checkpoint {path} fails its content check (it changed after it was written); "
+                  f"trying an older one", file=sys.stderr)
+            continue
+        return ckpt
     print(f"rpo.py: no checkpoint in {out}; starting from step 0", file=sys.stderr)
     return None
 

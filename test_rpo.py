@@ -1,6 +1,7 @@
 """The specification of rpo.py, as tests: CPU, offline, tiny random models, data the tests write."""
 import collections
 import copy
+import dataclasses
 import gc
 import glob
 import importlib.util
@@ -10,12 +11,15 @@ import json
 import math
 import os
 import random
+import re
+import shlex
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import textwrap
+import time
 from contextlib import contextmanager, nullcontext, redirect_stdout
 
 import numpy as np
@@ -401,13 +405,13 @@ def test_a_hub_datasets_files_are_read_by_url_through_fsspec_like_local_ones(tmp
 
 
 def test_pair_order_does_not_depend_on_the_number_of_decode_workers(tmp_path):
-    import multiprocessing
     folder = write_shards(tmp_path / "w", pickapic_rows(24), 2)
     cfg = rpo.parse_config(["--data", str(folder), "--batch", "4", "--shuffle_buffer", "5"])
     serial = [[p["index"] for p in b] for b, _ in itertools.islice(rpo.pair_batches(cfg, 0, 1), 4)]
-    with multiprocessing.get_context("fork").Pool(2) as pool:
-        batches = itertools.islice(rpo.pair_batches(cfg, 0, 1, pool=pool), 4)
-        parallel = [[p["index"] for p in b] for b, _ in batches]
+    pool = rpo.Decoders(2)
+    batches = itertools.islice(rpo.pair_batches(cfg, 0, 1, pool=pool), 4)
+    parallel = [[p["index"] for p in b] for b, _ in batches]
+    pool.shutdown()
     assert serial == parallel
 
 
@@ -652,13 +656,6 @@ def test_malformed_json_records_are_counted_skips_not_a_crash(tmp_path):
     pairs, counts = one_epoch(cfg)
     assert [caption for caption, _, _ in pairs] == ["good"]
     assert (counts["bad_caption"], counts["ties"], counts["bad_image"]) == (1, 1, 2)
-
-
-def test_a_json_file_that_holds_no_list_of_records_is_one_line_before_training(tmp_path):
-    layout_fixture(tmp_path / "d", "hpdv3")
-    json.dump({"not": "a list"}, open(tmp_path / "d" / "train-2.json", "w"))
-    with pytest.raises(SystemExit, match="cannot read .*train-2.json.*holds no JSON list of records"):
-        rpo.main(["--data", str(tmp_path / "d"), "--out", str(tmp_path / "o"), "--workers", "0"])
 
 
 @pytest.mark.parametrize("kind", ["json", "tar"])
@@ -961,9 +958,21 @@ def test_tiny_models_train_end_to_end_save_a_diffusers_unet_and_resume_at_the_sa
     assert summary["steps"] == 2 and [r["step"] for r in metrics] == [1, 2, 3, 4, 5, 6]
 
 
-def test_a_run_of_non_finite_losses_stops_with_a_clear_message_and_the_last_good_weights(tmp_path):
-    with pytest.raises(SystemExit, match="non-finite steps .loss or gradient. in a row"):
-        train(tmp_path, "--beta", "inf", "--max_nonfinite", 3, "--max_steps", 10, "--batch", 2)
+def infinite_loss(monkeypatch):
+    """Every step's loss is infinite (its gradient NaN)."""
+    real = rpo.rpo_loss
+
+    def rpo_loss(*args, **kwargs):
+        return real(*args, **kwargs) * float("inf")
+    monkeypatch.setattr(rpo, "rpo_loss", rpo_loss)
+
+
+def test_a_run_of_non_finite_losses_stops_with_a_clear_message_and_the_last_good_weights(tmp_path,
+                                                                                          monkeypatch):
+    infinite_loss(monkeypatch)
+    advice = f"start a new --out from those weights, --init_unet {tmp_path}/unet"
+    with pytest.raises(SystemExit, match=f"non-finite steps .loss or gradient. in a row .* {advice}"):
+        train(tmp_path, "--max_nonfinite", 3, "--max_steps", 10, "--batch", 2)
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
     base = rpo.load_models(rpo.parse_config([]), torch.device("cpu"), torch.float32).unet.state_dict()
     assert ckpt["step"] == 3 and all(torch.equal(v, base[k]) for k, v in ckpt["unet"].items())
@@ -1062,9 +1071,14 @@ def test_a_non_finite_gradient_under_a_finite_loss_is_skipped_counted_and_never_
     assert all(torch.equal(good[k], bad[k]) for k in good)
 
 
-def test_a_checkpoint_never_holds_non_finite_weights(tmp_path):
+def infinite_rate(cfg, world):
+    return float("inf")
+
+
+def test_a_checkpoint_never_holds_non_finite_weights(tmp_path, monkeypatch):
+    monkeypatch.setattr(rpo, "learning_rate", infinite_rate)
     with pytest.raises(SystemExit, match="weights became non-finite by step 1 and were not saved"):
-        train(tmp_path, "--lr", "inf", "--max_steps", 2, "--save_every", 1, "--batch", 2, "--sample_steps", 0)
+        train(tmp_path, "--max_steps", 2, "--save_every", 1, "--batch", 2, "--sample_steps", 0)
     assert not list(tmp_path.glob("ckpt*")) and not (tmp_path / "unet").exists()
 
 
@@ -1102,9 +1116,9 @@ def test_a_step_and_everything_it_logs_are_made_on_the_training_device(loss):
     grad_norm = torch.nn.utils.clip_grad_norm_(m.unet.parameters(), 1.0)
     sums = {k: v.float() / 2 for k, v in dict(metrics, loss=step_loss.detach(), grad_norm=grad_norm).items()}
     # what the training loop all-reduces and logs
-    names, vec = rpo.step_vector(sums, {k: 3 for k in rpo.SKIP_KEYS}, device)
+    names, vec = rpo.step_vector(sums, {k: 3 for k in rpo.SKIP_KEYS}, [True, False], device)
     assert vec.device == device and vec.dtype == torch.float64 and len(names) == len(vec)
-    assert {"loss", "grad_norm", *rpo.SKIP_KEYS} <= set(names)
+    assert {"loss", "grad_norm", *rpo.SKIP_KEYS, "signalled", "due"} <= set(names)
 
 
 def test_no_encoder_or_unet_call_sees_more_than_one_micro_batch(tmp_path, monkeypatch):
@@ -1270,6 +1284,7 @@ def test_a_resume_may_change_only_settings_that_shape_neither_the_data_order_the
     # a checkpoint from before a setting existed: one line, not a guess at what it meant
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
     del ckpt["config"]["time_ids"]
+    ckpt["digest"] = rpo.content_digest(ckpt)  # whole as written, by the older code
     torch.save(ckpt, tmp_path / "ckpt-0000009.pt")
     with pytest.raises(SystemExit, match="written by an older rpo.py, without --time_ids; resume it"):
         train(tmp_path, *RUN, "--max_steps", 10, "--resume")
@@ -1293,12 +1308,13 @@ def test_a_checkpoint_is_loaded_memory_mapped_so_the_ranks_of_one_host_share_its
         os.path.realpath(tmp_path / "ckpt-0000001.pt")}
 
 
-def test_every_json_line_rpo_writes_is_strict_json_with_null_for_a_value_that_is_not_a_number(tmp_path):
+def test_every_json_line_rpo_writes_is_strict_json_with_null_for_a_value_that_is_not_a_number(tmp_path,
+                                                                                               monkeypatch):
     # train() reads each line with a parser that refuses NaN and Infinity
     summary, _ = train(tmp_path / "sft", *RUN, "--loss", "sft", "--max_steps", 2)
     assert summary["train_accuracy"] is None  # SFT has no implicit accuracy
-    # the random tiny model: policy = reference to the last bit, so s = 0 and beta x 0 is NaN at every step
-    summary, metrics = train(tmp_path / "inf", *RUN, "--model", "tiny", "--beta", "inf", "--max_steps", 2)
+    infinite_loss(monkeypatch)
+    summary, metrics = train(tmp_path / "inf", *RUN, "--model", "tiny", "--max_steps", 2)
     assert summary["loss"] is None and [r["loss"] for r in metrics] == [None, None]
 
 
@@ -1326,19 +1342,19 @@ def test_pair_embedding_time_is_a_running_total_that_keeps_only_the_cuda_interva
 
 
 def test_a_checkpoint_truncated_mid_write_is_passed_over_for_the_previous_one(tmp_path):
-    train(tmp_path, "--max_steps", 4, "--save_every", 2, "--batch", 2, "--keep", 2)
+    train(tmp_path, "--max_steps", 4, "--save_every", 2, "--batch", 2, "--keep", 2, "--sample_steps", 0)
     assert (tmp_path / "ckpt-0000002.pt").exists()
     data = (tmp_path / "ckpt.pt").read_bytes()
     (tmp_path / "ckpt.pt").write_bytes(data[: len(data) // 2])
     assert rpo.load_checkpoint(str(tmp_path))["step"] == 2
     summary, metrics = train(tmp_path, "--max_steps", 5, "--save_every", 2, "--batch", 2, "--keep", 2,
-                             "--resume")
+                             "--sample_steps", 0, "--resume")
     assert summary["steps"] == 3 and [r["step"] for r in metrics] == [1, 2, 3, 4, 5]
 
 
-def start(cmd):
+def start(cmd, env=None):
     """A child in its own process group (torchrun's ranks included), so that one kill ends all of it."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE,
                             start_new_session=True)
 
@@ -1369,15 +1385,15 @@ def finish(proc, timeout=180):
     return stdout, stderr
 
 
-def rpo_command(out, *flags, nproc=1, script=None):
-    torchrun = (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
-                if nproc > 1 else [])
+def rpo_command(out, *flags, nproc=1, script=None, torchrun_options=()):
+    torchrun = (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+                 *torchrun_options] if nproc > 1 else [])
     return [sys.executable, *torchrun, script or os.path.join(HERE, "rpo.py"),
             "--out", str(out), "--workers", "0", *map(str, flags)]
 
 
-def run_script(out, *flags, nproc=1, wait=True, script=None, timeout=180):
-    proc = start(rpo_command(out, *flags, nproc=nproc, script=script))
+def run_script(out, *flags, nproc=1, wait=True, script=None, timeout=180, env=None, torchrun_options=()):
+    proc = start(rpo_command(out, *flags, nproc=nproc, script=script, torchrun_options=torchrun_options), env)
     if not wait:
         return proc
     finish(proc, timeout)
@@ -1547,29 +1563,6 @@ def test_torchrun_with_one_process_takes_the_distributed_path_and_frees_ddp_befo
     assert [r["loss"] for r in distributed] == pytest.approx([r["loss"] for r in plain], abs=1e-6)
 
 
-def test_an_interrupted_run_resumes_to_exactly_the_metrics_of_an_uninterrupted_one_skip_counts_included(
-        tmp_path):
-    import time
-    # 3 files, 40 rows: 8 ties, a broken image and a broken caption leave 30 pairs, 7 steps an epoch
-    data = quirky_shards(tmp_path / "d", [16, 16, 8])
-    flags = ["--data", data, "--max_steps", 9, "--save_every", 2, "--eval_pairs", 0, "--batch", 4,
-             "--shuffle_buffer", 6]
-    full = run_script(tmp_path / "full", *flags)
-    proc = run_script(tmp_path / "cut", *flags, wait=False)
-    metrics = tmp_path / "cut" / "metrics.jsonl"
-    give_up = time.time() + 180
-    while proc.poll() is None and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
-        if time.time() > give_up:
-            kill_group(proc)
-            pytest.fail("the run to interrupt wrote no metrics in 180 s")
-        time.sleep(0.05)
-    kill_group(proc)
-    assert len(metrics.read_text().splitlines()) < 9, "the run finished before it could be interrupted"
-    resumed = run_script(tmp_path / "cut", *flags, "--resume")
-    assert (resumed == full and full[-1]["ties"] >= 8 and full[-1]["bad_image"] >= 1
-            and full[-1]["bad_caption"] >= 1)
-
-
 def test_two_ranks_with_uneven_files_cross_epochs_without_a_hang_and_resume_exactly(tmp_path):
     # 3 files of 24, 12 and 6 rows: each epoch deals 2 files to one rank and 1 to the other, so the
     # ranks' epochs end at different steps; a rank that runs out starts its next epoch instead of waiting
@@ -1691,6 +1684,7 @@ def test_a_lora_run_resumed_from_its_checkpoint_logs_exactly_what_the_uninterrup
         train(tmp_path / "cut", *flags[2:], "--max_steps", 5, "--resume")  # the same run without LoRA
     ckpt = torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=False)  # same settings, other weight names
     ckpt["unet"] = {k.replace(".default.", ".renamed."): v for k, v in ckpt["unet"].items()}
+    ckpt["digest"] = rpo.content_digest(ckpt)
     torch.save(ckpt, tmp_path / "cut" / "ckpt-0000005.pt")
     with pytest.raises(SystemExit, match="holds other weights than this run trains, such as .*renamed"):
         train(tmp_path / "cut", *flags, "--max_steps", 6, "--resume")
@@ -1722,6 +1716,544 @@ def test_the_beta_sweep_runs_each_method_at_two_betas_in_the_subject_world_score
 # every loss, bf16 and fp16, --cache, --compile, torchrun with one process (NCCL), SDXL at 1024 px with
 # the default held-out set.
 on_a_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+# ------------------------------------------------------------------- long runs: faults, caused on purpose
+# Each fault a shared cluster produces is caused here: a signal, kill -9 (inside a checkpoint write too), a
+# second launch, a truncated file, a dead decoding worker, a full disk, a checkpoint changed on disk.
+
+QUICK = ["--batch", 2, "--toy_pairs", 32, "--sample_steps", 0, "--eval_pairs", 4, "--eval_draws", 1,
+         "--save_every", 4, "--max_steps", 6]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """The metrics of an uninterrupted in-process QUICK run."""
+    return train(tmp_path_factory.mktemp("quick"), *QUICK)[1]
+
+
+def wait_for_lines(path, n, proc, timeout=180):
+    """Wait until the metrics file of a started run holds n lines; fail (killing its group) if it ends first
+    or takes too long."""
+    give_up = time.time() + timeout
+    while not (os.path.exists(path) and len(open(path).read().splitlines()) >= n):
+        if proc.poll() is not None or time.time() > give_up:
+            _, stderr = kill_group(proc)
+            pytest.fail(f"the run to interrupt wrote {n} lines neither in time nor before it ended: "
+                        f"{stderr[-2000:]}")
+        time.sleep(0.02)
+
+
+def signal_in_step(monkeypatch, signum, step):
+    """Sends this process `signum` inside optimizer step `step` (one micro-batch a step)."""
+    real, calls = rpo.preference_step, []
+
+    def step_and_signal(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == step:
+            os.kill(os.getpid(), signum)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(rpo, "preference_step", step_and_signal)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1])
+def test_a_stop_signal_ends_the_run_after_its_step_with_a_checkpoint_exit_status_75_and_the_command_to_go_on(
+        tmp_path, monkeypatch, capsys, quick_run, signum):
+    signal_in_step(monkeypatch, signum, 3)
+    with pytest.raises(SystemExit) as stopped:
+        train(tmp_path, *QUICK)
+    lines = [l for l in capsys.readouterr().err.splitlines() if l.startswith("rpo.py: stopped")]
+    assert stopped.value.code == rpo.PREEMPTED == 75 and len(lines) == 1
+    name = signal.Signals(signum).name
+    assert lines[0].startswith(f"rpo.py: stopped by {name} at step 3 with a checkpoint in {tmp_path}; "
+                               f"continue with: python rpo.py ")
+    assert rpo.load_checkpoint(str(tmp_path))["step"] == 3 and len(logged(tmp_path)) == 3
+    assert signal.getsignal(signum) is not None and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    monkeypatch.undo()
+    command = shlex.split(lines[0].split("continue with: ")[1])
+    assert command[:2] == ["python", "rpo.py"] and command[-1] == "--resume"
+    with redirect_stdout(io.StringIO()):
+        rpo.main(command[2:])  # the command it printed, as it is
+    assert logged(tmp_path) == quick_run
+
+
+def test_save_every_minutes_adds_checkpoints_between_save_points_and_changes_nothing_logged(tmp_path,
+                                                                                            quick_run):
+    _, timed = train(tmp_path, *QUICK, "--save_every_minutes", 1e-6, "--keep", 10)  # due after every step
+    assert timed == quick_run
+    assert [rpo.checkpoint_step(p) for p in rpo.checkpoints(str(tmp_path))] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in timed if "heldout_accuracy" in r] == [4, 6]  # held-out at save points only
+
+
+def test_a_checkpoint_counts_only_once_synced_its_file_before_the_rename_its_folder_entry_after(
+        tmp_path, monkeypatch):
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("rename", str(src), str(dst)))
+        return real_replace(src, dst)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    train(tmp_path, "--max_steps", 2, "--save_every", 2, "--batch", 2, "--sample_steps", 0, "--eval_pairs", 0)
+    out = os.path.realpath(tmp_path)
+    for path in (f"{out}/ckpt-0000002.pt", f"{out}/unet", f"{out}/metrics.jsonl"):
+        renamed = events.index(("rename", path + ".tmp", path))
+        assert ("fsync", path + ".tmp") in events[:renamed] and ("fsync", out) in events[renamed + 1:]
+    weights = f"{out}/unet.tmp/diffusion_pytorch_model.safetensors"
+    assert events.index(("fsync", weights)) < events.index(("rename", f"{out}/unet.tmp", f"{out}/unet"))
+
+
+def zero_largest_tensor(path):
+    """Overwrite the bytes of a torch.save file's largest tensor with zeros, in place: same size, same zip."""
+    import zipfile
+    with zipfile.ZipFile(path) as z:
+        largest = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    with open(path, "r+b") as fh:
+        fh.seek(largest.header_offset + 26)
+        name_length, extra_length = np.frombuffer(fh.read(4), dtype="<u2")
+        fh.seek(largest.header_offset + 30 + int(name_length) + int(extra_length))
+        fh.write(bytes(largest.file_size))
+
+
+def test_a_checkpoint_whose_content_changed_on_disk_is_passed_over_in_one_line_for_the_older_one(
+        tmp_path, capsys):
+    train(tmp_path, "--max_steps", 4, "--save_every", 2, "--batch", 2, "--sample_steps", 0, "--eval_pairs", 0)
+    zero_largest_tensor(tmp_path / "ckpt-0000004.pt")
+    assert torch.load(tmp_path / "ckpt-0000004.pt", weights_only=False)["step"] == 4  # it still loads
+    capsys.readouterr()
+    assert rpo.load_checkpoint(str(tmp_path))["step"] == 2
+    assert capsys.readouterr().err == (f"rpo.py: checkpoint {tmp_path}/ckpt-0000004.pt fails its content "
+                                       f"check (it changed after it was written); trying an older one\n")
+
+
+def test_a_start_after_a_save_killed_mid_way_removes_its_leftovers_and_gives_the_weights_folder_back(
+        tmp_path):
+    flags = ["--max_steps", 2, "--save_every", 2, "--batch", 2, "--sample_steps", 0, "--eval_pairs", 0]
+    train(tmp_path, *flags)
+    whole, weights = sorted(os.listdir(tmp_path)), final_unet(tmp_path)
+    (tmp_path / "ckpt-0000004.pt.tmp").write_bytes(b"half a checkpoint")
+    os.symlink("ckpt-0000004.pt", tmp_path / "ckpt.pt.tmp")
+    (tmp_path / "metrics.jsonl.tmp").write_text('{"step": 1')
+    (tmp_path / "unet").rename(tmp_path / "unet.old")  # killed between the two renames of the swap
+    (tmp_path / "unet.tmp").mkdir()
+    (tmp_path / "unet.tmp" / "config.json").write_text("{")
+    train(tmp_path, *flags, "--resume")  # at its last step already: a start, nothing more
+    assert sorted(os.listdir(tmp_path)) == whole
+    from diffusers import UNet2DConditionModel
+    unet = UNet2DConditionModel.from_pretrained(tmp_path / "unet")
+    assert all(torch.equal(v, weights[k]) for k, v in unet.state_dict().items())
+
+
+def test_a_last_metrics_line_cut_short_by_a_kill_is_dropped_and_logged_again_on_resume(tmp_path, quick_run):
+    train(tmp_path, *QUICK, "--max_steps", 4)
+    with open(tmp_path / "metrics.jsonl", "a") as fh:
+        fh.write('{"step": 5, "lr": 2.5e-0')
+    _, resumed = train(tmp_path, *QUICK, "--resume")
+    assert resumed == quick_run
+
+
+def test_a_save_points_checkpoint_comes_before_its_held_out_evaluation_so_a_failure_there_loses_nothing(
+        tmp_path, monkeypatch, quick_run):
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+    monkeypatch.setattr(rpo, "evaluate", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        train(tmp_path, *QUICK)
+    assert rpo.load_checkpoint(str(tmp_path))["step"] == 4 and len(logged(tmp_path)) == 3
+    monkeypatch.undo()
+    _, resumed = train(tmp_path, *QUICK, "--resume")  # logs step 4 with its held-out metrics, then goes on
+    assert resumed == quick_run
+
+
+def test_a_second_launch_into_a_live_runs_folder_stops_naming_it_and_after_kill_9_a_resume_is_not_blocked(
+        tmp_path):
+    flags = ["--model", "tiny", "--batch", 2, "--save_every", 3, "--eval_pairs", 0, "--sample_steps", 0]
+    proc = run_script(tmp_path, *flags, "--max_steps", 10000, wait=False)
+    wait_for_lines(tmp_path / "metrics.jsonl", 4, proc)
+    holder = f"host {socket.gethostname()}, pid {proc.pid}"
+    for again in ([], ["--resume"]):
+        with pytest.raises(SystemExit, match=f"{tmp_path} belongs to a run that is still going "
+                                             f"\\({holder}\\)"):
+            train(tmp_path, *flags, *again)
+    kill_group(proc)
+    step = rpo.load_checkpoint(str(tmp_path))["step"]
+    _, metrics = train(tmp_path, *flags, "--max_steps", step + 1, "--resume")
+    assert [r["step"] for r in metrics] == list(range(1, step + 2))  # each step once
+
+
+def truncate(path):
+    """A download cut short: the first half of the file."""
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[:len(data) // 2])
+
+
+def test_a_truncated_parquet_file_is_reported_at_start_skipped_and_counted_and_resume_stays_exact(
+        tmp_path, capsys):
+    data = quirky_shards(tmp_path / "d", [16, 16, 8])
+    broken = os.path.join(data, "part-1.parquet")
+    truncate(broken)
+    # one window a whole epoch: each epoch reads every file as it starts
+    flags = ["--data", data, "--batch", 2, "--shuffle_buffer", 64, "--eval_pairs", 0, "--sample_steps", 0,
+             "--save_every", 4, "--max_steps", 20]
+    _, full = train(tmp_path / "full", *flags)
+    err = capsys.readouterr().err
+    warning = f"{broken} cannot be read (Parquet magic bytes not found"
+    assert err.count(warning) == 1 and err.index(warning) < err.index("training tiny-drawn")  # at start, once
+    train(tmp_path / "cut", *flags, "--max_steps", 5)
+    _, resumed = train(tmp_path / "cut", *flags, "--resume")
+    states = torch.load(tmp_path / "full" / "ckpt.pt", weights_only=False)["data_states"]
+    epochs = [s["epoch"] for s in states]
+    assert resumed == full and full[-1]["unreadable"] == epochs[0] + 1 == 3  # once in each epoch
+
+
+def corrupt_row_group(path, g):
+    """Overwrite the middle of row group g's first column chunk with garbage (a bad disk sector)."""
+    meta = pq.ParquetFile(path).metadata.row_group(g).column(0)
+    with open(path, "r+b") as fh:
+        fh.seek(meta.data_page_offset + meta.total_compressed_size // 2)
+        fh.write(b"\xff" * 16)
+
+
+def forget_reads():
+    """Empty rpo.py's caches of opened and parsed files: a file changed on disk is read anew."""
+    for cached in (rpo.parquet, rpo.row_group, rpo.json_records, rpo.json_pairs, rpo.tar_stream):
+        cached.cache_clear()
+
+
+@pytest.mark.parametrize("fault", ["no footer", "a broken row group", "JSON that does not parse"])
+def test_a_file_that_cannot_be_read_is_a_counted_skip_of_what_it_held_and_the_other_files_are_read_whole(
+        tmp_path, fault):
+    if fault == "JSON that does not parse":
+        layout_fixture(tmp_path / "d", "hpdv3")
+        clean, _ = one_epoch(rpo.parse_config(["--data", str(tmp_path / "d"), "--batch", "1"]))
+        truncate(tmp_path / "d" / "train-1.json")
+        lost, unreadable = [p for p in clean if int(p[0].split()[1]) >= 6], 1
+    else:
+        rows = pickapic_rows(36)
+        for r in rows:
+            r["label_0"] = 1.0
+        os.makedirs(tmp_path / "d")
+        for k in range(3):
+            pq.write_table(pa.Table.from_pylist(rows[12 * k:12 * k + 12]), tmp_path / "d" / f"{k}.parquet",
+                           row_group_size=4, compression="zstd")
+        clean, _ = one_epoch(rpo.parse_config(["--data", str(tmp_path / "d"), "--batch", "1"]))
+        if fault == "no footer":
+            truncate(tmp_path / "d" / "1.parquet")
+            lost, unreadable = [p for p in clean if 12 <= int(p[0].split()[1]) < 24], 1  # its rows unknown
+        else:
+            corrupt_row_group(tmp_path / "d" / "1.parquet", 1)
+            lost, unreadable = [p for p in clean if 16 <= int(p[0].split()[1]) < 20], 4  # the group's rows
+    forget_reads()
+    pairs, counts = one_epoch(rpo.parse_config(["--data", str(tmp_path / "d"), "--batch", "1"]))
+    assert counts["unreadable"] == unreadable and lost
+    assert sorted(p[0] for p in pairs) == sorted(p[0] for p in clean if p not in lost)
+
+
+def test_a_json_file_that_holds_no_list_is_skipped_among_others_and_alone_is_one_line_before_training(
+        tmp_path, capsys):
+    layout_fixture(tmp_path / "d", "hpdv3")
+    json.dump({"not": "a list"}, open(tmp_path / "d" / "train-2.json", "w"))
+    _, counts = one_epoch(rpo.parse_config(["--data", str(tmp_path / "d"), "--batch", "1"]))
+    err = capsys.readouterr().err
+    assert counts["unreadable"] == 1 and "train-2.json cannot be read (it holds no JSON list" in err
+    alone = str(tmp_path / "d" / "train-2.json")
+    with pytest.raises(SystemExit, match="cannot read .*train-2.json.*holds no JSON list of records"):
+        rpo.main(["--data", alone, "--out", str(tmp_path / "o"), "--workers", "0"])
+
+
+DOOMED = {}  # where the first decoding worker to take a pair claims its death
+
+
+def decode_or_die(job):
+    """prepare_pair, but the first worker to get here dies holding its pair, as under the OOM killer."""
+    try:
+        os.close(os.open(DOOMED["marker"], os.O_CREAT | os.O_EXCL))
+        os.kill(os.getpid(), signal.SIGKILL)
+    except FileExistsError:
+        pass
+    return PREPARE_PAIR(job)
+
+
+PREPARE_PAIR = rpo.prepare_pair
+
+
+def test_a_decoding_worker_that_dies_holding_a_pair_is_replaced_and_the_run_goes_on_unchanged(
+        tmp_path, monkeypatch, capsys):
+    data = quirky_shards(tmp_path / "d", [16, 16])
+    flags = ["--data", data, "--batch", 2, "--max_steps", 3, "--eval_pairs", 0, "--sample_steps", 0]
+    _, serial = train(tmp_path / "serial", *flags)
+    monkeypatch.setitem(DOOMED, "marker", str(tmp_path / "died"))
+    monkeypatch.setattr(rpo, "prepare_pair", decode_or_die)
+    with deadline(120):  # before, the run waited for the dead worker's pair for ever
+        _, parallel = train(tmp_path / "parallel", *flags, "--workers", 2)
+    assert (tmp_path / "died").exists() and parallel == serial
+    assert "a decoding worker died (out of memory?); 2 new workers decode its" in capsys.readouterr().err
+
+
+def test_a_cache_built_before_another_source_file_arrived_is_the_built_for_other_settings_line(tmp_path):
+    data = write_shards(tmp_path / "d", pickapic_rows(10), 2)
+    flags = ["--data", data, "--batch", 2, "--max_steps", 1, "--eval_pairs", 0, "--sample_steps", 0,
+             "--cache", tmp_path / "cache"]
+    train(tmp_path / "a", *flags)
+    write_shards(tmp_path / "more", pickapic_rows(4, seed=1), 1)
+    shutil.copy(tmp_path / "more" / "part-0.parquet", tmp_path / "d" / "part-2.parquet")  # a download went on
+    with pytest.raises(SystemExit, match="cache .* was built for other settings: files .*part-2.parquet.* "
+                                         "use another --cache folder"):
+        train(tmp_path / "b", *flags)
+
+
+@pytest.mark.parametrize("flag, value, rule", [
+    ("--keep", 0, ">= 1"), ("--save_every", 0, ">= 1"), ("--batch", 0, ">= 1"), ("--grad_accum", -1, ">= 1"),
+    ("--max_steps", 0, ">= 1"), ("--beta", "nan", "> 0"), ("--tau", 0, "> 0"), ("--lr", 0, "> 0"),
+    ("--drop_prompt", 1.5, "0 to 1"), ("--save_every_minutes", -5, ">= 0"), ("--eval_draws", 0, ">= 1"),
+    ("--workers", -2, ">= 0"), ("--shuffle_buffer", 0, ">= 1"), ("--resolution", 36, "a multiple of 8")])
+def test_a_numeric_flag_out_of_its_range_is_one_line_before_any_work(tmp_path, flag, value, rule):
+    with pytest.raises(SystemExit, match=f"^rpo.py: {flag} must be {re.escape(rule)}"):
+        rpo.main(["--out", str(tmp_path / "run"), flag, str(value)])
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_checkpoint_keeps_the_precision_the_run_resolved_so_naming_it_on_resume_is_accepted(tmp_path):
+    flags = ["--max_steps", 2, "--save_every", 2, "--batch", 2, "--sample_steps", 0, "--eval_pairs", 0]
+    train(tmp_path, *flags)
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=False)["config"]["precision"] == "fp32"
+    _, metrics = train(tmp_path, *flags, "--max_steps", 3, "--precision", "fp32", "--resume")
+    assert [r["step"] for r in metrics] == [1, 2, 3]
+
+
+def test_a_save_that_finds_the_disk_full_stops_in_one_line_leaving_the_previous_checkpoint_whole(
+        tmp_path, monkeypatch):
+    import resource
+    real, soft, hard = rpo.finish_save_point, *resource.getrlimit(resource.RLIMIT_FSIZE)
+
+    def fill_the_disk(*args, **kwargs):  # after the first save point no file may grow past 1 MB
+        logged_values = real(*args, **kwargs)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, hard))
+        return logged_values
+    monkeypatch.setattr(rpo, "finish_save_point", fill_the_disk)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails, not the process
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            train(tmp_path, "--max_steps", 6, "--save_every", 2, "--batch", 2, "--sample_steps", 0,
+                  "--eval_pairs", 0)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+    message = str(stopped.value.code)
+    assert message.startswith(f"rpo.py: cannot write {tmp_path}/ckpt-0000004.pt (") and "\n" not in message
+    assert f"Free space in {tmp_path} and start again" in message
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+    assert rpo.load_checkpoint(str(tmp_path))["step"] == 2
+    assert os.readlink(tmp_path / "ckpt.pt") == "ckpt-0000002.pt"
+
+
+def test_the_default_precision_is_bf16_only_on_a_gpu_that_computes_it_natively_and_the_start_up_line_says_so(
+        monkeypatch):
+    native = {"bf16": True}
+
+    def is_bf16_supported(including_emulation=True):
+        return native["bf16"] or including_emulation  # a V100 or T4 emulates it
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert rpo.default_precision(cuda) == "bf16" and rpo.default_precision(cpu) == "fp32"
+    native["bf16"] = False
+    assert rpo.default_precision(cuda) == "fp16"
+    cfg, m = tiny_models()
+    run = rpo.Run(cuda, 0, 1, 0, False, "fp16", torch.float16, nullcontext(), None)
+    trainer = rpo.make_trainer(cfg, m, dataclasses.replace(run, device=cpu))
+    assert ", fp16 (this GPU has no native bf16), " in rpo.describe(cfg, m, run, trainer)
+
+
+class OnDevice(torch.Tensor):
+    """A CPU tensor that plays one on a GPU: .cpu() gives a plain copy of it, as from a GPU."""
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func in (torch.Tensor.cpu, torch.Tensor.to):
+            return args[0].as_subclass(torch.Tensor).clone()
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def test_a_cache_file_is_built_with_at_most_one_micro_batch_of_encodings_on_the_device(monkeypatch):
+    import weakref
+    cfg, m = tiny_models("tiny", "--batch", "2")
+    on_device, held, real = weakref.WeakSet(), [], rpo.encode_both_flips
+
+    def encode_on_device(cfg, m, pairs):
+        held.append(len(on_device))  # what earlier micro-batches still hold on the device
+        encoded = {k: None if v is None else v.as_subclass(OnDevice) for k, v in real(cfg, m, pairs).items()}
+        on_device.update(v for v in encoded.values() if v is not None)
+        return encoded
+    monkeypatch.setattr(rpo, "encode_both_flips", encode_on_device)
+    cached = rpo.encode_file(cfg, m, rpo.source_files(cfg, "toy", "train", 8)[0], 0, None)
+    assert held == [0, 0, 0, 0] and type(cached["latents"]) is torch.Tensor and len(cached["latents"]) == 8
+
+
+def test_a_resume_on_another_number_of_ranks_says_how_to_go_on_from_the_runs_weights(tmp_path):
+    flags = ["--max_steps", "2", "--save_every", "2", "--batch", "2", "--lr", "1e-5", "--sample_steps", "0",
+             "--eval_pairs", "0"]
+    train(tmp_path, *flags)
+    cfg = rpo.parse_config(["--out", str(tmp_path), *flags, "--resume"])
+    cpu = torch.device("cpu")
+    m = rpo.load_models(cfg, cpu, torch.float32)
+    run = rpo.Run(cpu, 0, 2, 0, False, "fp32", torch.float32, nullcontext(), None)  # rank 0 of 2
+    with pytest.raises(SystemExit, match=f"trained on 1 rank.s., and its data order depends on that number: "
+                                         f"resume it on 1, or start a new --out from its weights with "
+                                         f"--init_unet {tmp_path}/unet"):
+        rpo.resume(cfg, m, rpo.make_trainer(cfg, m, run), run)
+
+
+GRADIENT_MEMORY = """
+    import copy, json, os, torch, diffusers
+    real_make, real_backward, marks = rpo.make_trainer, torch.Tensor.backward, {}
+
+    def resident():  # bytes of this process in RAM; glibc returns each freed block (MALLOC_MMAP_THRESHOLD_)
+        return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def wide_unets(cfg, base, device, dtype):  # the tiny UNet 8 times as wide: 64 M parameters
+        config = dict(diffusers.UNet2DConditionModel.load_config(base, subfolder="unet"))
+        config["block_out_channels"] = [256, 512]
+        torch.manual_seed(0)
+        unet = diffusers.UNet2DConditionModel.from_config(config).to(device).train()
+        return unet, copy.deepcopy(unet).requires_grad_(False).eval()
+    rpo.load_unets = wide_unets
+
+    def make_trainer(cfg, m, run):
+        marks.update(before=resident(), params=sum(p.numel() * p.element_size() for p in m.unet.parameters()))
+        return real_make(cfg, m, run)
+    rpo.make_trainer = make_trainer
+
+    def backward(self, *args, **kwargs):
+        real_backward(self, *args, **kwargs)
+        if "before" in marks and "after" not in marks:  # the first backward of training
+            marks["after"] = resident()
+            path = os.path.join(os.environ["MEASURE_DIR"], f"rank-{os.environ['RANK']}.json")
+            json.dump(marks, open(path, "w"))
+            os._exit(0)  # both ranks: the measurement is all this run is for
+    torch.Tensor.backward = backward
+"""
+
+
+def test_under_ddp_gradients_live_in_the_buckets_so_two_ranks_hold_them_once(tmp_path):
+    script = launcher(tmp_path, "measure.py", GRADIENT_MEMORY)
+    env = dict(MEASURE_DIR=str(tmp_path), MALLOC_MMAP_THRESHOLD_="65536")
+    command = rpo_command(tmp_path / "run", "--model", "tiny", "--batch", 2, "--eval_pairs", 0,
+                          "--sample_steps", 0, "--toy_pairs", 32, nproc=2, script=script)
+    finish(start(command, env))
+    for rank in (0, 1):
+        marks = json.load(open(tmp_path / f"rank-{rank}.json"))
+        growth = (marks["after"] - marks["before"]) / marks["params"]
+        # DDP's buckets (1x the parameters) and the gradients as views of them; a copy of each would be 2x
+        assert 0.8 < growth < 1.4, growth
+
+
+# The chaos tests: kills at random moments, each followed by --resume, end exactly as the uninterrupted run.
+SLOW_SAVES = """
+    import io, time, torch
+    real_save = torch.save
+
+    def save_slowly(obj, f, *args, **kwargs):  # half the bytes, a pause, the rest: a kill can land inside
+        if not hasattr(f, "write"):
+            return real_save(obj, f, *args, **kwargs)
+        buf = io.BytesIO()
+        real_save(obj, buf, *args, **kwargs)
+        data = buf.getvalue()
+        f.write(data[:len(data) // 2])
+        f.flush()
+        time.sleep(0.4)
+        f.write(data[len(data) // 2:])
+    torch.save = save_slowly
+"""
+
+
+def same_weights(out_a, out_b):
+    """The final weights of two runs are equal, in the checkpoint and in DIR/unet."""
+    from safetensors.torch import load_file
+    a, b = final_unet(out_a), final_unet(out_b)
+    unet_a, unet_b = (load_file(os.path.join(out, "unet", "diffusion_pytorch_model.safetensors"))
+                      for out in (out_a, out_b))
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a) and all(
+        torch.equal(unet_a[k], unet_b[k]) for k in unet_a)
+
+
+def test_chaos_a_run_killed_with_sigkill_at_random_moments_and_resumed_each_time_ends_as_the_uninterrupted(
+        tmp_path):
+    # 3 files, 40 rows: 8 ties, a broken image and a broken caption leave 30 pairs, 15 steps an epoch
+    data = quirky_shards(tmp_path / "d", [16, 16, 8])
+    flags = ["--data", data, "--eval_data", data, "--eval_pairs", 4, "--eval_draws", 1, "--batch", 2,
+             "--shuffle_buffer", 6, "--max_steps", 18, "--save_every", 3, "--keep", 2, "--sample_steps", 2,
+             "--workers", 2, "--resume"]
+    script = launcher(tmp_path, "slow_saves.py", SLOW_SAVES)
+    full = run_script(tmp_path / "full", *flags, script=script)
+    out, rng = tmp_path / "cut", random.Random(0)
+    moments = ["at start", "after steps", "in a checkpoint write", "after steps", "in a checkpoint write"]
+    for moment in moments:
+        done = len(logged(out)) if (out / "metrics.jsonl").exists() else 0
+        proc = run_script(out, *flags, wait=False, script=script)
+        if moment == "at start":
+            time.sleep(rng.uniform(0.2, 3.0))
+        elif moment == "after steps":
+            wait_for_lines(out / "metrics.jsonl", done + rng.randint(1, 3), proc)
+            time.sleep(rng.uniform(0, 0.3))
+        else:
+            give_up = time.time() + 120
+            while not [p for p in out.glob("ckpt-*.pt.tmp") if p.stat().st_size] and proc.poll() is None:
+                assert time.time() < give_up, "no checkpoint write to interrupt"
+                time.sleep(0.01)
+        kill_group(proc)
+        assert proc.returncode == -signal.SIGKILL, "the run ended before it was killed"
+    resumed = run_script(out, *flags, script=script)
+    assert resumed == full and same_weights(out, tmp_path / "full")
+    assert full[-1]["ties"] >= 8 and full[-1]["bad_image"] >= 1 and full[-1]["bad_caption"] >= 1
+
+
+TWO_RANKS = ["--model", "tiny", "--toy_pairs", 64, "--batch", 2, "--max_steps", 16, "--save_every", 5,
+             "--keep", 2, "--eval_pairs", 0, "--sample_steps", 0, "--beta", 100, "--save_every_minutes", 1e-6,
+             "--resume"]  # rank 0's clock asks for a checkpoint after every step, and both ranks take it
+
+
+@pytest.fixture(scope="module")
+def two_ranks_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("two_ranks")
+    return out, run_script(out, *TWO_RANKS, nproc=2)
+
+
+def test_chaos_sigterm_to_torchrun_stops_both_ranks_at_one_checkpointed_step_and_resume_ends_as_uninterrupted(
+        tmp_path, two_ranks_run):
+    proc = run_script(tmp_path, *TWO_RANKS, nproc=2, wait=False)
+    wait_for_lines(tmp_path / "metrics.jsonl", 5, proc)
+    proc.send_signal(signal.SIGTERM)  # to torchrun, which passes it on to its workers
+    returncode, _, stderr = ended(proc)
+    stopped = re.findall(r"rpo.py: stopped by SIGTERM at step (\d+) with a checkpoint in (\S+);", stderr)
+    assert returncode != 0 and len(stopped) == 1 and stopped[0][1] == str(tmp_path)
+    step = int(stopped[0][0])
+    assert rpo.load_checkpoint(str(tmp_path))["step"] == step and len(logged(tmp_path)) == step < 16
+    resumed = run_script(tmp_path, *TWO_RANKS, nproc=2)
+    assert resumed == two_ranks_run[1] and same_weights(tmp_path, two_ranks_run[0])
+
+
+PID_FILES = """
+    import os
+    attempt, rank = os.environ["TORCHELASTIC_RESTART_COUNT"], os.environ["RANK"]
+    open(os.path.join(os.environ["PID_DIR"], f"rank-{rank}-attempt-{attempt}"), "w").write(str(os.getpid()))
+"""
+
+
+def test_chaos_a_rank_killed_under_torchrun_max_restarts_comes_back_by_itself_and_ends_as_uninterrupted(
+        tmp_path, two_ranks_run):
+    script = launcher(tmp_path, "pid_files.py", PID_FILES)
+    env = dict(PID_DIR=str(tmp_path), TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")  # README: Long runs
+    out = tmp_path / "run"
+    proc = run_script(out, *TWO_RANKS, nproc=2, wait=False, script=script, env=env,
+                      torchrun_options=["--max-restarts", "1"])
+    wait_for_lines(out / "metrics.jsonl", 6, proc)
+    os.kill(int((tmp_path / "rank-1-attempt-0").read_text()), signal.SIGKILL)
+    stdout, stderr = finish(proc)
+    assert (tmp_path / "rank-1-attempt-1").exists() and "resumed from step" in stderr
+    assert logged(out) == two_ranks_run[1] and same_weights(out, two_ranks_run[0])
+
+
 SDXL_PEAK_BOUND_MB = 40 * 1024  # an SDXL M = 4 step at 1024 px peaked at 31.2 GB on an H100 (commit 960c675)
 
 
