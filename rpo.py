@@ -645,7 +645,7 @@ def read_rows(file, a, b):
         meta = parquet(file.path).metadata
     except Exception as e:
         warn_unreadable(file.path.split("#")[0], first_line(e))
-        return [UNREADABLE] if a == 0 else []
+        return [UNREADABLE]  # one counted row, and the file ends here
     rows, start = [], 0
     for g in range(meta.num_row_groups):
         n = meta.row_group(g).num_rows
@@ -1538,7 +1538,9 @@ def make_trainer(cfg, m, run):
     policy = m.unet
     if run.ddp:
         device_ids = [run.local_rank] if run.device.type == "cuda" else None
-        # gradients as views of DDP's buckets: without, every gradient is held twice (SDXL fp32: +10 GB)
+        # gradients as views of DDP's buckets, or every gradient is held twice (SDXL fp32: +10 GB); zero_grad
+        # then zeroes them in place: set_to_none would drop the views, and each step's no_sync micro-batches
+        # would make new gradients beside the buckets
         policy = torch.nn.parallel.DistributedDataParallel(m.unet, device_ids=device_ids,
                                                            gradient_as_bucket_view=True)
     if cfg.compile:
@@ -1569,8 +1571,8 @@ def make_optimizer(cfg, params, lr, device):
 
 def resume(cfg, m, trainer, run):
     """Under --resume, the newest checkpoint in --out restores the trained weights, optimizer, schedule,
-    scaler and random states. Returns the step, the non-finite steps so far, every rank's data state and the
-    checkpoint (0, 0, None, None without one)."""
+    scaler and random states. Returns the step, the non-finite steps (so far, in a row), every rank's data
+    state and the checkpoint (0, (0, 0), None, None without one)."""
     ckpt = load_checkpoint(cfg.out) if cfg.resume else None
     if cfg.resume and run.ddp:  # each rank reads --out itself: nodes that do not share it would diverge
         step = torch.tensor([ckpt["step"] if ckpt else 0], device=run.device)
@@ -1581,7 +1583,7 @@ def resume(cfg, m, trainer, run):
             sys.exit(f"rpo.py: the ranks found checkpoints of different steps in {cfg.out} ({int(lowest)} to "
                      f"{int(highest)}): --out (and --cache) must be on a filesystem every node sees")
     if ckpt is None:
-        return 0, 0, None, None
+        return 0, (0, 0), None, None
     if len(ckpt["data_states"]) != run.world:  # the data order depends on the world size
         n = len(ckpt["data_states"])
         sys.exit(f"rpo.py: {cfg.out} was trained on {n} rank(s), and its data order depends on that number: "
@@ -1609,7 +1611,7 @@ def resume(cfg, m, trainer, run):
     torch.set_rng_state(ckpt["rng"]["torch"])
     if run.master and ckpt["step"]:
         print(f"resumed from step {ckpt['step']}", file=sys.stderr)
-    return ckpt["step"], ckpt["nonfinite"], ckpt["data_states"], ckpt
+    return ckpt["step"], tuple(ckpt["nonfinite"]), ckpt["data_states"], ckpt
 
 
 def changed_settings(saved, cfg, world):
@@ -1660,13 +1662,15 @@ def describe(cfg, m, run, trainer):
             f"parameters{' (LoRA)' if m.lora else ''}")
 
 
-def train(cfg, m, run, trainer, batches, heldout, step, nonfinite_total, tracker, asked):
+def train(cfg, m, run, trainer, batches, heldout, step, nonfinite, tracker, asked):
     """The training loop from `step` to --max_steps: one optimizer step per pass, top to bottom. Every
     --save_every steps and at the end, a save point: a checkpoint, then the weights, held-out metrics and
     samples. A checkpoint alone every --save_every_minutes, and when a signal asks the run to stop (`asked`,
     see stop_requests), which it then does. Returns the logged records, the loop's timing, its last
-    micro-batch and what stopped it early (None: it ran to --max_steps)."""
-    start_step, nonfinite_run, history, stopped_by = step, 0, [], None
+    micro-batch and what stopped it early (None: it ran to --max_steps). nonfinite: the non-finite steps so
+    far, and how many of the last ones in a row."""
+    (nonfinite_total, nonfinite_run), start_step, history, stopped_by = nonfinite, step, [], None
+    asked["training"] = True
     last_checkpoint = time.monotonic()
     step_seconds, saving = [], 0.0  # saving: seconds of evaluation, checkpoints and samples: not throughput
     clip_seconds, clip_in_flight = 0.0, deque()  # time spent on pair embeddings, for the end-of-run line
@@ -1709,7 +1713,7 @@ def train(cfg, m, run, trainer, batches, heldout, step, nonfinite_total, tracker
         with warnings.catch_warnings():  # torch warns when a skipped first step steps the schedule: intended
             warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler.step\(\)` before")
             trainer.schedule.step()  # every step, skipped or not: the warmup follows the step number
-        trainer.optimizer.zero_grad(set_to_none=True)
+        trainer.optimizer.zero_grad(set_to_none=not run.ddp)
         nonfinite_run = 0 if finite or absorbed else nonfinite_run + 1
         nonfinite_total += not finite
         step += 1
@@ -1724,13 +1728,16 @@ def train(cfg, m, run, trainer, batches, heldout, step, nonfinite_total, tracker
         save_point = step % cfg.save_every == 0 or step == cfg.max_steps or stop
         if save_point or signalled or due:
             t_save = time.perf_counter()
-            save_checkpoint(cfg, m, trainer, step, nonfinite_total, state, run, record, save_point)
+            save_checkpoint(cfg, m, trainer, step, (nonfinite_total, nonfinite_run), state, run, record,
+                            save_point)
             last_checkpoint = time.monotonic()
             if save_point:
                 record.update(finish_save_point(cfg, m, run, heldout, step))
             saving += time.perf_counter() - t_save
         if run.master:
             log_step(cfg, record, bar, tracker, save_point)
+        if run.ddp and (stop or signalled):  # no rank leaves while rank 0 writes (torchrun would kill it)
+            dist.barrier()
         if stop:
             sys.exit(f"rpo.py: {nonfinite_run} non-finite steps (loss or gradient) in a row at step {step}; "
                      f"stopped with a checkpoint of the last good weights in {cfg.out}. A resume would meet "
@@ -1739,6 +1746,7 @@ def train(cfg, m, run, trainer, batches, heldout, step, nonfinite_total, tracker
         if signalled and step < cfg.max_steps:
             stopped_by = asked["signal"] or "a signal to another rank"
             break
+    asked["training"] = False
     bar.close()
     if run.device.type == "cuda":
         torch.cuda.synchronize(run.device)  # every pair-embedding interval is done
@@ -1764,14 +1772,20 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 @contextmanager
 def stop_requests():
-    """While training, SIGTERM, SIGINT or SIGUSR1 asks the run to stop after the optimizer step it is in, with
-    a checkpoint of that step; a second SIGINT stops it at once. Yields {"signal": the name, or None}."""
-    asked = dict(signal=None)
+    """SIGTERM, SIGINT or SIGUSR1 asks the run to stop: while training, after the optimizer step it is in,
+    with a checkpoint of that step (a second SIGINT stops it at once); before and after, at once (nothing to
+    checkpoint; a cache file being written is written again), with the same exit status. Yields
+    {"signal": the name, or None, "training": whether the loop runs}."""
+    asked = dict(signal=None, training=False)
 
-    def ask(signum, frame):  # only a flag: the loop reads it once per step
+    def ask(signum, frame):  # while training only a flag: the loop reads it once per step
         if signum == signal.SIGINT and asked["signal"]:
             raise KeyboardInterrupt
         asked["signal"] = signal.Signals(signum).name
+        if not asked["training"]:
+            print(f"rpo.py: stopped by {asked['signal']} outside the training loop; nothing to checkpoint",
+                  file=sys.stderr)
+            sys.exit(PREEMPTED)
     previous = {s: signal.signal(s, ask) for s in STOP_SIGNALS}
     try:
         yield asked
@@ -1906,7 +1920,8 @@ def main(argv=None):
     pool = Decoders(cfg.workers) if cfg.workers > 0 else None
     run = set_up(cfg)
     try:  # the run folder's lock and the decoders go with this call, however it ends
-        stopped = stages(cfg, run, pool)
+        with stop_requests() as asked:
+            stopped = stages(cfg, run, pool, asked)
     finally:
         if pool:
             pool.shutdown()
@@ -1914,7 +1929,10 @@ def main(argv=None):
             run.lock.close()
     if stopped:  # by a signal: the step it was in is checkpointed
         signal_name, step = stopped
-        args = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--resume"]
+        given = list(sys.argv[1:] if argv is None else argv)
+        args = [a for i, a in enumerate(given) if not (a == "--resume" or i and given[i - 1] == "--resume"
+                                                       and a.lower() in ("1", "0", "true", "false", "yes",
+                                                                         "no", "on", "off"))]
         if not any(a == "--out" or a.startswith("--out=") for a in args):
             args += ["--out", cfg.out]
         launch = "torchrun [the same options] " if run.ddp else "python "
@@ -1924,7 +1942,7 @@ def main(argv=None):
         sys.exit(PREEMPTED)
 
 
-def stages(cfg, run, pool):
+def stages(cfg, run, pool, asked):
     """The run, from the models to the summary line. Returns (signal, step) if a signal stopped it early."""
     for source, split in ((cfg.data, cfg.split), heldout_source(cfg)):
         if source:  # a source rpo.py cannot read stops here, in one line, before the models load
@@ -1933,7 +1951,7 @@ def stages(cfg, run, pool):
                 check_files(files)
     m = load_models(cfg, run.device, run.dtype)
     trainer = make_trainer(cfg, m, run)
-    step, nonfinite_total, data_states, ckpt = resume(cfg, m, trainer, run)
+    step, nonfinite, data_states, ckpt = resume(cfg, m, trainer, run)
     logged_to = cut_metrics_log(cfg.out, step) if run.master else step
     tracker = open_tracker(cfg, step) if run.master else None
     if cfg.cache:
@@ -1953,9 +1971,8 @@ def stages(cfg, run, pool):
         if tracker:
             tracker.log(0, {}, samples_path(cfg, 0))
 
-    with stop_requests() as asked:
-        history, timing, last_pairs, stopped_by = train(cfg, m, run, trainer, batches, heldout, step,
-                                                        nonfinite_total, tracker, asked)
+    history, timing, last_pairs, stopped_by = train(cfg, m, run, trainer, batches, heldout, step, nonfinite,
+                                                    tracker, asked)
 
     if run.master and history and not stopped_by:
         summary = end_of_run(cfg, m, run, history, timing, last_pairs)
@@ -1999,10 +2016,12 @@ def save_checkpoint(cfg, m, trainer, step, nonfinite, state, run, record, save_p
     rng = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
     ckpt = dict(unet=weights, optimizer=trainer.optimizer.state_dict(),
                 lr_schedule=trainer.schedule.state_dict(), scaler=trainer.scaler.state_dict(), step=step,
-                nonfinite=nonfinite, data_states=states, config=dataclasses.asdict(cfg), rng=rng,
+                nonfinite=list(nonfinite), data_states=states, config=dataclasses.asdict(cfg), rng=rng,
                 record=dict(record), save_point=save_point)
     ckpt["digest"] = content_digest(ckpt)
     path = os.path.join(cfg.out, f"ckpt-{step:07d}.pt")
+    with open(os.path.join(cfg.out, "metrics.jsonl"), "a") as log:  # its lines before this step come first
+        os.fsync(log.fileno())
     atomic_save(ckpt, path)
     link_newest(path, os.path.join(cfg.out, "ckpt.pt"))
     # never one of a later step: that is not this run's history (say, an unreadable one --resume passed over)
@@ -2064,7 +2083,7 @@ def save_weights(m, folder):
             with open(os.path.join(tmp, name), "rb") as fh:
                 os.fsync(fh.fileno())
         fsync_folder(tmp)
-    except (OSError, RuntimeError) as e:
+    except Exception as e:  # OSError, torch's RuntimeError, safetensors' SafetensorError (a full disk)
         cannot_write(folder, tmp, e)
     shutil.rmtree(folder + ".old", ignore_errors=True)
     if os.path.exists(folder):
@@ -2112,6 +2131,9 @@ def load_checkpoint(out):
                   f"trying an older one", file=sys.stderr)
             continue
         return ckpt
+    if checkpoints(out):  # storage that is not back yet, say: starting over would overwrite the run
+        sys.exit(f"rpo.py: none of the {len(checkpoints(out))} checkpoints in {out} loads (each is named "
+                 f"above); fix or move them, then --resume")
     print(f"rpo.py: no checkpoint in {out}; starting from step 0", file=sys.stderr)
     return None
 

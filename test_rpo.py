@@ -1350,6 +1350,11 @@ def test_a_checkpoint_truncated_mid_write_is_passed_over_for_the_previous_one(tm
     summary, metrics = train(tmp_path, "--max_steps", 5, "--save_every", 2, "--batch", 2, "--keep", 2,
                              "--sample_steps", 0, "--resume")
     assert summary["steps"] == 3 and [r["step"] for r in metrics] == [1, 2, 3, 4, 5]
+    for path in rpo.checkpoints(str(tmp_path)):  # none loads (storage not back yet): never start over
+        open(path, "wb").write(b"")
+    with pytest.raises(SystemExit, match=f"none of the 2 checkpoints in {tmp_path} loads"):
+        train(tmp_path, "--max_steps", 7, "--batch", 2, "--sample_steps", 0, "--resume")
+    assert len(logged(tmp_path)) == 5
 
 
 def start(cmd, env=None):
@@ -1759,7 +1764,7 @@ def test_a_stop_signal_ends_the_run_after_its_step_with_a_checkpoint_exit_status
         tmp_path, monkeypatch, capsys, quick_run, signum):
     signal_in_step(monkeypatch, signum, 3)
     with pytest.raises(SystemExit) as stopped:
-        train(tmp_path, *QUICK)
+        train(tmp_path, *QUICK, "--resume", "false")
     lines = [l for l in capsys.readouterr().err.splitlines() if l.startswith("rpo.py: stopped")]
     assert stopped.value.code == rpo.PREEMPTED == 75 and len(lines) == 1
     name = signal.Signals(signum).name
@@ -1769,10 +1774,37 @@ def test_a_stop_signal_ends_the_run_after_its_step_with_a_checkpoint_exit_status
     assert signal.getsignal(signum) is not None and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
     monkeypatch.undo()
     command = shlex.split(lines[0].split("continue with: ")[1])
-    assert command[:2] == ["python", "rpo.py"] and command[-1] == "--resume"
+    assert command[:2] == ["python", "rpo.py"] and command[-1] == "--resume" and "false" not in command
     with redirect_stdout(io.StringIO()):
         rpo.main(command[2:])  # the command it printed, as it is
     assert logged(tmp_path) == quick_run
+
+
+def test_a_stop_signal_before_training_stops_at_once_with_the_same_exit_status(tmp_path, monkeypatch, capsys):
+    real = rpo.load_models
+
+    def load_and_be_signalled(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(rpo, "load_models", load_and_be_signalled)
+    with pytest.raises(SystemExit) as stopped:
+        train(tmp_path, *QUICK)
+    assert stopped.value.code == rpo.PREEMPTED and not (tmp_path / "metrics.jsonl").exists()
+    err = capsys.readouterr().err
+    assert "rpo.py: stopped by SIGTERM outside the training loop; nothing to checkpoint" in err
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+def test_a_run_of_non_finite_steps_that_a_checkpoint_cuts_in_two_still_stops_the_resumed_run(tmp_path,
+                                                                                             monkeypatch):
+    flags = ["--batch", 2, "--sample_steps", 0, "--eval_pairs", 0, "--save_every", 100, "--max_nonfinite", 3,
+             "--save_every_minutes", 1e-6]  # a checkpoint after every step
+    poison_gradients(monkeypatch, float("nan"), from_call=2)
+    train(tmp_path, *flags, "--max_steps", 2)  # step 2 is the first of the run
+    monkeypatch.undo()
+    poison_gradients(monkeypatch, float("nan"), from_call=1)
+    with pytest.raises(SystemExit, match="3 non-finite steps .loss or gradient. in a row at step 4"):
+        train(tmp_path, *flags, "--max_steps", 10, "--resume")
 
 
 def test_save_every_minutes_adds_checkpoints_between_save_points_and_changes_nothing_logged(tmp_path,
@@ -1798,6 +1830,9 @@ def test_a_checkpoint_counts_only_once_synced_its_file_before_the_rename_its_fol
     monkeypatch.setattr(os, "replace", replace)
     train(tmp_path, "--max_steps", 2, "--save_every", 2, "--batch", 2, "--sample_steps", 0, "--eval_pairs", 0)
     out = os.path.realpath(tmp_path)
+    # the log lines before the step are on disk before the checkpoint that is ahead of them
+    assert events.index(("fsync", f"{out}/metrics.jsonl")) < events.index(
+        ("rename", f"{out}/ckpt-0000002.pt.tmp", f"{out}/ckpt-0000002.pt"))
     for path in (f"{out}/ckpt-0000002.pt", f"{out}/unet", f"{out}/metrics.jsonl"):
         renamed = events.index(("rename", path + ".tmp", path))
         assert ("fsync", path + ".tmp") in events[:renamed] and ("fsync", out) in events[renamed + 1:]
@@ -2023,16 +2058,23 @@ def test_the_checkpoint_keeps_the_precision_the_run_resolved_so_naming_it_on_res
     assert [r["step"] for r in metrics] == [1, 2, 3]
 
 
+@pytest.mark.parametrize("writing", ["the checkpoint", "the weights folder"])
 def test_a_save_that_finds_the_disk_full_stops_in_one_line_leaving_the_previous_checkpoint_whole(
-        tmp_path, monkeypatch):
+        tmp_path, monkeypatch, writing):
     import resource
-    real, soft, hard = rpo.finish_save_point, *resource.getrlimit(resource.RLIMIT_FSIZE)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    at = rpo.finish_save_point if writing == "the checkpoint" else rpo.save_weights
+    calls = []
 
     def fill_the_disk(*args, **kwargs):  # after the first save point no file may grow past 1 MB
-        logged_values = real(*args, **kwargs)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, hard))
-        return logged_values
-    monkeypatch.setattr(rpo, "finish_save_point", fill_the_disk)
+        if writing == "the weights folder" and calls:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, hard))
+        calls.append(1)
+        result = at(*args, **kwargs)
+        if writing == "the checkpoint":
+            resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, hard))
+        return result
+    monkeypatch.setattr(rpo, at.__name__, fill_the_disk)
     previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails, not the process
     try:
         with pytest.raises(SystemExit) as stopped:
@@ -2041,12 +2083,13 @@ def test_a_save_that_finds_the_disk_full_stops_in_one_line_leaving_the_previous_
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
         signal.signal(signal.SIGXFSZ, previous)
-    message = str(stopped.value.code)
-    assert message.startswith(f"rpo.py: cannot write {tmp_path}/ckpt-0000004.pt (") and "\n" not in message
+    message, failed = str(stopped.value.code), "ckpt-0000004.pt" if writing == "the checkpoint" else "unet"
+    assert message.startswith(f"rpo.py: cannot write {tmp_path}/{failed} (") and "\n" not in message
     assert f"Free space in {tmp_path} and start again" in message
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
-    assert rpo.load_checkpoint(str(tmp_path))["step"] == 2
-    assert os.readlink(tmp_path / "ckpt.pt") == "ckpt-0000002.pt"
+    assert rpo.load_checkpoint(str(tmp_path))["step"] == (2 if writing == "the checkpoint" else 4)
+    from diffusers import UNet2DConditionModel
+    UNet2DConditionModel.from_pretrained(tmp_path / "unet")  # step 2's, whole
 
 
 def test_the_default_precision_is_bf16_only_on_a_gpu_that_computes_it_natively_and_the_start_up_line_says_so(
@@ -2120,14 +2163,21 @@ GRADIENT_MEMORY = """
     rpo.load_unets = wide_unets
 
     def make_trainer(cfg, m, run):
-        marks.update(before=resident(), params=sum(p.numel() * p.element_size() for p in m.unet.parameters()))
+        marks.update(before=resident(), backwards=0, unet=m.unet,
+                     params=sum(p.numel() * p.element_size() for p in m.unet.parameters()))
         return real_make(cfg, m, run)
     rpo.make_trainer = make_trainer
 
-    def backward(self, *args, **kwargs):
+    def backward(self, *args, **kwargs):  # training's backwards: step 1's two micro-batches, then step 2's
         real_backward(self, *args, **kwargs)
-        if "before" in marks and "after" not in marks:  # the first backward of training
+        if "before" not in marks:
+            return
+        marks["backwards"] += 1
+        if marks["backwards"] == 1:  # step 1's first micro-batch, under no_sync
             marks["after"] = resident()
+        if marks["backwards"] == 3:  # step 2's first, under no_sync, after a zero_grad
+            grads = [p.grad for p in marks.pop("unet").parameters() if p.grad is not None]
+            marks.update(grads=len(grads), storages=len({g.untyped_storage().data_ptr() for g in grads}))
             path = os.path.join(os.environ["MEASURE_DIR"], f"rank-{os.environ['RANK']}.json")
             json.dump(marks, open(path, "w"))
             os._exit(0)  # both ranks: the measurement is all this run is for
@@ -2135,17 +2185,19 @@ GRADIENT_MEMORY = """
 """
 
 
-def test_under_ddp_gradients_live_in_the_buckets_so_two_ranks_hold_them_once(tmp_path):
+def test_under_ddp_with_accumulation_gradients_live_in_the_buckets_so_two_ranks_hold_them_once(tmp_path):
     script = launcher(tmp_path, "measure.py", GRADIENT_MEMORY)
     env = dict(MEASURE_DIR=str(tmp_path), MALLOC_MMAP_THRESHOLD_="65536")
-    command = rpo_command(tmp_path / "run", "--model", "tiny", "--batch", 2, "--eval_pairs", 0,
-                          "--sample_steps", 0, "--toy_pairs", 32, nproc=2, script=script)
+    command = rpo_command(tmp_path / "run", "--model", "tiny", "--batch", 2, "--grad_accum", 2,
+                          "--eval_pairs", 0, "--sample_steps", 0, "--toy_pairs", 32, nproc=2, script=script)
     finish(start(command, env))
     for rank in (0, 1):
         marks = json.load(open(tmp_path / f"rank-{rank}.json"))
         growth = (marks["after"] - marks["before"]) / marks["params"]
         # DDP's buckets (1x the parameters) and the gradients as views of them; a copy of each would be 2x
         assert 0.8 < growth < 1.4, growth
+        # and they stay views: a few buckets' storages, not one per gradient
+        assert marks["grads"] > 100 and marks["storages"] <= 16, marks
 
 
 # The chaos tests: kills at random moments, each followed by --resume, end exactly as the uninterrupted run.
@@ -2231,6 +2283,34 @@ def test_chaos_sigterm_to_torchrun_stops_both_ranks_at_one_checkpointed_step_and
     assert rpo.load_checkpoint(str(tmp_path))["step"] == step and len(logged(tmp_path)) == step < 16
     resumed = run_script(tmp_path, *TWO_RANKS, nproc=2)
     assert resumed == two_ranks_run[1] and same_weights(tmp_path, two_ranks_run[0])
+
+
+ONE_RANK_SIGNALLED = SLOW_SAVES + """
+    import atexit, os, signal, time
+    if os.environ["RANK"] == "1":  # only rank 1 is asked to stop, inside step 3; its exit time is noted
+        real_step, calls = rpo.preference_step, []
+
+        def step_and_signal(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return real_step(*args, **kwargs)
+        rpo.preference_step = step_and_signal
+        atexit.register(lambda: open(os.environ["EXIT_FILE"], "w").write(repr(time.time())))
+"""
+
+
+def test_a_signal_to_one_rank_stops_every_rank_at_that_step_and_none_leaves_before_its_checkpoint_is_on_disk(
+        tmp_path):
+    script = launcher(tmp_path, "one_rank.py", ONE_RANK_SIGNALLED)
+    proc = run_script(tmp_path / "run", *TWO_RANKS, nproc=2, wait=False, script=script,
+                      env=dict(EXIT_FILE=str(tmp_path / "rank-1-exit")))
+    returncode, _, stderr = ended(proc)
+    assert returncode != 0 and "stopped by a signal to another rank at step 3 with a checkpoint" in stderr
+    assert rpo.load_checkpoint(str(tmp_path / "run"))["step"] == 3 and len(logged(tmp_path / "run")) == 3
+    # torchrun ends the other workers 30 s after the first one exits: rank 0 must not be still writing then
+    written = os.path.getmtime(tmp_path / "run" / "ckpt-0000003.pt")
+    assert float((tmp_path / "rank-1-exit").read_text()) >= written
 
 
 PID_FILES = """
