@@ -2,7 +2,8 @@ r"""The evaluations of Diffusion-RPO (Gu et al. 2024, arXiv 2406.06382).
 
 prefer: automated human-preference scores. The base model and each tuned run draw the same prompts from the
 same initial noise; PickScore, HPSv2.1, the LAION aesthetic predictor and CLIP score (the toy world: its
-judge) score every image; the report gives each model's mean and each run's win rate against the base.
+judge) score every image; the report gives each model's mean and each run's win rate against the base with
+the sign test's p, and a comparison sheet (PNG) shows the images side by side.
 
     python rpo.py --loss dpo --out out_dpo && python rpo.py --out out_rpo   # tiny-drawn, the toy world
     python eval_style.py prefer --runs out_dpo out_rpo --n 16 --out prefer.json  # offline, CPU
@@ -22,9 +23,11 @@ Diffusion and CLIP ViT-L/14.
 import argparse
 import functools
 import glob
+import html
 import io
 import itertools
 import json
+import math
 import os
 import sys
 from contextlib import contextmanager
@@ -125,6 +128,14 @@ def outcomes(a, b):
     return (a > b) + 0.5 * (a == b)
 
 
+# two-sided sign test over prompts: p = min(1, 2 P(X <= min(w, l))), X ~ Binomial(w + l, 1/2), from per-prompt
+# outcomes (w: above 1/2, l: below 1/2; ties dropped)
+def sign_test(won):
+    won = np.asarray(won)
+    w, l = int((won > 0.5).sum()), int((won < 0.5).sum())
+    return min(1.0, 2 * sum(math.comb(w + l, k) for k in range(min(w, l) + 1)) / 2 ** (w + l))
+
+
 def bootstrap_ci(values, draws=2000, seed=0):
     """The 95 % percentile bootstrap interval of the mean of per-prompt values, prompts resampled."""
     values = np.asarray(values, dtype=np.float64)
@@ -133,12 +144,30 @@ def bootstrap_ci(values, draws=2000, seed=0):
     return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
 
 
-def clip_inputs(images, size, device, pad=False):
-    """CLIP's preprocessing: short side to size, centre crop (pad: HPSv2's, long side to size, padded with
-    black), then CLIP's mean and std."""
+# HPSv2's ResizeMaxSize: each side to round(side x size / long side), then black padding to a square,
+# pad // 2 before the content (left, top) and the rest after it
+def hps_square(image, size):
+    scale = size / max(image.size)
+    if scale != 1:
+        image = image.resize([round(side * scale) for side in image.size], Image.BICUBIC)
+    square = Image.new(image.mode, (size, size))
+    square.paste(image, ((size - image.width) // 2, (size - image.height) // 2))
+    return square
+
+
+# OpenCLIP's caption cleaning before tokenizing: ftfy, HTML unescaped twice, whitespace collapsed, lowercase
+def openclip_clean(caption):
+    import ftfy
+    return " ".join(html.unescape(html.unescape(ftfy.fix_text(caption))).split()).lower()
+
+
+def clip_inputs(images, size, device, hpsv2=False):
+    """CLIP's preprocessing: short side to size, centre crop (hpsv2: HPSv2's padded square instead), then
+    CLIP's mean and std."""
     mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (rpo.CLIP_MEAN, rpo.CLIP_STD))
-    square = ImageOps.pad if pad else ImageOps.fit
-    x = np.stack([np.asarray(square(im.convert("RGB"), (size, size), Image.BICUBIC)) for im in images])
+    squares = [hps_square(im.convert("RGB"), size) if hpsv2 else
+               ImageOps.fit(im.convert("RGB"), (size, size), Image.BICUBIC) for im in images]
+    x = np.stack([np.asarray(im) for im in squares])
     return (torch.from_numpy(x).permute(0, 3, 1, 2).to(device).float() / 255 - mean) / std
 
 
@@ -166,10 +195,10 @@ CLIP_L14 = "openai/clip-vit-large-patch14"  # the aesthetic predictor's features
 SCORERS = ("pickscore", "hps", "aesthetic", "clip", "judge")  # judge: the toy world's
 
 
-def hub_file(repo_id, filename):
+def hub_file(repo_id, filename, repo_type=None):
     from huggingface_hub import hf_hub_download
     try:
-        return hf_hub_download(repo_id, filename)
+        return hf_hub_download(repo_id, filename, repo_type=repo_type)
     except Exception as e:  # offline, a wrong id, a gated repo
         fail(f"cannot fetch {filename!r} from {repo_id!r}: {rpo.first_line(e)}")
 
@@ -465,13 +494,15 @@ def text_features(clip, tok, phrase):
 
 
 def style_scores(clip, text, ref, sets, batch):
-    """The reference images' CLIP score, and each set's distances to them (FD, Gram) and CLIP score."""
+    """The reference images' CLIP score, and each set's distances to them (FD, Gram), CLIP score and its
+    images' own CLIP scores."""
     ref_feats, ref_grams = clip_stats(clip, ref, batch)
     scores = {"reference": dict(images=len(ref), clip_score=clip_score(ref_feats, text))}
     for name, images in sets.items():
         feats, grams = clip_stats(clip, images, batch)
         scores[name] = dict(images=len(images), fd=frechet_distance(feats, ref_feats),
-                            gram=gram_distance(grams, ref_grams), clip_score=clip_score(feats, text))
+                            gram=gram_distance(grams, ref_grams), clip_score=clip_score(feats, text),
+                            clip_scores=clip_scores(feats, text).tolist())
     return scores
 
 
@@ -483,6 +514,8 @@ def print_table(rows):
 
 def score(args, cfg):
     device, dtype = device_dtype()
+    if not args.out.endswith(".json"):
+        fail(f"--out {args.out!r}: the scores are JSON, name it *.json")
     _, phrase = style_of(args)
     base = args.base or rpo.model_folder(cfg)
     captions, ref = style_set(args.prompts, cfg, "--prompts")
@@ -504,11 +537,41 @@ def score(args, cfg):
     reference = dict(result["reference"], fd=0.0, gram=0.0)
     print_table([(k, result[k]) for k in sets] + [("style reference", reference)])
     print(json.dumps(result), flush=True)
+    rpo.atomic_save(result, args.out)
+    print(f"-> {args.out}", file=sys.stderr)
+    rows = min(args.sheet, *map(len, sets.values()))
+    if rows:
+        png = args.out.removesuffix(".json") + ".png"
+        labels = {name: [score_lines(name, {"CLIP score": result[name]["clip_scores"]}, k)
+                         for k in range(rows)] for name in sets}
+        rpo.atomic_save(comparison_sheet({name: images[:rows] for name, images in sets.items()}, labels,
+                                         (captions or [f"image {k}" for k in range(rows)])[:rows]), png)
+        print(f"-> {png} (the first {rows} captions)", file=sys.stderr)
     return result
 
 
 # ----------------------------------------------------------------------------------------- prefer
 PICKAPIC_TEST, PARTI = "test_unique", "nateraw/parti-prompts"  # Pick-a-Pic's 500 test prompts; PartiPrompts
+# HPSv2's benchmark: 800 prompts in each of four styles, the hub dataset's benchmark/STYLE.json
+HPSV2_BENCHMARK, HPSV2_STYLES = "zhwang/HPDv2", ("anime", "concept-art", "paintings", "photo")
+
+
+def prompt_sets(args):
+    """{style: prompts}, the first --n of each: HPSv2's benchmark by its four styles, any other set as one,
+    "all"."""
+    if args.prompts != "hpsv2":
+        return {"all": prompt_set(args)[:args.n or None]}
+    sets = {}
+    for style in HPSV2_STYLES:
+        with open(hub_file(HPSV2_BENCHMARK, f"benchmark/{style}.json", repo_type="dataset")) as fh:
+            try:
+                prompts = json.load(fh)
+            except ValueError:
+                prompts = None
+        if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+            fail(f"{HPSV2_BENCHMARK}'s benchmark/{style}.json is not a list of prompts")
+        sets[style] = prompts[:args.n or None]  # as published, in order, duplicates kept
+    return sets
 
 
 def prompt_set(args):
@@ -581,7 +644,7 @@ def load_scorers(names, world, clip_id):
             state = torch.load(hub_file(*HPS), map_location="cpu", weights_only=True)
             clip = openclip_as_clip(state.get("state_dict", state))
             tokenizer = rpo.pretrained(CLIPTokenizer, CLIP_H14)
-            scorers[name] = functools.partial(scored_by_clip, clip, tokenizer, hps, pad=True)
+            scorers[name] = functools.partial(scored_by_clip, clip, tokenizer, hps, hpsv2=True)
         elif name == "aesthetic":
             mlp = aesthetic_mlp(torch.load(hub_file(*AESTHETIC), map_location="cpu", weights_only=True))
             formula = functools.partial(aesthetic_of_images, mlp)
@@ -598,12 +661,14 @@ def aesthetic_of_images(mlp, image_features, _):
 
 
 @torch.no_grad()
-def scored_by_clip(clip, tokenizer, formula, images, prompts, device, dtype, batch, pad=False):
-    """formula(image features, text features) of each (image, prompt), batch by batch on the device."""
+def scored_by_clip(clip, tokenizer, formula, images, prompts, device, dtype, batch, hpsv2=False):
+    """formula(image features, text features) of each (image, prompt), batch by batch on the device; hpsv2:
+    images and captions prepared as HPSv2 prepares them."""
     clip.to(device, dtype)
     scores = []
+    prompts = [openclip_clean(p) for p in prompts] if hpsv2 else prompts
     for i in range(0, len(images), batch):
-        x = clip_inputs(images[i:i + batch], clip.config.vision_config.image_size, device, pad).to(dtype)
+        x = clip_inputs(images[i:i + batch], clip.config.vision_config.image_size, device, hpsv2).to(dtype)
         ids = tokenizer(prompts[i:i + batch], padding="max_length", truncation=True, return_tensors="pt",
                         max_length=clip.config.text_config.max_position_embeddings).input_ids.to(device)
         image = clip.get_image_features(pixel_values=x).pooler_output.float().cpu()
@@ -619,10 +684,10 @@ def scored_by_judge(judge, world, images, prompts, device, dtype, batch):
 
 def summarize(scores):
     """Each model's mean score with its 95 % interval, each run's win rate against the base, and every pair of
-    runs' win rates, from per-prompt scores {model: {scorer: [P]}}."""
+    runs' win rates with the sign test's p, from per-prompt scores {model: {scorer: [P]}}."""
     def rate(a, b):
         won = outcomes(a, b)
-        return dict(rate=float(won.mean()), ci=bootstrap_ci(won))
+        return dict(rate=float(won.mean()), ci=bootstrap_ci(won), p=sign_test(won))
     runs = [name for name in scores if name != "base"]
     return dict(
         runs={name: {s: dict(mean=float(np.mean(v)), ci=bootstrap_ci(v)) for s, v in by.items()}
@@ -639,17 +704,62 @@ def print_report(report, protocol):
           f"{p['resolution']} px; mean score [95 % interval over prompts]")
     scorers = list(next(iter(report["runs"].values())))
     width = max(12, *(len(name) + 2 for name in report["runs"]))
-    print(f"{'':<{width}}" + "".join(f"{s:>22}" for s in scorers))
+    print(f"{'':<{width}}" + "".join(f"{s:>30}" for s in scorers))
     for name, by in report["runs"].items():
         cells = (f"{by[s]['mean']:.4g} [{by[s]['ci'][0]:.4g}, {by[s]['ci'][1]:.4g}]" for s in scorers)
-        print(f"{name:<{width}}" + "".join(cell.rjust(22) for cell in cells))
-    for title, table in (("win rate against the base", report["win_rate_vs_base"]),
+        print(f"{name:<{width}}" + "".join(cell.rjust(30) for cell in cells))
+    for title, table in (("win rate against the base [95 % interval] p", report["win_rate_vs_base"]),
                          ("win rate between runs", report["win_rates"])):
         if table:
             print(title)
             for name, by in table.items():
-                cells = (f"{by[s]['rate']:.3f} [{by[s]['ci'][0]:.3f}, {by[s]['ci'][1]:.3f}]" for s in scorers)
-                print(f"{name:<{width}}" + "".join(cell.rjust(22) for cell in cells))
+                cells = (f"{w['rate']:.3f} [{w['ci'][0]:.3f}, {w['ci'][1]:.3f}] p {w['p']:.2g}"
+                         for w in (by[s] for s in scorers))
+                print(f"{name:<{width}}" + "".join(cell.rjust(30) for cell in cells))
+    for s in scorers if "styles" in report else ():  # HPSv2's benchmark table: each style, then all four
+        print(f"{s}: mean by style" + "".join(f"{style:>13}" for style in [*report["styles"], "all"]))
+        for name in report["runs"]:
+            means = [report["styles"][style]["runs"][name][s]["mean"] for style in report["styles"]]
+            means.append(report["runs"][name][s]["mean"])
+            print(f"{name:<{len(s) + 15}}" + "".join(f"{m:>13.4g}" for m in means))
+
+
+SHEET_CELL, SHEET_LINE = 192, 16  # px: each image of the sheet is scaled to this width; one line of text
+
+
+def comparison_sheet(images, labels, captions):
+    """PNG bytes: a row per caption, under it each model's image, labelled with the lines of labels[model]."""
+    from PIL import ImageDraw, ImageFont
+    import textwrap
+    font = ImageFont.load_default(size=13)
+    cells = {name: [im.resize((SHEET_CELL, SHEET_CELL * im.height // im.width),
+                              Image.NEAREST if im.width < SHEET_CELL else Image.LANCZOS) for im in ims]
+             for name, ims in images.items()}
+    width = SHEET_CELL * len(cells)
+    wrapped = [textwrap.wrap(str(c), max(width // 7, 20))[:3] for c in captions]
+    label_height = SHEET_LINE * max(len(lines) for ls in labels.values() for lines in ls)
+    heights = [SHEET_LINE * len(w) + max(cells[n][k].height for n in cells) + label_height + 8
+               for k, w in enumerate(wrapped)]
+    sheet = Image.new("RGB", (width, sum(heights)), "white")
+    draw, y = ImageDraw.Draw(sheet), 0
+    for k, (lines, height) in enumerate(zip(wrapped, heights)):
+        for i, line in enumerate(lines):
+            draw.text((4, y + SHEET_LINE * i), line, fill="black", font=font)
+        top = y + SHEET_LINE * len(lines)
+        for column, name in enumerate(cells):
+            x, image = SHEET_CELL * column, cells[name][k]
+            sheet.paste(image, (x, top))
+            for i, line in enumerate(labels[name][k]):
+                draw.text((x + 4, top + image.height + SHEET_LINE * i), line, fill="black", font=font)
+        y += height
+    buf = io.BytesIO()
+    sheet.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def score_lines(name, scores, k):
+    """The label of image k: the model's name, then each scorer's score, in the order of the scorers."""
+    return [name, *(f"{s} {v[k]:.4g}" for s, v in scores.items())]
 
 
 def trained_world(paths, default):
@@ -675,31 +785,46 @@ def prefer(args, cfg):
     runs = dict(zip(names if len(set(names)) == len(names) else paths, map(run_weights, paths)))
     if len(runs) != len(paths) or "base" in runs:
         fail("--runs must name each run once, and none 'base'")
-    prompts = prompt_set(args)[:args.n or None]
+    sets = prompt_sets(args)
+    prompts = [p for ps in sets.values() for p in ps]
     if not prompts:
         fail(f"--prompts {args.prompts!r} has no prompts")
     world = args.prompts if args.prompts in rpo.TOY_WORLDS else None
     scorers = load_scorers(args.scorers, world, args.clip or cfg.clip or os.path.join(base, "clip"))
     pipe = load_pipeline(args.model, base, device, dtype)
     each = [p for p in prompts for _ in range(args.per_prompt)]  # prompt k, image j: seed k x per_prompt + j
-    scores = {}
+    scores, sheet, labels = {}, {}, {}
     for name, weights in {"base": None, **runs}.items():
         with drawing_with(pipe, weights, device, dtype):
             images = generate(pipe, each, args, device, desc=name)
         if args.save:
             save_images({name.replace(os.sep, "_"): images}, args.save)
-        scores[name] = {s: score(images, each, device, dtype, args.batch).reshape(len(prompts), -1).mean(1)
-                        for s, score in scorers.items()}
+        per_image = {s: score(images, each, device, dtype, args.batch) for s, score in scorers.items()}
+        scores[name] = {s: v.reshape(len(prompts), -1).mean(1) for s, v in per_image.items()}
+        # the sheet: image 0 of each of the first --sheet prompts
+        sheet[name] = images[::args.per_prompt][:args.sheet]
+        labels[name] = [score_lines(name, {s: v[::args.per_prompt] for s, v in per_image.items()}, k)
+                        for k in range(len(sheet[name]))]
     protocol = dict(model=args.model, base=base, prompts=len(prompts), prompt_set=args.prompts,
                     per_prompt=args.per_prompt, steps=args.steps, guidance=args.guidance,
                     resolution=args.resolution, seed=args.seed, scorers=list(scorers))
     if "judge" in scorers:
         protocol["judge_accuracy"] = toy.judge_accuracy(toy.load_judge(), world)
-    report = dict(protocol=protocol, **summarize(scores),
-                  scores={name: {s: v.tolist() for s, v in by.items()} for name, by in scores.items()})
+    report = dict(protocol=protocol, **summarize(scores))
+    if len(sets) > 1:  # each style on its own, as HPSv2's benchmark table
+        protocol["styles"] = {style: len(ps) for style, ps in sets.items()}
+        bounds = np.cumsum([0, *protocol["styles"].values()])
+        report["styles"] = {style: summarize({name: {s: v[a:b] for s, v in by.items()}
+                                              for name, by in scores.items()})
+                            for style, a, b in zip(sets, bounds[:-1], bounds[1:])}
+    report["scores"] = {name: {s: v.tolist() for s, v in by.items()} for name, by in scores.items()}
     print_report(report, protocol)
     rpo.atomic_save(report, args.out)
     print(f"-> {args.out}", file=sys.stderr)
+    if args.sheet:
+        png = args.out.removesuffix(".json") + ".png"
+        rpo.atomic_save(comparison_sheet(sheet, labels, prompts[:args.sheet]), png)
+        print(f"-> {png} (the first {len(prompts[:args.sheet])} prompts, image 0 of each)", file=sys.stderr)
     return report
 
 
@@ -727,19 +852,21 @@ def parse_args(argv):
                        help="preference scores and win rates of tuned runs against the base")
     r.add_argument("--runs", nargs="*", default=[],
                    help="tuned runs: rpo.py's OUT folders (unet/ or lora/); the base model is always scored")
-    r.add_argument("--prompts", help="toy | toy-subject | pickapic | parti | a .txt, .tsv or parquet path; "
-                                     "default pickapic, or for tiny models the runs' toy world")
+    r.add_argument("--prompts", help="toy | toy-subject | pickapic | parti | hpsv2 | a .txt, .tsv or parquet "
+                                     "path; default pickapic, or for tiny models the runs' toy world")
     r.add_argument("--data_id", default=rpo.Config.data_id,
                    help="the Pick-a-Pic that --prompts pickapic reads")
     r.add_argument("--split", help=f"default test for toy, {PICKAPIC_TEST} for pickapic, train otherwise")
-    r.add_argument("--n", type=int, default=500, help="the first n prompts; 0 = all")
+    r.add_argument("--n", type=int, default=500, help="the first n prompts (hpsv2: of each style); 0 = all")
     r.add_argument("--per_prompt", type=int, default=1, help="images per prompt, their scores averaged")
     r.add_argument("--scorers", nargs="+", choices=SCORERS,
                    help="default judge and clip for tiny models, else pickscore, hps, aesthetic and clip")
     r.add_argument("--base", help="base pipeline id or folder; default rpo.py's for --model")
     r.add_argument("--clip", help="the CLIP of the CLIP score; default rpo.py's for --model")
     r.add_argument("--save", help="write the generated images to SAVE/<model>/")
-    r.add_argument("--out", default="prefer.json", help="the report as JSON")
+    r.add_argument("--out", default="prefer.json",
+                   help="the report as JSON; the comparison sheet beside it, as .png")
+    r.add_argument("--sheet", type=int, default=8, help="prompts in the comparison sheet; 0 = no sheet")
 
     m = sub.add_parser("make-data", parents=[common, style],
                        help="edit source images into the style: style.parquet")
@@ -769,6 +896,9 @@ def parse_args(argv):
     s.add_argument("--clip", help="CLIP id or folder; default rpo.py's for --model")
     s.add_argument("--n", type=int, default=0, help="first n captions only; 0 = all")
     s.add_argument("--save", help="write the generated images to SAVE/base, SAVE/tuned")
+    s.add_argument("--out", default="score.json",
+                   help="the scores as JSON; the comparison sheet beside it, as .png")
+    s.add_argument("--sheet", type=int, default=8, help="captions in the comparison sheet; 0 = no sheet")
     return p.parse_args(argv)
 
 

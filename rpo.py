@@ -1076,12 +1076,13 @@ def cache_meta(cfg, m, files):
 
 def atomic_save(obj, path):
     """Write under a temporary name, fsync, rename, fsync the folder: a kill or a power cut at any moment
-    leaves the previous file whole, and the new one counts only once it is on disk. Text as it is, JSON for
-    .json, else torch.save. A write that fails (a full disk) leaves nothing behind and stops the run."""
+    leaves the previous file whole, and the new one counts only once it is on disk. Text and bytes as they
+    are, JSON for .json, else torch.save. A write that fails (a full disk) leaves nothing behind and stops the
+    run."""
     tmp = path + ".tmp"
     try:
         with open(tmp, "w" if isinstance(obj, str) or path.endswith(".json") else "wb") as fh:
-            if isinstance(obj, str):
+            if isinstance(obj, (str, bytes)):
                 fh.write(obj)
             elif path.endswith(".json"):
                 json.dump(obj, fh)

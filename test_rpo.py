@@ -58,6 +58,22 @@ def logged(out):
     return [strict_json(line) for line in open(os.path.join(out, "metrics.jsonl"))]
 
 
+def heldout_of_saved_unet(out, *flags):
+    """The held-out accuracy and margin of the UNet a run (train's flags) saved in OUT/unet, evaluated here
+    afresh, in this process, against the base it started from."""
+    from diffusers import UNet2DConditionModel
+    cfg = rpo.parse_config(["--workers", "0", "--eval_pairs", "8", "--eval_draws", "2", *map(str, flags)])
+    m = rpo.load_models(cfg, torch.device("cpu"), torch.float32)
+    m.unet.load_state_dict(UNet2DConditionModel.from_pretrained(os.path.join(out, "unet")).state_dict())
+    return rpo.evaluate(cfg, m, rpo.heldout_pairs(cfg, m), rpo.nullcontext())
+
+
+def assert_heldout_is_the_saved_unets(summary, out, *flags):
+    again = heldout_of_saved_unet(out, *flags)
+    assert summary["heldout_accuracy"] == again["accuracy"]
+    assert summary["heldout_margin"] == pytest.approx(again["margin"], rel=1e-6, abs=1e-9)
+
+
 def strict_json(line):
     """json.loads, refusing NaN and Infinity, which are not JSON."""
     def refuse(constant):
@@ -420,12 +436,12 @@ def test_tiny_xl_trains_from_local_pickapic_shards_counting_the_corrupt_row(tmp_
     rows[0]["jpg_0"] = b"\xff\xd8 truncated jpeg"
     folder = write_shards(tmp_path / "shards", rows, 2)
     # 19 usable pairs: 4 micro-batches of 4 an epoch, so step 5 is in the second epoch, every row seen once
-    summary, metrics = train(tmp_path / "out", "--model", "tiny-xl", "--data", folder, "--batch", 4,
-                             "--max_steps", 5, "--save_every", 100, "--sample_steps", 0,
-                             "--eval_data", folder)
+    flags = ["--model", "tiny-xl", "--data", folder, "--batch", 4, "--eval_data", folder]
+    summary, metrics = train(tmp_path / "out", *flags, "--max_steps", 5, "--save_every", 100,
+                             "--sample_steps", 0)
     assert summary["steps"] == 5 and all(math.isfinite(r["loss"]) for r in metrics)
-    assert (metrics[-1]["bad_image"] >= 1 and metrics[-1]["ties"] >= 4
-            and 0 <= summary["heldout_accuracy"] <= 1)
+    assert metrics[-1]["bad_image"] >= 1 and metrics[-1]["ties"] >= 4
+    assert_heldout_is_the_saved_unets(summary, tmp_path / "out", *flags)
 
 
 def quirky_shards(folder, sizes):
@@ -942,7 +958,8 @@ def test_tiny_models_train_end_to_end_save_a_diffusers_unet_and_resume_at_the_sa
     from diffusers import DiffusionPipeline, UNet2DConditionModel
     out = tmp_path / model
     summary, metrics = train(out, "--model", model, "--max_steps", 4, "--save_every", 2, "--batch", 4)
-    assert summary["steps"] == 4 and math.isfinite(summary["loss"]) and 0 <= summary["heldout_accuracy"] <= 1
+    assert summary["steps"] == 4 and math.isfinite(summary["loss"])
+    assert_heldout_is_the_saved_unets(summary, out, "--model", model, "--batch", 4)
     assert [r["step"] for r in metrics] == [1, 2, 3, 4] and all(math.isfinite(r["loss"]) for r in metrics)
     assert (out / "samples_4.png").exists() and (out / "ckpt.pt").exists()
     base = rpo.model_folder(rpo.parse_config(["--model", model]))
@@ -1598,7 +1615,6 @@ def test_replication_loop_reports_heldout_accuracy_and_rpo_with_one_pair_is_dpo(
         summary, metrics = train(out, "--loss", loss, "--batch", 1, "--seed", 0, "--max_steps", 3,
                                  "--toy_pairs", 32, "--save_every", 100000, "--sample_steps", 0)
         runs[loss] = summary, metrics
-        assert 0.0 <= summary["heldout_accuracy"] <= 1.0
         assert summary["loss_type"] == loss and summary["batch"] == 1 and len(metrics) == 3
         assert metrics[-1]["heldout_accuracy"] == summary["heldout_accuracy"]  # evaluated at max_steps
     (dpo, dpo_metrics), (rpo_, rpo_metrics) = runs["dpo"], runs["rpo"]
@@ -1607,6 +1623,7 @@ def test_replication_loop_reports_heldout_accuracy_and_rpo_with_one_pair_is_dpo(
     assert [r["accuracy"] for r in rpo_metrics] == [r["accuracy"] for r in dpo_metrics]
     for key in ("heldout_accuracy", "heldout_margin", "loss"):
         assert rpo_[key] == dpo[key], key
+    assert_heldout_is_the_saved_unets(dpo, tmp_path / "dpo", "--batch", 1)
 
 # ---------------------------------------------------------------------------------------------- LoRA
 LORA = ["--lora_rank", 4]
@@ -1705,14 +1722,26 @@ def test_init_lora_starts_policy_and_reference_from_a_previous_runs_adapters(tmp
     assert tuned[1]["mse"] != tuned[1]["ref_mse"]
 
 
-def test_the_beta_sweep_runs_each_method_at_two_betas_in_the_subject_world_scored_on_the_validation_captions(
+def test_the_beta_sweep_scales_each_methods_first_gradient_by_beta_and_scores_on_the_validation_captions(
         tmp_path):
+    flags = ["--data", "toy-subject", "--eval_split", "validation", "--seed", 0, "--toy_pairs", 32]
     for loss in ("dpo", "rpo"):
-        for beta in (500, 50000):
-            summary, _ = train(tmp_path / f"{loss}{beta}", "--data", "toy-subject", "--loss", loss,
-                               "--beta", beta, "--seed", 0, "--max_steps", 2, "--toy_pairs", 32,
-                               "--eval_split", "validation", "--save_every", 100000, "--sample_steps", 0)
-            assert 0 <= summary["heldout_accuracy"] <= 1 and summary["loss_type"] == loss
+        runs = {}
+        for beta in (5, 500):
+            runs[beta] = train(tmp_path / f"{loss}{beta}", *flags, "--loss", loss, "--beta", beta,
+                               "--max_steps", 2, "--save_every", 100000, "--sample_steps", 0)
+        (low, low_metrics), (high, high_metrics) = runs[5], runs[500]
+        # at step 1 the policy is the reference: the same pairs and noise, and a gradient beta times the same
+        # vector (measured before clipping), so a sweep 100x apart is 100x apart in the first gradient (to the
+        # rounding of policy against reference errors, which a beta of 50000 magnifies to 6e-4)
+        assert high_metrics[0]["grad_norm"] == pytest.approx(100 * low_metrics[0]["grad_norm"], rel=2e-5)
+        assert low_metrics[0]["loss"] == pytest.approx(math.log(2), abs=1e-7)
+        assert low["loss_type"] == high["loss_type"] == loss and low["loss"] != high["loss"]
+        # the end-of-run held-out figures are the saved UNet's on the validation captions
+        run = (tmp_path / f"{loss}500", *flags, "--loss", loss, "--beta", 500)
+        assert_heldout_is_the_saved_unets(high, *run)
+        on_test = heldout_of_saved_unet(*run, "--eval_split", "test")
+        assert on_test["margin"] != high["heldout_margin"]  # other captions, other figures
 
 
 # ------------------------------------------------------------------------------------------ on a GPU
@@ -2356,6 +2385,12 @@ def gpu_run(tmp_path, *flags, torchrun=False, timeout=400):
     return summary, metrics, stderr
 
 
+def counts_pairs(accuracy, n):
+    """An implicit accuracy over n held-out pairs is a count of them, ties counting half: k / 2n, 0 <= k <= 2n
+    (NaN, a missing figure, or a share of another number of pairs fails)."""
+    return accuracy is not None and float(2 * n * accuracy).is_integer() and 0 <= accuracy <= 1
+
+
 SD15 = ["--model", "sd15", "--random_init", "--batch", 4, "--grad_accum", 1, "--max_steps", 3,
         "--toy_pairs", 64, "--eval_pairs", 8, "--eval_draws", 2]
 
@@ -2367,7 +2402,7 @@ def test_on_a_gpu_sd15_shapes_train_with_each_loss_and_precision(tmp_path, loss,
     summary, metrics, _ = gpu_run(tmp_path, *SD15, "--loss", loss, "--precision", precision,
                                   "--sample_steps", samples)
     assert summary["steps"] == 3 and summary["precision"] == precision and summary["mfu"] > 0
-    assert 0 <= summary["heldout_accuracy"] <= 1 and len(metrics) == 3
+    assert counts_pairs(summary["heldout_accuracy"], 8) and len(metrics) == 3
     assert precision == "fp16" or all(math.isfinite(r["loss"]) for r in metrics)  # fp16 may skip an overflow
 
 
@@ -2395,7 +2430,8 @@ def test_on_a_gpu_sdxl_at_1024_px_trains_m4_and_evaluates_the_default_held_out_s
     summary, metrics, _ = gpu_run(tmp_path, "--model", "sdxl", "--random_init", "--grad_accum", 1,
                                   "--max_steps", 2, "--toy_pairs", 16, "--eval_pairs", 64, "--eval_draws", 1,
                                   "--sample_steps", 0, timeout=560)
-    assert summary["batch"] == 4 and summary["precision"] == "bf16" and 0 <= summary["heldout_accuracy"] <= 1
+    assert summary["batch"] == 4 and summary["precision"] == "bf16"
+    assert counts_pairs(summary["heldout_accuracy"], 64)
     assert summary["peak_mem_mb"] < SDXL_PEAK_BOUND_MB, summary["peak_mem_mb"]
 
 
@@ -2520,17 +2556,49 @@ def test_rpo_trains_on_the_style_parquet(trained):
     assert os.path.exists(trained / "unet" / "config.json")
 
 
-def test_score_prints_a_table_and_json_for_base_and_tuned_models(style_data, trained):
+def assert_sheet_shows(sheet, columns):
+    """The comparison sheet shows image k of column c (files), scaled to the sheet's cell width, whole in its
+    column; the images of one prompt side by side in one row, the rows in prompt order, with text under each
+    image (its label) and above each row (the caption)."""
+    cell, line = eval_style.SHEET_CELL, eval_style.SHEET_LINE
+    sheet = np.asarray(Image.open(sheet).convert("RGB")).astype(int)
+    assert sheet.shape[1] == cell * len(columns)
+    tops = []
+    for c, files in enumerate(columns):
+        tops.append([])
+        for f in files:
+            im = Image.open(f).convert("RGB")
+            want = np.asarray(im.resize((cell, cell * im.height // im.width),
+                                        Image.NEAREST if im.width < cell else Image.LANCZOS)).astype(int)
+            block = sheet[:, c * cell:(c + 1) * cell]
+            found = [y for y in range(len(block) - len(want) + 1)
+                     if (block[y] == want[0]).all() and (block[y:y + len(want)] == want).all()]
+            assert found, f"{f} is not in column {c} of the sheet"
+            tops[-1].append(found[0])
+    assert all(t == tops[0] for t in tops) and tops[0] == sorted(set(tops[0]))
+    dark = sheet.sum(-1) < 200
+    for top in tops[0]:
+        assert dark[top - line:top].any()  # the caption
+        for c in range(len(columns)):
+            assert dark[top + cell:top + cell + line, c * cell:(c + 1) * cell].any()  # the model's name
+
+
+def test_score_prints_a_table_and_json_for_base_and_tuned_models_and_draws_their_comparison_sheet(
+        style_data, trained, tmp_path):
     out = run_style("score", "--model", "tiny", "--unet", trained / "unet",
                     "--prompts", style_data / "style_test.parquet", "--steps", 2,
-                    "--save", style_data / "generated")
+                    "--save", style_data / "generated", "--out", tmp_path / "score.json")
     assert "FD (CLIP)" in out and "Gram" in out and "CLIP score" in out
     result = json.loads(out.strip().splitlines()[-1])
+    assert json.load(open(tmp_path / "score.json")) == result
     for name in ("base", "tuned"):
         r = result[name]
-        assert r["images"] == 3 and r["fd"] >= 0 and 0 <= r["gram"] <= 1 and 0 <= r["clip_score"] <= 100
+        assert r["images"] == 3 and r["clip_score"] == pytest.approx(np.mean(r["clip_scores"]))
         assert name in out and len(os.listdir(style_data / "generated" / name)) == 3
+    assert result["base"]["fd"] != result["tuned"]["fd"]  # the tuned UNet draws otherwise
     assert result["reference"]["images"] == 3
+    assert_sheet_shows(tmp_path / "score.png", [[style_data / "generated" / name / f"{k:05d}.png"
+                                                  for k in range(3)] for name in ("base", "tuned")])
 
 
 def test_scoring_the_reference_images_themselves_gives_zero_distances(style_data, tmp_path):
@@ -2538,7 +2606,7 @@ def test_scoring_the_reference_images_themselves_gives_zero_distances(style_data
         rpo.decode(r["jpg_0"]).save(tmp_path / f"{k}.png")
     out = run_style("score", "--model", "tiny", "--images", tmp_path,
                     "--ref", style_data / "style_test.parquet",
-                    "--prompts", style_data / "style_test.parquet")
+                    "--prompts", style_data / "style_test.parquet", "--out", tmp_path / "s.json")
     r = json.loads(out.strip().splitlines()[-1])[tmp_path.name]
     assert r["fd"] == pytest.approx(0, abs=1e-4) and r["gram"] == pytest.approx(0, abs=1e-6)
 
@@ -2551,7 +2619,8 @@ def test_unknown_style_without_instruction_exits_with_one_line(tmp_path):
 
 def test_missing_prompts_file_exits_with_one_line(tmp_path):
     with pytest.raises(SystemExit, match="eval_style.py: --prompts .* does not exist"):
-        run_style("score", "--model", "tiny", "--prompts", tmp_path / "nope.parquet")
+        run_style("score", "--model", "tiny", "--prompts", tmp_path / "nope.parquet",
+                  "--out", tmp_path / "s.json")
 
 
 # --------------------------------------------------------------------- preference evaluation: prefer
@@ -2586,6 +2655,41 @@ def test_the_bootstrap_interval_of_a_share_is_the_binomial_one():
     exact = [np.searchsorted(cdf, q) / n for q in (0.025, 0.975)]
     assert eval_style.bootstrap_ci([1] * 200 + [0] * 200, draws=20000) == pytest.approx(exact, abs=0.004)
     assert eval_style.bootstrap_ci([0.7] * 50) == pytest.approx([0.7, 0.7])
+
+
+def test_the_sign_test_is_the_two_sided_binomial_tail_over_prompts_that_are_not_ties():
+    # 9 wins and 1 loss of 10: 2 (C(10, 0) + C(10, 1)) / 2^10 = 22 / 1024; ties (1/2) count for neither side
+    assert eval_style.sign_test([1] * 9 + [0] + [0.5] * 5) == 22 / 1024
+    assert eval_style.sign_test([0] * 9 + [1]) == 22 / 1024
+    assert eval_style.sign_test([1, 0] * 20) == 1.0 and eval_style.sign_test([0.5] * 7) == 1.0
+    # outcomes pooled over seeds: above one half is a win
+    assert eval_style.sign_test([2 / 3] * 6) == 2 / 64
+    assert eval_style.sign_test([1] * 3000 + [0] * 2000) < 1e-40  # exact even where 2^n overflows a float
+
+
+def test_hpsv2s_square_places_the_image_as_its_resize_max_size_does_at_any_aspect_ratio():
+    # (width, height): content rows and columns inside the 224 px square, as HPSv2's ResizeMaxSize places
+    # them (each side round(side x 224 / long side), pad // 2 before the content, the rest after)
+    content = {(512, 768): ((0, 223), (37, 185)), (1024, 640): ((42, 181), (0, 223)),
+               (832, 1216): ((0, 223), (35, 187)), (1216, 832): ((35, 187), (0, 223)),
+               (224, 224): ((0, 223), (0, 223)), (40, 1000): ((0, 223), (107, 115))}
+    black = torch.tensor([(0 - m) / s for m, s in zip(rpo.CLIP_MEAN, rpo.CLIP_STD)]).view(3, 1, 1)
+    for (w, h), (rows, cols) in content.items():
+        x = eval_style.clip_inputs([Image.new("RGB", (w, h), "white")], 224, "cpu", hpsv2=True)[0]
+        inside = (x - black).abs().amax(0) > 0.1
+        assert x.shape == (3, 224, 224)
+        got_rows, got_cols = inside.any(1).nonzero().flatten(), inside.any(0).nonzero().flatten()
+        assert (got_rows[0], got_rows[-1]) == rows and (got_cols[0], got_cols[-1]) == cols, (w, h)
+        assert len(got_rows) == rows[1] - rows[0] + 1 and len(got_cols) == cols[1] - cols[0] + 1
+
+
+def test_hpsv2s_captions_are_cleaned_as_openclip_cleans_them_before_tokenizing():
+    assert eval_style.openclip_clean("Tom &amp; Jerry") == "tom & jerry"
+    # unescaped twice after ftfy, which leaves entities alone in text with markup
+    assert eval_style.openclip_clean("<i>fish &amp;amp; chips</i>") == "<i>fish & chips</i>"
+    assert eval_style.openclip_clean("  a\tcat\n\non  a mat ") == "a cat on a mat"
+    assert eval_style.openclip_clean("cafÃ© au lait") == "café au lait"  # ftfy undoes the mojibake
+    assert eval_style.openclip_clean("&lt;b&gt;bold&lt;/b&gt;") == "<b>bold</b>"
 
 
 def openclip_state(v_width=160, t_width=128, layers=2, patch=8, image=32, vocab=514, embed=32, seed=0):
@@ -2723,14 +2827,15 @@ def test_prompt_sets_read_pick_a_pic_partiprompts_and_text_files_unique_and_in_o
     assert prompts("--prompts", "toy") == toy.captions_of("test")
 
 
-def in_hub_cache(cache, repo_id, files):
+def in_hub_cache(cache, repo_id, files, repo_type="model"):
     """Files laid out as huggingface_hub keeps a downloaded repository, where from_pretrained and
     hf_hub_download find them offline."""
-    root = cache / f"models--{repo_id.replace('/', '--')}"
+    root = cache / f"{repo_type}s--{repo_id.replace('/', '--')}"
     (root / "snapshots" / ("0" * 40)).mkdir(parents=True)
     (root / "refs").mkdir()
     (root / "refs" / "main").write_text("0" * 40)
     for name, data in files.items():
+        (root / "snapshots" / ("0" * 40) / name).parent.mkdir(parents=True, exist_ok=True)
         (root / "snapshots" / ("0" * 40) / name).write_bytes(data)
 
 
@@ -2789,8 +2894,44 @@ def test_prefer_loads_the_published_scorers_from_the_hub_and_a_run_equal_to_the_
         assert all(math.isfinite(v) for v in report["scores"]["base"][scorer])
         # the same weights from the same noise: the same images, so every prompt is a tie
         assert report["scores"][same][scorer] == report["scores"]["base"][scorer]
-        assert report["win_rate_vs_base"][same][scorer] == dict(rate=0.5, ci=[0.5, 0.5])
+        assert report["win_rate_vs_base"][same][scorer] == dict(rate=0.5, ci=[0.5, 0.5], p=1.0)
     assert report["protocol"]["prompts"] == 3 and report["protocol"]["steps"] == 2
+
+
+def test_the_hps_scorer_reads_each_caption_as_openclip_cleans_it(scorer_hub):
+    score = eval_style.load_scorers(["hps"], None, None)["hps"]
+    image = Image.new("RGB", (48, 32), (200, 40, 90))
+    captions = ["Tom &amp; Jerry", "tom & jerry", "tom  &amp;amp;  JERRY\n", "tom and jerry"]
+    scores = score([image] * 4, captions, torch.device("cpu"), torch.float32, 3)
+    assert scores[0] == scores[1] == scores[2] != scores[3]
+
+
+def test_hpsv2s_benchmark_is_read_from_the_hub_by_style_and_reported_per_style_and_over_all_four(
+        tmp_path, scorer_hub):
+    styles = eval_style.HPSV2_STYLES
+    published = {style: [f"{style} prompt {k}" for k in range(3)] + [f"{style} prompt 0"] for style in styles}
+    in_hub_cache(scorer_hub, eval_style.HPSV2_BENCHMARK,
+                 {f"benchmark/{style}.json": json.dumps(p).encode() for style, p in published.items()},
+                 repo_type="dataset")
+
+    def sets(*flags):
+        return eval_style.prompt_sets(eval_style.parse_args(["prefer", "--prompts", "hpsv2", *flags]))
+    assert sets("--n", "2") == {style: p[:2] for style, p in published.items()}
+    assert sets("--n", "0") == published  # as published: in order, duplicates kept
+    out = run_style("prefer", "--model", "tiny", "--prompts", "hpsv2", "--n", 2, "--scorers", "pickscore",
+                    "--steps", 1, "--sheet", 0, "--out", tmp_path / "h.json")
+    report = json.load(open(tmp_path / "h.json"))
+    assert report["protocol"]["styles"] == dict.fromkeys(styles, 2) and report["protocol"]["prompts"] == 8
+    scores = report["scores"]["base"]["pickscore"]
+    assert list(report["styles"]) == list(styles)
+    for k, style in enumerate(styles):
+        assert report["styles"][style]["runs"]["base"]["pickscore"]["mean"] == pytest.approx(
+            np.mean(scores[2 * k:2 * k + 2]))
+    overall = report["runs"]["base"]["pickscore"]["mean"]
+    assert overall == pytest.approx(np.mean([report["styles"][s]["runs"]["base"]["pickscore"]["mean"]
+                                             for s in styles]))
+    assert "pickscore: mean by style" + "".join(f"{s:>13}" for s in [*styles, "all"]) in out
+    assert not (tmp_path / "h.png").exists()  # --sheet 0
 
 
 def test_the_tiny_round_trip_trains_a_unet_and_lora_then_reports_means_and_win_rates_against_the_base(
@@ -2801,24 +2942,29 @@ def test_the_tiny_round_trip_trains_a_unet_and_lora_then_reports_means_and_win_r
     train(tmp_path / "lora_run", *flags, *LORA)
     runs = ["unet_run", "lora_run"]
     out = run_style("prefer", "--model", "tiny", "--runs", *(tmp_path / run for run in runs), "--n", 4,
-                    "--steps", 2, "--out", tmp_path / "prefer.json", "--save", tmp_path / "images")
+                    "--per_prompt", 2, "--steps", 2, "--out", tmp_path / "prefer.json",
+                    "--save", tmp_path / "images")
     report = json.load(open(tmp_path / "prefer.json"))
     for scorer in ("judge", "clip"):
         for name in ("base", *runs):
             mean, (lo, hi) = report["runs"][name][scorer]["mean"], report["runs"][name][scorer]["ci"]
             assert lo <= mean <= hi and name in out
-        for name in runs:
-            won = report["win_rate_vs_base"][name][scorer]
-            assert won["ci"][0] <= won["rate"] <= won["ci"][1]
-            assert won["rate"] == np.mean(eval_style.outcomes(report["scores"][name][scorer],
-                                                              report["scores"]["base"][scorer]))
-        assert 0 <= report["win_rates"][f"{runs[0]} vs {runs[1]}"][scorer]["rate"] <= 1
+        for name, other in [(run, "base") for run in runs] + [tuple(runs)]:
+            won = (report["win_rate_vs_base"][name] if other == "base" else
+                   report["win_rates"][f"{name} vs {other}"])[scorer]
+            outcomes = eval_style.outcomes(report["scores"][name][scorer], report["scores"][other][scorer])
+            assert won["ci"][0] <= won["rate"] <= won["ci"][1] and won["rate"] == np.mean(outcomes)
+            assert won["p"] == eval_style.sign_test(outcomes)
     assert report["protocol"]["judge_accuracy"] >= 0.95
     assert sorted(os.listdir(tmp_path / "images")) == sorted(["base", *runs])
+    # the sheet beside the report: image 0 of each prompt (of 2 each), base first
+    assert_sheet_shows(tmp_path / "prefer.png", [[tmp_path / "images" / name / f"{2 * k:05d}.png"
+                                                   for k in range(4)] for name in ("base", *runs)])
     # style alignment takes a LoRA run too
     (tmp_path / "prompts.txt").write_text("\n".join(toy.captions_of("test")[:3]))
     out = run_style("score", "--model", "tiny", "--unet", tmp_path / "lora_run", "--prompts",
-                    tmp_path / "prompts.txt", "--ref", tmp_path / "images" / "base", "--steps", 2)
+                    tmp_path / "prompts.txt", "--ref", tmp_path / "images" / "base", "--steps", 2,
+                    "--out", tmp_path / "score.json")
     assert json.loads(out.strip().splitlines()[-1])["tuned"]["images"] == 3
 
 
