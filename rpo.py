@@ -2,7 +2,7 @@
 Stable Diffusion 1.5 / SDXL UNet that contrasts every winner with every loser of a micro-batch,
 each pair weighted by how alike the two prompt-image pairs are in CLIP space.
 
-    python rpo.py                                  # a tiny model that draws the toy world (toy.py), CPU
+    python rpo.py                                  # the toy world (toy.py): CPU, 75 to 85 s on 2 cores
     python rpo.py --model sdxl --data pickapic     # the real thing
     torchrun --nproc_per_node=8 rpo.py --model sd15 --data /data/pickapic --global_contrast
 
