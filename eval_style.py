@@ -145,7 +145,8 @@ def bootstrap_ci(values, draws=2000, seed=0):
 
 
 # HPSv2's ResizeMaxSize: each side to round(side x size / long side), then black padding to a square,
-# pad // 2 before the content (left, top) and the rest after it
+# pad // 2 before the content (left, top) and the rest after it (HPSv2 skips the padding when the long side is
+# already size, leaving a non-square image its ViT cannot take; this pads it)
 def hps_square(image, size):
     scale = size / max(image.size)
     if scale != 1:
@@ -542,9 +543,10 @@ def score(args, cfg):
     rows = min(args.sheet, *map(len, sets.values()))
     if rows:
         png = args.out.removesuffix(".json") + ".png"
-        labels = {name: [score_lines(name, {"CLIP score": result[name]["clip_scores"]}, k)
-                         for k in range(rows)] for name in sets}
-        rpo.atomic_save(comparison_sheet({name: images[:rows] for name, images in sets.items()}, labels,
+        columns = {name: sheet_column(name, images, {"CLIP score": result[name]["clip_scores"]}, 1, rows)
+                   for name, images in sets.items()}
+        rpo.atomic_save(comparison_sheet({name: c[0] for name, c in columns.items()},
+                                         {name: c[1] for name, c in columns.items()},
                                          (captions or [f"image {k}" for k in range(rows)])[:rows]), png)
         print(f"-> {png} (the first {rows} captions)", file=sys.stderr)
     return result
@@ -557,18 +559,20 @@ HPSV2_BENCHMARK, HPSV2_STYLES = "zhwang/HPDv2", ("anime", "concept-art", "painti
 
 
 def prompt_sets(args):
-    """{style: prompts}, the first --n of each: HPSv2's benchmark by its four styles, any other set as one,
-    "all"."""
+    """{style: prompts}, the first --n of each: HPSv2's benchmark by its four styles; any other set is one
+    style, "all"."""
     if args.prompts != "hpsv2":
         return {"all": prompt_set(args)[:args.n or None]}
     sets = {}
     for style in HPSV2_STYLES:
-        with open(hub_file(HPSV2_BENCHMARK, f"benchmark/{style}.json", repo_type="dataset")) as fh:
+        path = hub_file(HPSV2_BENCHMARK, f"benchmark/{style}.json", repo_type="dataset")
+        with open(path, encoding="utf-8") as fh:
             try:
                 prompts = json.load(fh)
             except ValueError:
                 prompts = None
-        if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+        if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) and p.strip()
+                                                                   for p in prompts):
             fail(f"{HPSV2_BENCHMARK}'s benchmark/{style}.json is not a list of prompts")
         sets[style] = prompts[:args.n or None]  # as published, in order, duplicates kept
     return sets
@@ -709,19 +713,19 @@ def print_report(report, protocol):
         cells = (f"{by[s]['mean']:.4g} [{by[s]['ci'][0]:.4g}, {by[s]['ci'][1]:.4g}]" for s in scorers)
         print(f"{name:<{width}}" + "".join(cell.rjust(30) for cell in cells))
     for title, table in (("win rate against the base [95 % interval] p", report["win_rate_vs_base"]),
-                         ("win rate between runs", report["win_rates"])):
+                         ("win rate between runs [95 % interval] p", report["win_rates"])):
         if table:
             print(title)
             for name, by in table.items():
                 cells = (f"{w['rate']:.3f} [{w['ci'][0]:.3f}, {w['ci'][1]:.3f}] p {w['p']:.2g}"
                          for w in (by[s] for s in scorers))
                 print(f"{name:<{width}}" + "".join(cell.rjust(30) for cell in cells))
-    for s in scorers if "styles" in report else ():  # HPSv2's benchmark table: each style, then all four
-        print(f"{s}: mean by style" + "".join(f"{style:>13}" for style in [*report["styles"], "all"]))
+    for s in scorers if "styles" in report else ():  # HPSv2's benchmark table: each style, their mean
+        header = [*report["styles"], "averaged"]
+        print(f"{s + ': mean by style':<{width}}" + "".join(f"{c:>13}" for c in header))
         for name in report["runs"]:
             means = [report["styles"][style]["runs"][name][s]["mean"] for style in report["styles"]]
-            means.append(report["runs"][name][s]["mean"])
-            print(f"{name:<{len(s) + 15}}" + "".join(f"{m:>13.4g}" for m in means))
+            print(f"{name:<{width}}" + "".join(f"{m:>13.4g}" for m in [*means, np.mean(means)]))
 
 
 SHEET_CELL, SHEET_LINE = 192, 16  # px: each image of the sheet is scaled to this width; one line of text
@@ -732,11 +736,20 @@ def comparison_sheet(images, labels, captions):
     from PIL import ImageDraw, ImageFont
     import textwrap
     font = ImageFont.load_default(size=13)
-    cells = {name: [im.resize((SHEET_CELL, SHEET_CELL * im.height // im.width),
+    cells = {name: [im.resize((SHEET_CELL, max(1, SHEET_CELL * im.height // im.width)),
                               Image.NEAREST if im.width < SHEET_CELL else Image.LANCZOS) for im in ims]
              for name, ims in images.items()}
     width = SHEET_CELL * len(cells)
-    wrapped = [textwrap.wrap(str(c), max(width // 7, 20))[:3] for c in captions]
+
+    def fitted(text, room):  # cut to the room it has, ending in ... where cut
+        while font.getlength(text) > room and len(text) > 1:
+            text = text[:-2] + "…"
+        return text
+    wrapped = []
+    for caption in captions:
+        lines = textwrap.wrap(str(caption), max(width // 7, 20)) or [""]
+        wrapped.append([fitted(line, width - 8) for line in lines[:2]] +
+                       [fitted(" ".join(lines[2:]), width - 8)] * (len(lines) > 2))
     label_height = SHEET_LINE * max(len(lines) for ls in labels.values() for lines in ls)
     heights = [SHEET_LINE * len(w) + max(cells[n][k].height for n in cells) + label_height + 8
                for k, w in enumerate(wrapped)]
@@ -746,20 +759,25 @@ def comparison_sheet(images, labels, captions):
         for i, line in enumerate(lines):
             draw.text((4, y + SHEET_LINE * i), line, fill="black", font=font)
         top = y + SHEET_LINE * len(lines)
+        below = top + max(cells[name][k].height for name in cells)  # the labels, in one line across the row
         for column, name in enumerate(cells):
-            x, image = SHEET_CELL * column, cells[name][k]
-            sheet.paste(image, (x, top))
+            x = SHEET_CELL * column
+            sheet.paste(cells[name][k], (x, top))
             for i, line in enumerate(labels[name][k]):
-                draw.text((x + 4, top + image.height + SHEET_LINE * i), line, fill="black", font=font)
+                draw.text((x + 4, below + SHEET_LINE * i), fitted(line, SHEET_CELL - 8), fill="black",
+                          font=font)
         y += height
     buf = io.BytesIO()
     sheet.save(buf, format="PNG")
     return buf.getvalue()
 
 
-def score_lines(name, scores, k):
-    """The label of image k: the model's name, then each scorer's score, in the order of the scorers."""
-    return [name, *(f"{s} {v[k]:.4g}" for s, v in scores.items())]
+def sheet_column(name, images, per_image, per_prompt, k):
+    """A model's column of the sheet: image 0 of each of the first k prompts (per_prompt images each), and its
+    label, the model's name and then each scorer's score of that image, in the order of the scorers."""
+    first = images[::per_prompt][:k]
+    return first, [[name, *(f"{s} {v[::per_prompt][j]:.4g}" for s, v in per_image.items())]
+                   for j in range(len(first))]
 
 
 def trained_world(paths, default):
@@ -801,17 +819,14 @@ def prefer(args, cfg):
             save_images({name.replace(os.sep, "_"): images}, args.save)
         per_image = {s: score(images, each, device, dtype, args.batch) for s, score in scorers.items()}
         scores[name] = {s: v.reshape(len(prompts), -1).mean(1) for s, v in per_image.items()}
-        # the sheet: image 0 of each of the first --sheet prompts
-        sheet[name] = images[::args.per_prompt][:args.sheet]
-        labels[name] = [score_lines(name, {s: v[::args.per_prompt] for s, v in per_image.items()}, k)
-                        for k in range(len(sheet[name]))]
+        sheet[name], labels[name] = sheet_column(name, images, per_image, args.per_prompt, args.sheet)
     protocol = dict(model=args.model, base=base, prompts=len(prompts), prompt_set=args.prompts,
                     per_prompt=args.per_prompt, steps=args.steps, guidance=args.guidance,
                     resolution=args.resolution, seed=args.seed, scorers=list(scorers))
     if "judge" in scorers:
         protocol["judge_accuracy"] = toy.judge_accuracy(toy.load_judge(), world)
     report = dict(protocol=protocol, **summarize(scores))
-    if len(sets) > 1:  # each style on its own, as HPSv2's benchmark table
+    if args.prompts == "hpsv2":  # each style on its own, as HPSv2's benchmark table
         protocol["styles"] = {style: len(ps) for style, ps in sets.items()}
         bounds = np.cumsum([0, *protocol["styles"].values()])
         report["styles"] = {style: summarize({name: {s: v[a:b] for s, v in by.items()}
@@ -919,6 +934,8 @@ def fill_defaults(args, cfg):
 
 def main(argv=None):
     args = parse_args(argv)
+    if getattr(args, "sheet", 0) < 0:
+        fail(f"--sheet {args.sheet}: the number of prompts in the sheet, 0 for none")
     cfg = rpo.parse_config(["--model", args.model, "--max_pairs", "0", "--report_to", "none"])  # its presets
     fill_defaults(args, cfg)
     if args.command == "score":

@@ -2428,10 +2428,11 @@ def test_on_a_gpu_sdxl_at_1024_px_trains_m4_and_evaluates_the_default_held_out_s
     # the preset: 1024 px, M = 4, gradient checkpointing, Adafactor; 64 held-out pairs = 128 images at
     # 1024 px, encoded and evaluated one micro-batch at a time
     summary, metrics, _ = gpu_run(tmp_path, "--model", "sdxl", "--random_init", "--grad_accum", 1,
-                                  "--max_steps", 2, "--toy_pairs", 16, "--eval_pairs", 64, "--eval_draws", 1,
+                                  "--max_steps", 2, "--toy_pairs", 64, "--eval_pairs", 64, "--eval_draws", 1,
                                   "--sample_steps", 0, timeout=560)
     assert summary["batch"] == 4 and summary["precision"] == "bf16"
-    assert counts_pairs(summary["heldout_accuracy"], 64)
+    assert counts_pairs(summary["heldout_accuracy"], 64)  # --toy_pairs 64: all 64 held-out pairs exist
+    assert summary["heldout_accuracy"] == metrics[-1]["heldout_accuracy"]
     assert summary["peak_mem_mb"] < SDXL_PEAK_BOUND_MB, summary["peak_mem_mb"]
 
 
@@ -2556,6 +2557,15 @@ def test_rpo_trains_on_the_style_parquet(trained):
     assert os.path.exists(trained / "unet" / "config.json")
 
 
+def test_a_sheet_column_is_image_0_of_each_prompt_labelled_with_its_own_scores_in_the_scorers_order():
+    images = [f"image {k}" for k in range(6)]  # 3 prompts x 2 images
+    per_image = {"judge": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6], "clip": [10, 20, 30, 40, 50, 60]}
+    first, labels = eval_style.sheet_column("rpo", images, per_image, 2, 2)
+    assert first == ["image 0", "image 2"]
+    assert labels == [["rpo", "judge 0.1", "clip 10"], ["rpo", "judge 0.3", "clip 30"]]
+    assert eval_style.sheet_column("base", images, per_image, 2, 8)[0] == ["image 0", "image 2", "image 4"]
+
+
 def assert_sheet_shows(sheet, columns):
     """The comparison sheet shows image k of column c (files), scaled to the sheet's cell width, whole in its
     column; the images of one prompt side by side in one row, the rows in prompt order, with text under each
@@ -2662,7 +2672,7 @@ def test_the_sign_test_is_the_two_sided_binomial_tail_over_prompts_that_are_not_
     assert eval_style.sign_test([1] * 9 + [0] + [0.5] * 5) == 22 / 1024
     assert eval_style.sign_test([0] * 9 + [1]) == 22 / 1024
     assert eval_style.sign_test([1, 0] * 20) == 1.0 and eval_style.sign_test([0.5] * 7) == 1.0
-    # outcomes pooled over seeds: above one half is a win
+    # outcomes pooled over seeds, as README's comparison of rpo and dpo pools them: above one half is a win
     assert eval_style.sign_test([2 / 3] * 6) == 2 / 64
     assert eval_style.sign_test([1] * 3000 + [0] * 2000) < 1e-40  # exact even where 2^n overflows a float
 
@@ -2930,8 +2940,19 @@ def test_hpsv2s_benchmark_is_read_from_the_hub_by_style_and_reported_per_style_a
     overall = report["runs"]["base"]["pickscore"]["mean"]
     assert overall == pytest.approx(np.mean([report["styles"][s]["runs"]["base"]["pickscore"]["mean"]
                                              for s in styles]))
-    assert "pickscore: mean by style" + "".join(f"{s:>13}" for s in [*styles, "all"]) in out
+    # HPSv2's table: each style's mean, then the mean of the four
+    table = out[out.index("pickscore: mean by style"):].splitlines()
+    assert table[0].split()[4:] == [*styles, "averaged"] and table[1].split()[0] == "base"
+    style_means = [report["styles"][s]["runs"]["base"]["pickscore"]["mean"] for s in styles]
+    assert table[1].split()[1:] == [f"{m:.4g}" for m in [*style_means, np.mean(style_means)]]
     assert not (tmp_path / "h.png").exists()  # --sheet 0
+    # a benchmark file that is no list of prompts is one line
+    dataset = f"datasets--{eval_style.HPSV2_BENCHMARK.replace('/', '--')}"
+    snapshot = scorer_hub / dataset / "snapshots" / ("0" * 40)
+    for bad in ("not json", "[]", '["a prompt", "  "]'):
+        (snapshot / "benchmark" / "photo.json").write_text(bad)
+        with pytest.raises(SystemExit, match="benchmark/photo.json is not a list of prompts"):
+            sets("--n", "2")
 
 
 def test_the_tiny_round_trip_trains_a_unet_and_lora_then_reports_means_and_win_rates_against_the_base(
@@ -2977,6 +2998,12 @@ def test_for_tiny_runs_prefer_judges_the_toy_world_they_were_trained_in(tmp_path
     train(tmp_path / "plain", *flags)
     with pytest.raises(SystemExit, match="trained on different data .toy, toy-subject.; pass --prompts"):
         run_style("prefer", "--model", "tiny", "--runs", tmp_path / "subject", tmp_path / "plain")
+
+
+def test_a_negative_sheet_is_one_line_before_any_work():
+    for command in ("prefer", "score"):
+        with pytest.raises(SystemExit, match="--sheet -1: the number of prompts in the sheet, 0 for none"):
+            run_style(command, "--model", "tiny", "--sheet", -1)
 
 
 def test_a_folder_that_is_not_a_run_is_one_line_before_any_work(tmp_path):
