@@ -30,12 +30,13 @@ import json
 import math
 import os
 import sys
+import textwrap
 from contextlib import contextmanager
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 from tqdm import tqdm
 
 import rpo
@@ -733,8 +734,6 @@ SHEET_CELL, SHEET_LINE = 192, 16  # px: each image of the sheet is scaled to thi
 
 def comparison_sheet(images, labels, captions):
     """PNG bytes: a row per caption, under it each model's image, labelled with the lines of labels[model]."""
-    from PIL import ImageDraw, ImageFont
-    import textwrap
     font = ImageFont.load_default(size=13)
     cells = {name: [im.resize((SHEET_CELL, max(1, SHEET_CELL * im.height // im.width)),
                               Image.NEAREST if im.width < SHEET_CELL else Image.LANCZOS) for im in ims]
