@@ -516,8 +516,6 @@ def print_table(rows):
 
 def score(args, cfg):
     device, dtype = device_dtype()
-    if not args.out.endswith(".json"):
-        fail(f"--out {args.out!r}: the scores are JSON, name it *.json")
     _, phrase = style_of(args)
     base = args.base or rpo.model_folder(cfg)
     captions, ref = style_set(args.prompts, cfg, "--prompts")
@@ -543,13 +541,9 @@ def score(args, cfg):
     print(f"-> {args.out}", file=sys.stderr)
     rows = min(args.sheet, *map(len, sets.values()))
     if rows:
-        png = args.out.removesuffix(".json") + ".png"
-        columns = {name: sheet_column(name, images, {"CLIP score": result[name]["clip_scores"]}, 1, rows)
-                   for name, images in sets.items()}
-        rpo.atomic_save(comparison_sheet({name: c[0] for name, c in columns.items()},
-                                         {name: c[1] for name, c in columns.items()},
-                                         (captions or [f"image {k}" for k in range(rows)])[:rows]), png)
-        print(f"-> {png} (the first {rows} captions)", file=sys.stderr)
+        save_sheet(args.out, {name: sheet_column(name, images, {"CLIP score": result[name]["clip_scores"]}, 1,
+                                                 rows) for name, images in sets.items()},
+                   (captions or [f"image {k}" for k in range(rows)])[:rows])
     return result
 
 
@@ -732,12 +726,14 @@ def print_report(report, protocol):
 SHEET_CELL, SHEET_LINE = 192, 16  # px: each image of the sheet is scaled to this width; one line of text
 
 
-def comparison_sheet(images, labels, captions):
-    """PNG bytes: a row per caption, under it each model's image, labelled with the lines of labels[model]."""
+def comparison_sheet(columns, captions):
+    """PNG bytes: a row per caption, under it each model's image, labelled with its lines; columns: {model:
+    (images, labels)}, as sheet_column makes them."""
     font = ImageFont.load_default(size=13)
     cells = {name: [im.resize((SHEET_CELL, max(1, SHEET_CELL * im.height // im.width)),
                               Image.NEAREST if im.width < SHEET_CELL else Image.LANCZOS) for im in ims]
-             for name, ims in images.items()}
+             for name, (ims, _) in columns.items()}
+    labels = {name: lines for name, (_, lines) in columns.items()}
     width = SHEET_CELL * len(cells)
 
     def fitted(text, room):  # cut to the room it has, ending in ... where cut
@@ -779,6 +775,13 @@ def sheet_column(name, images, per_image, per_prompt, k):
                    for j in range(len(first))]
 
 
+def save_sheet(out, columns, captions):
+    """The comparison sheet of these captions beside the report OUT.json, as OUT.png."""
+    png = out.removesuffix(".json") + ".png"
+    rpo.atomic_save(comparison_sheet(columns, captions), png)
+    print(f"-> {png} (the first {len(captions)} prompts, image 0 of each)", file=sys.stderr)
+
+
 def trained_world(paths, default):
     """The toy world the runs were trained in, read from their checkpoints' settings (default without any)."""
     worlds = set()
@@ -794,8 +797,6 @@ def trained_world(paths, default):
 
 def prefer(args, cfg):
     device, dtype = device_dtype()
-    if not args.out.endswith(".json"):
-        fail(f"--out {args.out!r}: the report is JSON, name it *.json")
     base = args.base or rpo.model_folder(cfg)
     paths = [os.path.normpath(path) for path in args.runs]
     names = [os.path.basename(path) for path in paths]  # a run is named by its folder, or its path if need be
@@ -810,7 +811,7 @@ def prefer(args, cfg):
     scorers = load_scorers(args.scorers, world, args.clip or cfg.clip or os.path.join(base, "clip"))
     pipe = load_pipeline(args.model, base, device, dtype)
     each = [p for p in prompts for _ in range(args.per_prompt)]  # prompt k, image j: seed k x per_prompt + j
-    scores, sheet, labels = {}, {}, {}
+    scores, sheet = {}, {}
     for name, weights in {"base": None, **runs}.items():
         with drawing_with(pipe, weights, device, dtype):
             images = generate(pipe, each, args, device, desc=name)
@@ -818,7 +819,7 @@ def prefer(args, cfg):
             save_images({name.replace(os.sep, "_"): images}, args.save)
         per_image = {s: score(images, each, device, dtype, args.batch) for s, score in scorers.items()}
         scores[name] = {s: v.reshape(len(prompts), -1).mean(1) for s, v in per_image.items()}
-        sheet[name], labels[name] = sheet_column(name, images, per_image, args.per_prompt, args.sheet)
+        sheet[name] = sheet_column(name, images, per_image, args.per_prompt, args.sheet)
     protocol = dict(model=args.model, base=base, prompts=len(prompts), prompt_set=args.prompts,
                     per_prompt=args.per_prompt, steps=args.steps, guidance=args.guidance,
                     resolution=args.resolution, seed=args.seed, scorers=list(scorers))
@@ -836,9 +837,7 @@ def prefer(args, cfg):
     rpo.atomic_save(report, args.out)
     print(f"-> {args.out}", file=sys.stderr)
     if args.sheet:
-        png = args.out.removesuffix(".json") + ".png"
-        rpo.atomic_save(comparison_sheet(sheet, labels, prompts[:args.sheet]), png)
-        print(f"-> {png} (the first {len(prompts[:args.sheet])} prompts, image 0 of each)", file=sys.stderr)
+        save_sheet(args.out, sheet, prompts[:args.sheet])
     return report
 
 
@@ -933,6 +932,8 @@ def fill_defaults(args, cfg):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.command in ("prefer", "score") and not args.out.endswith(".json"):
+        fail(f"--out {args.out!r}: the report is JSON, name it *.json (the sheet goes beside it, as .png)")
     if getattr(args, "sheet", 0) < 0:
         fail(f"--sheet {args.sheet}: the number of prompts in the sheet, 0 for none")
     cfg = rpo.parse_config(["--model", args.model, "--max_pairs", "0", "--report_to", "none"])  # its presets

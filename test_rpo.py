@@ -44,12 +44,14 @@ def private_model_home(tmp_path_factory):
     yield
 
 
+TRAIN_DEFAULTS = ["--workers", "0", "--eval_pairs", "8", "--eval_draws", "2"]  # train's, unless flags say
+
+
 def train(out, *flags):
     """rpo.py's main in this process; returns the end-of-run JSON line and metrics.jsonl."""
     buf = io.StringIO()
     with redirect_stdout(buf):
-        rpo.main(["--out", str(out), "--workers", "0", "--eval_pairs", "8", "--eval_draws", "2",
-                  *map(str, flags)])
+        rpo.main(["--out", str(out), *TRAIN_DEFAULTS, *map(str, flags)])
     lines = [l for l in buf.getvalue().splitlines() if l.startswith("{")]
     return strict_json(lines[-1]) if lines else None, logged(out)
 
@@ -62,7 +64,7 @@ def heldout_of_saved_unet(out, *flags):
     """The held-out accuracy and margin of the UNet a run (train's flags) saved in OUT/unet, evaluated here
     afresh, in this process, against the base it started from."""
     from diffusers import UNet2DConditionModel
-    cfg = rpo.parse_config(["--workers", "0", "--eval_pairs", "8", "--eval_draws", "2", *map(str, flags)])
+    cfg = rpo.parse_config([*TRAIN_DEFAULTS, *map(str, flags)])
     m = rpo.load_models(cfg, torch.device("cpu"), torch.float32)
     m.unet.load_state_dict(UNet2DConditionModel.from_pretrained(os.path.join(out, "unet")).state_dict())
     return rpo.evaluate(cfg, m, rpo.heldout_pairs(cfg, m), rpo.nullcontext())
