@@ -279,6 +279,11 @@ def device_dtype():
     return torch.device("cuda" if cuda else "cpu"), torch.float16 if cuda else torch.float32
 
 
+def load_clip(clip_id, device):
+    from transformers import CLIPModel, CLIPTokenizer
+    return rpo.pretrained(CLIPModel, clip_id).to(device).eval(), rpo.pretrained(CLIPTokenizer, clip_id)
+
+
 def style_of(args):
     instruction, phrase = STYLES.get(args.style.lower(), (None, args.style))
     return getattr(args, "instruction", None) or instruction, args.phrase or phrase
@@ -323,79 +328,6 @@ def style_set(path, cfg, what):
     rows = [row for _, row in rpo.rows_in_order(cfg, path, "train")]
     winners = [r["jpg_0"] if r["label_0"] == 1 else r["jpg_1"] for r in rows]
     return [r["caption"] for r in rows], [rpo.decode(w) for w in winners]
-
-
-# -------------------------------------------------------------------------------------- make-data
-def load_editor(args, device, dtype):
-    from diffusers import StableDiffusionInstructPix2PixPipeline
-    editor = args.editor or (toy.tiny_editor() if args.model.startswith("tiny") else IP2P)
-    pipe = rpo.pretrained(StableDiffusionInstructPix2PixPipeline, editor, dtype=dtype, safety_checker=None,
-                          requires_safety_checker=False).to(device)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def edited_chunks(pipe, sources, instruction, args, device):
-    """The first args.n (caption, image) of sources, edited args.batch at a time: per chunk the index of its
-    first caption, its (caption, original) and the styled images."""
-    bar, done = tqdm(total=args.n, desc=f"editing: {instruction}"), 0
-    while done < args.n:
-        chunk = list(itertools.islice(sources, min(args.batch, args.n - done)))
-        if not chunk:
-            break
-        seeds = range(args.seed + done, args.seed + done + len(chunk))  # seed k for caption k
-        styled = pipe([instruction] * len(chunk), image=[img for _, img in chunk],
-                      num_inference_steps=args.steps, guidance_scale=args.guidance,
-                      image_guidance_scale=args.image_guidance,
-                      generator=[torch.Generator(device).manual_seed(s) for s in seeds]).images
-        yield done, chunk, styled
-        bar.update(len(chunk))
-        done += len(chunk)
-    bar.close()
-
-
-def write_pairs(chunks, train_path, test_path, test_every):
-    """Streams the pairs into PATH.tmp, one row group per chunk and file, so any --n fits in memory.
-    Returns the pairs written per path: {} (and no files) when there was no chunk."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    schema = pa.schema([("caption", pa.string()), ("jpg_0", pa.binary()), ("jpg_1", pa.binary()),
-                        ("label_0", pa.float64())])
-    writers, n = {}, {}
-    for start, chunk, styled in chunks:
-        rows = {train_path: [], test_path: []}
-        for i, ((caption, original), edit) in enumerate(zip(chunk, styled)):
-            # every test_every-th caption is held out: captions are unique, so no test caption is trained on
-            rows[test_path if (start + i) % test_every == 0 else train_path].append(
-                dict(caption=caption, jpg_0=jpeg(edit), jpg_1=jpeg(original), label_0=1.0))
-        if not writers:
-            writers, n = {p: pq.ParquetWriter(p + ".tmp", schema) for p in rows}, dict.fromkeys(rows, 0)
-        for p, r in rows.items():
-            if r:
-                writers[p].write_table(pa.Table.from_pylist(r, schema))
-                n[p] += len(r)
-    for w in writers.values():
-        w.close()
-    return n
-
-
-def make_data(args, cfg):
-    instruction, _ = style_of(args)
-    if not instruction:
-        fail(f"unknown style {args.style!r} (known: {', '.join(STYLES)}); pass --instruction \"make it ...\"")
-    device, dtype = device_dtype()
-    pipe = load_editor(args, device, dtype)
-    test_out = args.test_out or args.out.removesuffix(".parquet") + "_test.parquet"
-    chunks = edited_chunks(pipe, source_images(args, cfg), instruction, args, device)
-    n = write_pairs(chunks, args.out, test_out, args.test_every)
-    if not n.get(args.out) or not n.get(test_out):
-        for p in n:
-            os.remove(p + ".tmp")
-        fail(f"{args.source!r} gave {sum(n.values())} usable captions; need at least 2 (one train, one test)")
-    for p in n:
-        os.replace(p + ".tmp", p)
-    print(f"{n[args.out]} train pairs -> {args.out}, "
-          f"{n[test_out]} held-out pairs (style reference) -> {test_out}", file=sys.stderr)
 
 
 # ------------------------------------------------------------------------------------- generation
@@ -483,68 +415,64 @@ def save_images(sets, folder):
             img.save(os.path.join(folder, name, f"{k:05d}.png"))
 
 
-# ------------------------------------------------------------------------------------------ score
-def load_clip(clip_id, device):
-    from transformers import CLIPModel, CLIPTokenizer
-    return rpo.pretrained(CLIPModel, clip_id).to(device).eval(), rpo.pretrained(CLIPTokenizer, clip_id)
+# ------------------------------------------------------------------------------- comparison sheet
+SHEET_CELL, SHEET_LINE = 192, 16  # px: each image of the sheet is scaled to this width; one line of text
 
 
-@torch.no_grad()
-def text_features(clip, tok, phrase):
-    ids = tok([phrase], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-    return clip.get_text_features(input_ids=ids.to(clip.device)).pooler_output.float().cpu()
+def comparison_sheet(columns, captions):
+    """PNG bytes: a row per caption, under it each model's image, labelled with its lines; columns: {model:
+    (images, labels)}, as sheet_column makes them."""
+    font = ImageFont.load_default(size=13)
+    cells = {name: [im.resize((SHEET_CELL, max(1, SHEET_CELL * im.height // im.width)),
+                              Image.NEAREST if im.width < SHEET_CELL else Image.LANCZOS) for im in ims]
+             for name, (ims, _) in columns.items()}
+    labels = {name: lines for name, (_, lines) in columns.items()}
+    width = SHEET_CELL * len(cells)
+
+    def fitted(text, room):  # cut to the room it has, ending in ... where cut
+        while font.getlength(text) > room and len(text) > 1:
+            text = text[:-2] + "…"
+        return text
+    wrapped = []
+    for caption in captions:
+        lines = textwrap.wrap(str(caption), max(width // 7, 20)) or [""]
+        wrapped.append([fitted(line, width - 8) for line in lines[:2]] +
+                       [fitted(" ".join(lines[2:]), width - 8)] * (len(lines) > 2))
+    label_height = SHEET_LINE * max(len(lines) for ls in labels.values() for lines in ls)
+    heights = [SHEET_LINE * len(w) + max(cells[n][k].height for n in cells) + label_height + 8
+               for k, w in enumerate(wrapped)]
+    sheet = Image.new("RGB", (width, sum(heights)), "white")
+    draw, y = ImageDraw.Draw(sheet), 0
+    for k, (lines, height) in enumerate(zip(wrapped, heights)):
+        for i, line in enumerate(lines):
+            draw.text((4, y + SHEET_LINE * i), line, fill="black", font=font)
+        top = y + SHEET_LINE * len(lines)
+        below = top + max(cells[name][k].height for name in cells)  # the labels, in one line across the row
+        for column, name in enumerate(cells):
+            x = SHEET_CELL * column
+            sheet.paste(cells[name][k], (x, top))
+            for i, line in enumerate(labels[name][k]):
+                draw.text((x + 4, below + SHEET_LINE * i), fitted(line, SHEET_CELL - 8), fill="black",
+                          font=font)
+        y += height
+    buf = io.BytesIO()
+    sheet.save(buf, format="PNG")
+    return buf.getvalue()
 
 
-def style_scores(clip, text, ref, sets, batch):
-    """The reference images' CLIP score, and each set's distances to them (FD, Gram), CLIP score and its
-    images' own CLIP scores."""
-    ref_feats, ref_grams = clip_stats(clip, ref, batch)
-    scores = {"reference": dict(images=len(ref), clip_score=clip_score(ref_feats, text))}
-    for name, images in sets.items():
-        feats, grams = clip_stats(clip, images, batch)
-        scores[name] = dict(images=len(images), fd=frechet_distance(feats, ref_feats),
-                            gram=gram_distance(grams, ref_grams), clip_score=clip_score(feats, text),
-                            clip_scores=clip_scores(feats, text).tolist())
-    return scores
+def sheet_column(name, images, per_image, per_prompt, k):
+    """A model's column of the sheet: image 0 of each of the first k prompts (per_prompt images each), and its
+    label, the model's name and then each scorer's score of that image, in the order of the scorers."""
+    first = images[::per_prompt][:k]
+    return first, [[name, *(f"{s} {v[::per_prompt][j]:.4g}" for s, v in per_image.items())]
+                   for j in range(len(first))]
 
 
-def print_table(rows):
-    print(f"{'':<16}{'FD (CLIP)':>12}{'Gram':>10}{'CLIP score':>12}{'images':>8}")
-    for name, r in rows:
-        print(f"{name[:16]:<16}{r['fd']:>12.4f}{r['gram']:>10.4f}{r['clip_score']:>12.2f}{r['images']:>8}")
-
-
-def score(args, cfg):
-    device, dtype = device_dtype()
-    _, phrase = style_of(args)
-    base = args.base or rpo.model_folder(cfg)
-    captions, ref = style_set(args.prompts, cfg, "--prompts")
-    if args.ref:
-        ref = style_set(args.ref, cfg, "--ref")[1]
-    if ref is None:
-        fail("no style reference images: pass --ref, a parquet from make-data or a folder of images")
-    weights = run_weights(args.unet) if args.unet else None
-    if args.images:
-        sets = {os.path.basename(os.path.normpath(d)): style_set(d, cfg, "--images")[1] for d in args.images}
-    else:
-        sets = generate_sets(args, base, captions, weights, device, dtype)
-    if args.save:
-        save_images(sets, args.save)
-    clip, tok = load_clip(args.clip or cfg.clip or os.path.join(base, "clip"), device)
-    result = {"style": args.style, "phrase": phrase,
-              **style_scores(clip, text_features(clip, tok, phrase), ref, sets, args.batch)}
-    print(f"style {args.style!r}, CLIP score against {phrase!r}; distances to {len(ref)} reference images")
-    reference = dict(result["reference"], fd=0.0, gram=0.0)
-    print_table([(k, result[k]) for k in sets] + [("style reference", reference)])
-    print(json.dumps(result), flush=True)
-    rpo.atomic_save(result, args.out)
-    print(f"-> {args.out}", file=sys.stderr)
-    rows = min(args.sheet, *map(len, sets.values()))
-    if rows:
-        save_sheet(args.out, {name: sheet_column(name, images, {"CLIP score": result[name]["clip_scores"]}, 1,
-                                                 rows) for name, images in sets.items()},
-                   (captions or [f"image {k}" for k in range(rows)])[:rows])
-    return result
+def save_sheet(out, columns, captions):
+    """The comparison sheet of these captions beside the report OUT.json, as OUT.png."""
+    png = out.removesuffix(".json") + ".png"
+    rpo.atomic_save(comparison_sheet(columns, captions), png)
+    print(f"-> {png} (the first {len(captions)} prompts, image 0 of each)", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------------------- prefer
@@ -723,65 +651,6 @@ def print_report(report, protocol):
             print(f"{name:<{width}}" + "".join(f"{m:>13.4g}" for m in [*means, np.mean(means)]))
 
 
-SHEET_CELL, SHEET_LINE = 192, 16  # px: each image of the sheet is scaled to this width; one line of text
-
-
-def comparison_sheet(columns, captions):
-    """PNG bytes: a row per caption, under it each model's image, labelled with its lines; columns: {model:
-    (images, labels)}, as sheet_column makes them."""
-    font = ImageFont.load_default(size=13)
-    cells = {name: [im.resize((SHEET_CELL, max(1, SHEET_CELL * im.height // im.width)),
-                              Image.NEAREST if im.width < SHEET_CELL else Image.LANCZOS) for im in ims]
-             for name, (ims, _) in columns.items()}
-    labels = {name: lines for name, (_, lines) in columns.items()}
-    width = SHEET_CELL * len(cells)
-
-    def fitted(text, room):  # cut to the room it has, ending in ... where cut
-        while font.getlength(text) > room and len(text) > 1:
-            text = text[:-2] + "…"
-        return text
-    wrapped = []
-    for caption in captions:
-        lines = textwrap.wrap(str(caption), max(width // 7, 20)) or [""]
-        wrapped.append([fitted(line, width - 8) for line in lines[:2]] +
-                       [fitted(" ".join(lines[2:]), width - 8)] * (len(lines) > 2))
-    label_height = SHEET_LINE * max(len(lines) for ls in labels.values() for lines in ls)
-    heights = [SHEET_LINE * len(w) + max(cells[n][k].height for n in cells) + label_height + 8
-               for k, w in enumerate(wrapped)]
-    sheet = Image.new("RGB", (width, sum(heights)), "white")
-    draw, y = ImageDraw.Draw(sheet), 0
-    for k, (lines, height) in enumerate(zip(wrapped, heights)):
-        for i, line in enumerate(lines):
-            draw.text((4, y + SHEET_LINE * i), line, fill="black", font=font)
-        top = y + SHEET_LINE * len(lines)
-        below = top + max(cells[name][k].height for name in cells)  # the labels, in one line across the row
-        for column, name in enumerate(cells):
-            x = SHEET_CELL * column
-            sheet.paste(cells[name][k], (x, top))
-            for i, line in enumerate(labels[name][k]):
-                draw.text((x + 4, below + SHEET_LINE * i), fitted(line, SHEET_CELL - 8), fill="black",
-                          font=font)
-        y += height
-    buf = io.BytesIO()
-    sheet.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def sheet_column(name, images, per_image, per_prompt, k):
-    """A model's column of the sheet: image 0 of each of the first k prompts (per_prompt images each), and its
-    label, the model's name and then each scorer's score of that image, in the order of the scorers."""
-    first = images[::per_prompt][:k]
-    return first, [[name, *(f"{s} {v[::per_prompt][j]:.4g}" for s, v in per_image.items())]
-                   for j in range(len(first))]
-
-
-def save_sheet(out, columns, captions):
-    """The comparison sheet of these captions beside the report OUT.json, as OUT.png."""
-    png = out.removesuffix(".json") + ".png"
-    rpo.atomic_save(comparison_sheet(columns, captions), png)
-    print(f"-> {png} (the first {len(captions)} prompts, image 0 of each)", file=sys.stderr)
-
-
 def trained_world(paths, default):
     """The toy world the runs were trained in, read from their checkpoints' settings (default without any)."""
     worlds = set()
@@ -839,6 +708,138 @@ def prefer(args, cfg):
     if args.sheet:
         save_sheet(args.out, sheet, prompts[:args.sheet])
     return report
+
+
+# -------------------------------------------------------------------------------------- make-data
+def load_editor(args, device, dtype):
+    from diffusers import StableDiffusionInstructPix2PixPipeline
+    editor = args.editor or (toy.tiny_editor() if args.model.startswith("tiny") else IP2P)
+    pipe = rpo.pretrained(StableDiffusionInstructPix2PixPipeline, editor, dtype=dtype, safety_checker=None,
+                          requires_safety_checker=False).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def edited_chunks(pipe, sources, instruction, args, device):
+    """The first args.n (caption, image) of sources, edited args.batch at a time: per chunk the index of its
+    first caption, its (caption, original) and the styled images."""
+    bar, done = tqdm(total=args.n, desc=f"editing: {instruction}"), 0
+    while done < args.n:
+        chunk = list(itertools.islice(sources, min(args.batch, args.n - done)))
+        if not chunk:
+            break
+        seeds = range(args.seed + done, args.seed + done + len(chunk))  # seed k for caption k
+        styled = pipe([instruction] * len(chunk), image=[img for _, img in chunk],
+                      num_inference_steps=args.steps, guidance_scale=args.guidance,
+                      image_guidance_scale=args.image_guidance,
+                      generator=[torch.Generator(device).manual_seed(s) for s in seeds]).images
+        yield done, chunk, styled
+        bar.update(len(chunk))
+        done += len(chunk)
+    bar.close()
+
+
+def write_pairs(chunks, train_path, test_path, test_every):
+    """Streams the pairs into PATH.tmp, one row group per chunk and file, so any --n fits in memory.
+    Returns the pairs written per path: {} (and no files) when there was no chunk."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    schema = pa.schema([("caption", pa.string()), ("jpg_0", pa.binary()), ("jpg_1", pa.binary()),
+                        ("label_0", pa.float64())])
+    writers, n = {}, {}
+    for start, chunk, styled in chunks:
+        rows = {train_path: [], test_path: []}
+        for i, ((caption, original), edit) in enumerate(zip(chunk, styled)):
+            # every test_every-th caption is held out: captions are unique, so no test caption is trained on
+            rows[test_path if (start + i) % test_every == 0 else train_path].append(
+                dict(caption=caption, jpg_0=jpeg(edit), jpg_1=jpeg(original), label_0=1.0))
+        if not writers:
+            writers, n = {p: pq.ParquetWriter(p + ".tmp", schema) for p in rows}, dict.fromkeys(rows, 0)
+        for p, r in rows.items():
+            if r:
+                writers[p].write_table(pa.Table.from_pylist(r, schema))
+                n[p] += len(r)
+    for w in writers.values():
+        w.close()
+    return n
+
+
+def make_data(args, cfg):
+    instruction, _ = style_of(args)
+    if not instruction:
+        fail(f"unknown style {args.style!r} (known: {', '.join(STYLES)}); pass --instruction \"make it ...\"")
+    device, dtype = device_dtype()
+    pipe = load_editor(args, device, dtype)
+    test_out = args.test_out or args.out.removesuffix(".parquet") + "_test.parquet"
+    chunks = edited_chunks(pipe, source_images(args, cfg), instruction, args, device)
+    n = write_pairs(chunks, args.out, test_out, args.test_every)
+    if not n.get(args.out) or not n.get(test_out):
+        for p in n:
+            os.remove(p + ".tmp")
+        fail(f"{args.source!r} gave {sum(n.values())} usable captions; need at least 2 (one train, one test)")
+    for p in n:
+        os.replace(p + ".tmp", p)
+    print(f"{n[args.out]} train pairs -> {args.out}, "
+          f"{n[test_out]} held-out pairs (style reference) -> {test_out}", file=sys.stderr)
+
+
+# ------------------------------------------------------------------------------------------ score
+@torch.no_grad()
+def text_features(clip, tok, phrase):
+    ids = tok([phrase], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    return clip.get_text_features(input_ids=ids.to(clip.device)).pooler_output.float().cpu()
+
+
+def style_scores(clip, text, ref, sets, batch):
+    """The reference images' CLIP score, and each set's distances to them (FD, Gram), CLIP score and its
+    images' own CLIP scores."""
+    ref_feats, ref_grams = clip_stats(clip, ref, batch)
+    scores = {"reference": dict(images=len(ref), clip_score=clip_score(ref_feats, text))}
+    for name, images in sets.items():
+        feats, grams = clip_stats(clip, images, batch)
+        scores[name] = dict(images=len(images), fd=frechet_distance(feats, ref_feats),
+                            gram=gram_distance(grams, ref_grams), clip_score=clip_score(feats, text),
+                            clip_scores=clip_scores(feats, text).tolist())
+    return scores
+
+
+def print_table(rows):
+    print(f"{'':<16}{'FD (CLIP)':>12}{'Gram':>10}{'CLIP score':>12}{'images':>8}")
+    for name, r in rows:
+        print(f"{name[:16]:<16}{r['fd']:>12.4f}{r['gram']:>10.4f}{r['clip_score']:>12.2f}{r['images']:>8}")
+
+
+def score(args, cfg):
+    device, dtype = device_dtype()
+    _, phrase = style_of(args)
+    base = args.base or rpo.model_folder(cfg)
+    captions, ref = style_set(args.prompts, cfg, "--prompts")
+    if args.ref:
+        ref = style_set(args.ref, cfg, "--ref")[1]
+    if ref is None:
+        fail("no style reference images: pass --ref, a parquet from make-data or a folder of images")
+    weights = run_weights(args.unet) if args.unet else None
+    if args.images:
+        sets = {os.path.basename(os.path.normpath(d)): style_set(d, cfg, "--images")[1] for d in args.images}
+    else:
+        sets = generate_sets(args, base, captions, weights, device, dtype)
+    if args.save:
+        save_images(sets, args.save)
+    clip, tok = load_clip(args.clip or cfg.clip or os.path.join(base, "clip"), device)
+    result = {"style": args.style, "phrase": phrase,
+              **style_scores(clip, text_features(clip, tok, phrase), ref, sets, args.batch)}
+    print(f"style {args.style!r}, CLIP score against {phrase!r}; distances to {len(ref)} reference images")
+    reference = dict(result["reference"], fd=0.0, gram=0.0)
+    print_table([(k, result[k]) for k in sets] + [("style reference", reference)])
+    print(json.dumps(result), flush=True)
+    rpo.atomic_save(result, args.out)
+    print(f"-> {args.out}", file=sys.stderr)
+    rows = min(args.sheet, *map(len, sets.values()))
+    if rows:
+        save_sheet(args.out, {name: sheet_column(name, images, {"CLIP score": result[name]["clip_scores"]}, 1,
+                                                 rows) for name, images in sets.items()},
+                   (captions or [f"image {k}" for k in range(rows)])[:rows])
+    return result
 
 
 # ------------------------------------------------------------------------------------------- main

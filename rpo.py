@@ -1074,51 +1074,6 @@ def cache_meta(cfg, m, files):
                 format=2)  # 2: keeps each row's caption, for spread
 
 
-def atomic_save(obj, path):
-    """Write under a temporary name, fsync, rename, fsync the folder: a kill or a power cut at any moment
-    leaves the previous file whole, and the new one counts only once it is on disk. Text and bytes as they
-    are, JSON for .json, else torch.save. A write that fails (a full disk) leaves nothing behind and stops the
-    run."""
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, "w" if isinstance(obj, str) or path.endswith(".json") else "wb") as fh:
-            if isinstance(obj, (str, bytes)):
-                fh.write(obj)
-            elif path.endswith(".json"):
-                json.dump(obj, fh)
-            else:
-                torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        fsync_folder(os.path.dirname(path))
-    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
-        cannot_write(path, tmp, e)
-
-
-def fsync_folder(folder):
-    """Sync a folder's entries: a rename counts once the folder that holds it is on disk."""
-    fd = os.open(folder or ".", os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def cannot_write(path, tmp, error):
-    """One line for a write that failed, after removing what it left. torch.save reports a full disk as a
-    bare RuntimeError: the free space says it."""
-    if os.path.isdir(tmp):
-        shutil.rmtree(tmp, ignore_errors=True)
-    elif os.path.lexists(tmp):
-        os.remove(tmp)
-    folder = os.path.dirname(path) or "."
-    free = shutil.disk_usage(folder).free / 2**20
-    sys.exit(f"rpo.py: cannot write {path} ({first_line(error)}; {free:.0f} MB free there); nothing of it is "
-             f"left, and what was there before is whole. Free space in {folder} and start again (a run: with "
-             f"--resume)")
-
-
 def build_cache(cfg, m, rank, world, pool):
     """Encode every row of the source once, both flips: one cache file per source file, written by rank
     k mod world (each rank reads its share of the data) under a temporary name, then renamed, so an
@@ -1675,80 +1630,83 @@ def train(cfg, m, run, trainer, batches, heldout, step, nonfinite, tracker, aske
     last_checkpoint = time.monotonic()
     step_seconds, saving = [], 0.0  # saving: seconds of evaluation, checkpoints and samples: not throughput
     clip_seconds, clip_in_flight = 0.0, deque()  # time spent on pair embeddings, for the end-of-run line
-    bar = tqdm(total=cfg.max_steps, initial=step, disable=not run.master, dynamic_ncols=True)
     t0 = t_first = time.perf_counter()
-    while step < cfg.max_steps:
-        t_step, lr = time.perf_counter(), trainer.schedule.get_last_lr()[0]
-        # 1. forward and backward over --grad_accum micro-batches; DDP syncs the gradients on the last one
-        sums = {}
-        for micro in range(cfg.grad_accum):
-            pairs, state = next(batches)
-            clip_seconds += seconds_done(clip_in_flight, pairs.clip_time)
-            sync = micro == cfg.grad_accum - 1 or not run.ddp
-            with (nullcontext() if sync else trainer.policy.no_sync()), run.autocast:
-                loss, metrics = preference_step(cfg, m, trainer.policy, pairs, state["epoch"])
-            trainer.scaler.scale(loss / cfg.grad_accum).backward()
-            for k, v in dict(metrics, loss=loss.detach()).items():
-                sums[k] = sums.get(k, 0) + v.float() / cfg.grad_accum
-        # 2. clip; what the step logs reaches the host as one float64 vector on the device, all-reduced once
-        #    across ranks: metrics averaged, skip counts summed (each rank reads its own rows), and two flags
-        #    that every rank then acts on: a signal on any rank, rank 0's clock saying a checkpoint is due
-        trainer.scaler.unscale_(trainer.optimizer)
-        sums["grad_norm"] = torch.nn.utils.clip_grad_norm_(trainer.params, 1.0)
-        due = run.master and 0 < 60 * cfg.save_every_minutes <= time.monotonic() - last_checkpoint
-        names, vec = step_vector(sums, state["counts"], [asked["signal"] is not None, due], run.device)
-        if run.ddp:
-            dist.all_reduce(vec)
-            vec[:len(sums)] /= run.world
-        logged = {k: int(v) if k in SKIP_KEYS else v for k, v in zip(names, vec.tolist())}
-        signalled, due = logged.pop("signalled") > 0, logged.pop("due") > 0
-        # 3. step, unless the loss or the gradient is not finite: a NaN gradient under a finite loss (bf16
-        #    has no GradScaler to catch it) would turn every weight NaN. In fp16 an overflow under a finite
-        #    loss is the GradScaler's to absorb (it halves its scale) until the scale falls below 1
-        finite = math.isfinite(logged["loss"]) and math.isfinite(logged["grad_norm"])
-        absorbed = (not finite and math.isfinite(logged["loss"]) and trainer.scaler.is_enabled()
-                    and trainer.scaler.get_scale() >= 1)
-        if finite:
-            trainer.scaler.step(trainer.optimizer)
-        trainer.scaler.update()
-        with warnings.catch_warnings():  # torch warns when a skipped first step steps the schedule: intended
-            warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler.step\(\)` before")
-            trainer.schedule.step()  # every step, skipped or not: the warmup follows the step number
-        trainer.optimizer.zero_grad(set_to_none=not run.ddp)
-        nonfinite_run = 0 if finite or absorbed else nonfinite_run + 1
-        nonfinite_total += not finite
-        step += 1
-        step_seconds.append(time.perf_counter() - t_step)
-        if step == start_step + 1:  # the throughput leaves out the first step (compilation, warm-up)
-            t_first = time.perf_counter()
-        # 4. the checkpoint first (nothing after it can lose it), then at a save point the weights, held-out
-        #    metrics and samples; the log
-        record = dict(step=step, lr=lr, **logged, nonfinite=nonfinite_total)
-        history.append(record)
-        stop = nonfinite_run >= cfg.max_nonfinite
-        save_point = step % cfg.save_every == 0 or step == cfg.max_steps or stop
-        if save_point or signalled or due:
-            t_save = time.perf_counter()
-            save_checkpoint(cfg, m, trainer, step, (nonfinite_total, nonfinite_run), state, run, record,
-                            save_point)
-            last_checkpoint = time.monotonic()
-            if save_point:
-                record.update(finish_save_point(cfg, m, run, heldout, step))
-            saving += time.perf_counter() - t_save
-        if run.master:
-            log_step(cfg, record, bar, tracker, save_point)
-        if run.ddp and (stop or signalled):  # no rank leaves while rank 0 writes (torchrun would kill it)
-            dist.barrier()
-        if stop:
-            sys.exit(f"rpo.py: {nonfinite_run} non-finite steps (loss or gradient) in a row at step {step}; "
-                     f"stopped with a checkpoint of the last good weights in {cfg.out}. A resume would meet "
-                     f"them again: start a new --out from those weights, --init_unet {cfg.out}/unet (LoRA: "
-                     f"--init_lora {cfg.out}/lora), with a lower --lr or --beta, or --precision bf16 or fp32")
-        if signalled and step < cfg.max_steps:
-            stopped_by = asked["signal"] or "a signal to another rank"
-            break
+    # closed however the loop ends: a one-line error that stops the run starts a line of its own
+    with tqdm(total=cfg.max_steps, initial=step, disable=not run.master, dynamic_ncols=True) as bar:
+        while step < cfg.max_steps:
+            t_step, lr = time.perf_counter(), trainer.schedule.get_last_lr()[0]
+            # 1. forward and backward over --grad_accum micro-batches; DDP syncs the gradients on the last one
+            sums = {}
+            for micro in range(cfg.grad_accum):
+                pairs, state = next(batches)
+                clip_seconds += seconds_done(clip_in_flight, pairs.clip_time)
+                sync = micro == cfg.grad_accum - 1 or not run.ddp
+                with (nullcontext() if sync else trainer.policy.no_sync()), run.autocast:
+                    loss, metrics = preference_step(cfg, m, trainer.policy, pairs, state["epoch"])
+                trainer.scaler.scale(loss / cfg.grad_accum).backward()
+                for k, v in dict(metrics, loss=loss.detach()).items():
+                    sums[k] = sums.get(k, 0) + v.float() / cfg.grad_accum
+            # 2. clip; what the step logs reaches the host as one float64 vector on the device,
+            #    all-reduced once across ranks: metrics averaged, skip counts summed (each rank reads its own
+            #    rows), and two flags that every rank then acts on: a signal on any rank, rank 0's clock
+            #    saying a checkpoint is due
+            trainer.scaler.unscale_(trainer.optimizer)
+            sums["grad_norm"] = torch.nn.utils.clip_grad_norm_(trainer.params, 1.0)
+            due = run.master and 0 < 60 * cfg.save_every_minutes <= time.monotonic() - last_checkpoint
+            names, vec = step_vector(sums, state["counts"], [asked["signal"] is not None, due], run.device)
+            if run.ddp:
+                dist.all_reduce(vec)
+                vec[:len(sums)] /= run.world
+            logged = {k: int(v) if k in SKIP_KEYS else v for k, v in zip(names, vec.tolist())}
+            signalled, due = logged.pop("signalled") > 0, logged.pop("due") > 0
+            # 3. step, unless the loss or the gradient is not finite: a NaN gradient under a finite loss
+            #    (bf16 has no GradScaler to catch it) would turn every weight NaN. In fp16 an overflow under a
+            #    finite loss is the GradScaler's to absorb (it halves its scale) until the scale falls below 1
+            finite = math.isfinite(logged["loss"]) and math.isfinite(logged["grad_norm"])
+            absorbed = (not finite and math.isfinite(logged["loss"]) and trainer.scaler.is_enabled()
+                        and trainer.scaler.get_scale() >= 1)
+            if finite:
+                trainer.scaler.step(trainer.optimizer)
+            trainer.scaler.update()
+            # torch warns when a skipped first step steps the schedule: intended
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler.step\(\)` before")
+                trainer.schedule.step()  # every step, skipped or not: the warmup follows the step number
+            trainer.optimizer.zero_grad(set_to_none=not run.ddp)
+            nonfinite_run = 0 if finite or absorbed else nonfinite_run + 1
+            nonfinite_total += not finite
+            step += 1
+            step_seconds.append(time.perf_counter() - t_step)
+            if step == start_step + 1:  # the throughput leaves out the first step (compilation, warm-up)
+                t_first = time.perf_counter()
+            # 4. the checkpoint first (nothing after it can lose it), then at a save point the weights,
+            #    held-out metrics and samples; the log
+            record = dict(step=step, lr=lr, **logged, nonfinite=nonfinite_total)
+            history.append(record)
+            stop = nonfinite_run >= cfg.max_nonfinite
+            save_point = step % cfg.save_every == 0 or step == cfg.max_steps or stop
+            if save_point or signalled or due:
+                t_save = time.perf_counter()
+                save_checkpoint(cfg, m, trainer, step, (nonfinite_total, nonfinite_run), state, run, record,
+                                save_point)
+                last_checkpoint = time.monotonic()
+                if save_point:
+                    record.update(finish_save_point(cfg, m, run, heldout, step))
+                saving += time.perf_counter() - t_save
+            if run.master:
+                log_step(cfg, record, bar, tracker, save_point)
+            if run.ddp and (stop or signalled):  # no rank leaves while rank 0 writes (torchrun would kill it)
+                dist.barrier()
+            if stop:
+                sys.exit(f"rpo.py: {nonfinite_run} non-finite steps (loss or gradient) in a row at step "
+                         f"{step}; stopped with a checkpoint of the last good weights in {cfg.out}. A resume "
+                         f"would meet them again: start a new --out from those weights, --init_unet "
+                         f"{cfg.out}/unet (LoRA: --init_lora {cfg.out}/lora), with a lower --lr or --beta, "
+                         f"or --precision bf16 or fp32")
+            if signalled and step < cfg.max_steps:
+                stopped_by = asked["signal"] or "a signal to another rank"
+                break
     asked["training"] = False
-    bar.close()
     if run.device.type == "cuda":
         torch.cuda.synchronize(run.device)  # every pair-embedding interval is done
     end = time.perf_counter()
@@ -2067,6 +2025,51 @@ def link_newest(path, link):
     os.symlink(os.path.basename(path), link + ".tmp")
     os.replace(link + ".tmp", link)
     fsync_folder(os.path.dirname(link))
+
+
+def atomic_save(obj, path):
+    """Write under a temporary name, fsync, rename, fsync the folder: a kill or a power cut at any moment
+    leaves the previous file whole, and the new one counts only once it is on disk. Text and bytes as they
+    are, JSON for .json, else torch.save. A write that fails (a full disk) leaves nothing behind and stops the
+    run."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "w" if isinstance(obj, str) or path.endswith(".json") else "wb") as fh:
+            if isinstance(obj, (str, bytes)):
+                fh.write(obj)
+            elif path.endswith(".json"):
+                json.dump(obj, fh)
+            else:
+                torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        fsync_folder(os.path.dirname(path))
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+        cannot_write(path, tmp, e)
+
+
+def fsync_folder(folder):
+    """Sync a folder's entries: a rename counts once the folder that holds it is on disk."""
+    fd = os.open(folder or ".", os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def cannot_write(path, tmp, error):
+    """One line for a write that failed, after removing what it left. torch.save reports a full disk as a
+    bare RuntimeError: the free space says it."""
+    if os.path.isdir(tmp):
+        shutil.rmtree(tmp, ignore_errors=True)
+    elif os.path.lexists(tmp):
+        os.remove(tmp)
+    folder = os.path.dirname(path) or "."
+    free = shutil.disk_usage(folder).free / 2**20
+    sys.exit(f"rpo.py: cannot write {path} ({first_line(error)}; {free:.0f} MB free there); nothing of it is "
+             f"left, and what was there before is whole. Free space in {folder} and start again (a run: with "
+             f"--resume)")
 
 
 def save_weights(m, folder):

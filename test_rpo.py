@@ -2291,6 +2291,59 @@ def test_chaos_a_run_killed_with_sigkill_at_random_moments_and_resumed_each_time
     assert full[-1]["ties"] >= 8 and full[-1]["bad_image"] >= 1 and full[-1]["bad_caption"] >= 1
 
 
+# after the first call of rpo.FILL_AFTER (an environment variable) no file may grow past 1 MB: a full disk
+DISK_FILLS = """
+    import os, resource, signal
+    real = getattr(rpo, os.environ["FILL_AFTER"])
+
+    def and_then_the_disk_is_full(*args, **kwargs):
+        result = real(*args, **kwargs)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+        return result
+    setattr(rpo, real.__name__, and_then_the_disk_is_full)
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails, not the process
+"""
+# a truncated data file among the shards; save points at steps 3, 6 and 8, the last two checkpoints kept
+FAULT_FLAGS = ["--batch", 2, "--shuffle_buffer", 8, "--eval_pairs", 4, "--eval_draws", 1, "--max_steps", 8,
+               "--save_every", 3, "--keep", 2, "--sample_steps", 0, "--report_to", "none", "--resume"]
+
+
+@pytest.fixture(scope="module")
+def fault_data_and_full_run(tmp_path_factory):
+    """Shards with one file truncated, and the metrics of an uninterrupted FAULT_FLAGS run on them."""
+    root = tmp_path_factory.mktemp("faults")
+    data = quirky_shards(root / "d", [16, 16, 8])
+    truncate(os.path.join(data, "part-2.parquet"))
+    flags = ["--data", data, "--eval_data", data, *FAULT_FLAGS]
+    return flags, root / "full", run_script(root / "full", *flags)
+
+
+@pytest.mark.parametrize("fault", ["the disk fills in a checkpoint write",
+                                   "the disk fills in a weights write", "the newest checkpoint is truncated"])
+def test_a_real_run_stopped_by_a_full_disk_or_left_a_truncated_checkpoint_resumes_to_the_uninterrupted_result(
+        tmp_path, fault_data_and_full_run, fault):
+    flags, full_out, full = fault_data_and_full_run
+    out = tmp_path / "cut"
+    if fault == "the newest checkpoint is truncated":  # a copy or a write cut short: step 7's checkpoint
+        run_script(out, *flags, "--max_steps", 7)
+        truncate(out / "ckpt-0000007.pt")
+    else:  # the disk fills after step 3's checkpoint (its weights then fail) or after its weights (step 6's
+        # checkpoint then fails)
+        after = "save_checkpoint" if "weights" in fault else "finish_save_point"
+        script = launcher(tmp_path, "disk_fills.py", DISK_FILLS)
+        returncode, _, stderr = ended(start(rpo_command(out, *flags, script=script),
+                                            dict(FILL_AFTER=after)))
+        failed = "unet" if "weights" in fault else "ckpt-0000006.pt"
+        errors = [line for line in stderr.splitlines() if line.startswith("rpo.py: cannot write")]
+        assert returncode == 1 and len(errors) == 1 and errors[0].startswith(f"rpo.py: cannot write {out}/"
+                                                                             f"{failed} (")
+        assert not [p for p in os.listdir(out) if p.endswith(".tmp")]
+        assert rpo.load_checkpoint(str(out))["step"] == 3
+    resumed = run_script(out, *flags)
+    assert resumed == full and same_weights(out, full_out)
+    assert full[-1]["unreadable"] >= 1 and full[-1]["heldout_accuracy"] is not None
+
+
 TWO_RANKS = ["--model", "tiny", "--toy_pairs", 64, "--batch", 2, "--max_steps", 16, "--save_every", 5,
              "--keep", 2, "--eval_pairs", 0, "--sample_steps", 0, "--beta", 100, "--save_every_minutes", 1e-6,
              "--resume"]  # rank 0's clock asks for a checkpoint after every step, and both ranks take it
