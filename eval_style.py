@@ -652,14 +652,19 @@ def print_report(report, protocol):
 
 
 def trained_world(paths, default):
-    """The toy world the runs were trained in, read from their checkpoints' settings (default without any)."""
+    """The toy world the runs were trained in, read from their DIR/settings.json (default without any). Each
+    path is checked to be a run first; nothing in it is loaded but that JSON file."""
     worlds = set()
     for path in paths:
-        ckpt = os.path.join(path, "ckpt.pt")
-        if os.path.exists(ckpt):
-            worlds.add(torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)["config"]["data"])
+        run_weights(path)
+        settings = os.path.join(path, rpo.SETTINGS_FILE)
+        if os.path.isfile(settings):
+            try:
+                worlds.add(json.load(open(settings))["data"])
+            except (ValueError, KeyError, TypeError) as e:
+                fail(f"{settings} is not the settings file rpo.py writes ({rpo.first_line(e)})")
     if len(worlds) > 1:
-        fail(f"the runs were trained on different data ({', '.join(sorted(worlds))}); pass --prompts")
+        fail(f"the runs were trained on different data ({', '.join(sorted(map(str, worlds)))}); pass --prompts")
     world = worlds.pop() if worlds else default
     return world if world in rpo.TOY_WORLDS else default
 

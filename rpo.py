@@ -28,7 +28,9 @@ import json
 import math
 import multiprocessing
 import os
+import pickle
 import random
+import re
 import resource
 import shlex
 import shutil
@@ -301,6 +303,7 @@ def load_unets(cfg, base, device, dtype):
 
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' name for it, saving and loading
+SETTINGS_FILE = "settings.json"  # DIR/settings.json: the run's Config, for the evaluation scripts
 
 
 def add_lora(cfg, unet):
@@ -1083,6 +1086,8 @@ def build_cache(cfg, m, rank, world, pool):
     files = source_files(cfg, cfg.data, cfg.split, cfg.max_pairs)
     meta, meta_path = cache_meta(cfg, m, files), os.path.join(cfg.cache, "meta.json")
     if cache_is_built(cfg, meta, meta_path, rank):
+        for k in range(rank, len(files), world):  # a cache file that does not load stops here, before training
+            cache_file(cache_path(cfg, k))
         return
     for k in tqdm(range(rank, len(files), world), desc="caching", disable=rank != 0):
         if not os.path.exists(cache_path(cfg, k)):
@@ -1160,7 +1165,12 @@ def cache_files(cfg):
 
 @functools.lru_cache(maxsize=64)
 def cache_file(path):
-    c = torch.load(path, mmap=True)
+    """A cache file, memory-mapped and loaded safely: one rpo.py did not write stops the run in one line."""
+    try:
+        c = safe_load(path, mmap=True)
+    except Exception as e:  # UnsafeFile, or a damaged file
+        sys.exit(f"rpo.py: cache file {path} cannot be read as rpo.py writes it ({first_line(e)}); move the "
+                 f"--cache folder away and start again to rebuild it")
     c["slot"] = np.cumsum([s is None for s in c["skip"]]) - 1  # a row's place among the file's usable rows
     return c
 
@@ -1562,9 +1572,7 @@ def resume(cfg, m, trainer, run):
     trainer.optimizer.load_state_dict(ckpt["optimizer"])
     trainer.schedule.load_state_dict(ckpt["lr_schedule"])
     trainer.scaler.load_state_dict(ckpt["scaler"])
-    random.setstate(ckpt["rng"]["python"])
-    np.random.set_state(ckpt["rng"]["numpy"])
-    torch.set_rng_state(ckpt["rng"]["torch"])
+    set_rng_states(ckpt["rng"])
     if run.master and ckpt["step"]:
         print(f"resumed from step {ckpt['step']}", file=sys.stderr)
     return ckpt["step"], tuple(ckpt["nonfinite"]), ckpt["data_states"], ckpt
@@ -1911,6 +1919,8 @@ def stages(cfg, run, pool, asked):
     m = load_models(cfg, run.device, run.dtype)
     trainer = make_trainer(cfg, m, run)
     step, nonfinite, data_states, ckpt = resume(cfg, m, trainer, run)
+    if run.master:  # the run's settings as plain JSON: what an evaluation reads, never the checkpoint
+        atomic_save(dataclasses.asdict(cfg), os.path.join(cfg.out, SETTINGS_FILE))
     logged_to = cut_metrics_log(cfg.out, step) if run.master else step
     tracker = open_tracker(cfg, step) if run.master else None
     if cfg.cache:
@@ -1972,11 +1982,10 @@ def save_checkpoint(cfg, m, trainer, step, nonfinite, state, run, record, save_p
     weights = m.unet.state_dict()
     if m.lora:  # the frozen UNet and the frozen starting adapters are rebuilt from the config on resume
         weights = {k: v for k, v in weights.items() if ".default." in k}
-    rng = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
     ckpt = dict(unet=weights, optimizer=trainer.optimizer.state_dict(),
                 lr_schedule=trainer.schedule.state_dict(), scaler=trainer.scaler.state_dict(), step=step,
-                nonfinite=list(nonfinite), data_states=states, config=dataclasses.asdict(cfg), rng=rng,
-                record=dict(record), save_point=save_point)
+                nonfinite=list(nonfinite), data_states=states, config=dataclasses.asdict(cfg),
+                rng=rng_states(), record=dict(record), save_point=save_point)
     ckpt["digest"] = content_digest(ckpt)
     path = os.path.join(cfg.out, f"ckpt-{step:07d}.pt")
     with open(os.path.join(cfg.out, "metrics.jsonl"), "a") as log:  # its lines before this step come first
@@ -2119,13 +2128,57 @@ def checkpoint_step(path):
     return int(step) if step.isdigit() else None
 
 
+def rng_states():
+    """The random states a resume restores, in types torch's weights-only loader reads."""
+    return dict(python=random.getstate(), numpy=numpy_state(np.random.get_state()),
+                torch=torch.get_rng_state())
+
+
+def numpy_state(state):
+    """numpy's random state with its keys as a tensor: an ndarray only the full unpickler can rebuild."""
+    name, keys, pos, has_gauss, gauss = state
+    return dict(name=name, keys=torch.from_numpy(keys.astype(np.int64)), pos=int(pos),
+                has_gauss=int(has_gauss), gauss=float(gauss))
+
+
+def set_rng_states(rng):
+    n = rng["numpy"]
+    random.setstate(rng["python"])
+    keys = n["keys"].numpy().astype(np.uint32)
+    np.random.set_state((n["name"], keys, n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(rng["torch"])
+
+
+class UnsafeFile(Exception):
+    pass
+
+
+def safe_load(path, **kw):
+    """torch.load that runs no code (weights_only): tensors and plain Python values only. A file that asks
+    for anything else (a crafted file's os.system, say) raises UnsafeFile, before any of it is built."""
+    try:
+        with warnings.catch_warnings():  # torch warns of pickle protocols it may not read: it then refuses
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=True, **kw)
+    except pickle.UnpicklingError as e:  # torch's safe unpickler refused it; a damaged file fails otherwise
+        reason = str(e).split("WeightsUnpickler error: ")[-1].split(". Please")[0].strip()
+        raise UnsafeFile(f"{path} holds more than tensors and plain values, which a safe load refuses "
+                         f"({first_line(reason)[:200]})") from None
+
+
 def load_checkpoint(out):
     """The newest checkpoint that loads and matches its digest; one that does not is reported in one line
     and passed over. It is memory-mapped: the ranks of one host share its pages instead of each holding a
-    copy."""
+    copy. It is loaded safely (safe_load): one that needs more than tensors and plain values stops the run in
+    one line, with how to convert a checkpoint of an earlier rpo.py, never with an unsafe load."""
     for path in reversed(checkpoints(out)):
         try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+            ckpt = safe_load(path, mmap=True)
+        except UnsafeFile as e:
+            sys.exit(f"rpo.py: checkpoint {e}. If it is your own, written by an earlier rpo.py, convert it "
+                     f"(converting loads it unsafely: never for a file from someone else): python -c \"import "
+                     f"rpo; rpo.convert_checkpoint('{os.path.abspath(path)}')\" in rpo.py's folder, then "
+                     f"--resume")
         except Exception as e:
             print(f"rpo.py: checkpoint {path} is unreadable ({type(e).__name__}); trying an older one",
                   file=sys.stderr)
@@ -2140,6 +2193,21 @@ def load_checkpoint(out):
                  f"above); fix or move them, then --resume")
     print(f"rpo.py: no checkpoint in {out}; starting from step 0", file=sys.stderr)
     return None
+
+
+def convert_checkpoint(path):
+    """Rewrite a checkpoint of an earlier rpo.py (numpy's random state as an ndarray) in the form safe_load
+    reads. It loads the file with the full unpickler, which runs whatever code the file holds: only for
+    checkpoints you wrote yourself."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)  # the one unsafe load: see the docstring
+    if "digest" in ckpt and content_digest(ckpt) != ckpt["digest"]:
+        sys.exit(f"rpo.py: checkpoint {path} fails its content check (it changed after it was written)")
+    if not isinstance(ckpt["rng"]["numpy"], dict):
+        ckpt["rng"]["numpy"] = numpy_state(ckpt["rng"]["numpy"])
+    ckpt["digest"] = content_digest(ckpt)
+    atomic_save(ckpt, path)
+    safe_load(path)  # what --resume will do
+    print(f"rpo.py: converted {path}; it now loads safely")
 
 
 SAMPLE_PROMPTS = ["a photo of a corgi wearing sunglasses on a beach",

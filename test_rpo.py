@@ -886,7 +886,7 @@ def test_the_learning_rate_warms_up_linearly_and_each_step_logs_the_rate_it_used
     assert [r["lr"] for r in metrics] == pytest.approx([2.5e-5, 5e-5, 7.5e-5, 1e-4, 1e-4, 1e-4])
     # AdamW's first update moves each weight by about lr (g / |g|), plus a little weight decay
     base = rpo.load_models(rpo.parse_config([]), torch.device("cpu"), torch.float32).unet.state_dict()
-    first = torch.load(tmp_path / "ckpt-0000001.pt", weights_only=False)["unet"]
+    first = torch.load(tmp_path / "ckpt-0000001.pt", weights_only=True)["unet"]
     assert max((first[k] - base[k]).abs().max().item() for k in base) == pytest.approx(2.5e-5, rel=0.05)
 
 
@@ -992,7 +992,7 @@ def test_a_run_of_non_finite_losses_stops_with_a_clear_message_and_the_last_good
     advice = f"start a new --out from those weights, --init_unet {tmp_path}/unet"
     with pytest.raises(SystemExit, match=f"non-finite steps .loss or gradient. in a row .* {advice}"):
         train(tmp_path, "--max_nonfinite", 3, "--max_steps", 10, "--batch", 2)
-    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     base = rpo.load_models(rpo.parse_config([]), torch.device("cpu"), torch.float32).unet.state_dict()
     assert ckpt["step"] == 3 and all(torch.equal(v, base[k]) for k, v in ckpt["unet"].items())
 
@@ -1054,7 +1054,7 @@ def test_bf16_trains_fp32_master_weights_with_every_frozen_model_in_bf16_as_on_a
     summary, metrics = train(tmp_path, "--precision", "bf16", "--max_steps", 3, "--batch", 2,
                              "--sample_steps", 0)
     assert summary["precision"] == "bf16" and all(math.isfinite(r["loss"]) for r in metrics)
-    saved = torch.load(tmp_path / "ckpt.pt", weights_only=False)["unet"]
+    saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)["unet"]
     assert {v.dtype for v in saved.values()} == {torch.float32}
     m = models[0]
     frozen = (m.ref_unet, m.vae, m.clip, *m.text_encoders)
@@ -1106,7 +1106,7 @@ def test_fp16_overflows_are_skipped_by_the_grad_scaler_which_halves_its_scale_wi
     poison_gradients(monkeypatch, float("inf"), from_call=2)  # steps 2 and 3 overflow
     summary, metrics = train(tmp_path, "--precision", "fp16", "--max_steps", 3, "--batch", 2,
                              "--sample_steps", 0, "--max_nonfinite", 1)
-    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert summary["steps"] == 3 and all(math.isfinite(r["loss"]) for r in metrics)
     # both poisoned steps skipped
     assert [r["nonfinite"] - metrics[0]["nonfinite"] for r in metrics] == [0, 1, 2]
@@ -1301,7 +1301,7 @@ def test_a_resume_may_change_only_settings_that_shape_neither_the_data_order_the
     _, metrics = train(tmp_path, *RUN, *free, "--resume")
     assert [r["step"] for r in metrics] == [1, 2, 3, 4] and "heldout_accuracy" in metrics[-1]
     # a checkpoint from before a setting existed: one line, not a guess at what it meant
-    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     del ckpt["config"]["time_ids"]
     ckpt["digest"] = rpo.content_digest(ckpt)  # whole as written, by the older code
     torch.save(ckpt, tmp_path / "ckpt-0000009.pt")
@@ -1425,7 +1425,7 @@ def run_script(out, *flags, nproc=1, wait=True, script=None, timeout=180, env=No
 
 
 def final_unet(out):
-    return torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)["unet"]
+    return torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["unet"]
 
 
 # beta 100, not 5000: forwards of different batch sizes round differently in the last bit, and beta/2
@@ -1597,7 +1597,7 @@ def test_two_ranks_with_uneven_files_cross_epochs_without_a_hang_and_resume_exac
     run_script(tmp_path / "cut", *flags, "--max_steps", 12, nproc=2)
     resumed = run_script(tmp_path / "cut", *flags, "--max_steps", 24, "--resume", nproc=2)
     assert [r["step"] for r in full] == list(range(1, 25)) and resumed == full
-    states = torch.load(tmp_path / "full" / "ckpt.pt", weights_only=False)["data_states"]
+    states = torch.load(tmp_path / "full" / "ckpt.pt", weights_only=True)["data_states"]
     assert states[0]["epoch"] != states[1]["epoch"]  # at step 24 the ranks are in different epochs
     assert full[-1]["ties"] == sum(s["counts"]["ties"] for s in states)  # each rank counts its own rows
 
@@ -1706,7 +1706,7 @@ def test_a_lora_run_resumed_from_its_checkpoint_logs_exactly_what_the_uninterrup
     assert all(".lora_" in k and ".default." in k for k in final_unet(tmp_path / "cut"))  # adapters only
     with pytest.raises(SystemExit, match=r"other settings: --lora_rank 4 \(now 0\)"):
         train(tmp_path / "cut", *flags[2:], "--max_steps", 5, "--resume")  # the same run without LoRA
-    ckpt = torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=False)  # same settings, other weight names
+    ckpt = torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=True)  # same settings, other weight names
     ckpt["unet"] = {k.replace(".default.", ".renamed."): v for k, v in ckpt["unet"].items()}
     ckpt["digest"] = rpo.content_digest(ckpt)
     torch.save(ckpt, tmp_path / "cut" / "ckpt-0000005.pt")
@@ -1887,7 +1887,7 @@ def test_a_checkpoint_whose_content_changed_on_disk_is_passed_over_in_one_line_f
         tmp_path, capsys):
     train(tmp_path, "--max_steps", 4, "--save_every", 2, "--batch", 2, "--sample_steps", 0, "--eval_pairs", 0)
     zero_largest_tensor(tmp_path / "ckpt-0000004.pt")
-    assert torch.load(tmp_path / "ckpt-0000004.pt", weights_only=False)["step"] == 4  # it still loads
+    assert torch.load(tmp_path / "ckpt-0000004.pt", weights_only=True)["step"] == 4  # it still loads
     capsys.readouterr()
     assert rpo.load_checkpoint(str(tmp_path))["step"] == 2
     assert capsys.readouterr().err == (f"rpo.py: checkpoint {tmp_path}/ckpt-0000004.pt fails its content "
@@ -1969,7 +1969,7 @@ def test_a_truncated_parquet_file_is_reported_at_start_skipped_and_counted_and_r
     assert err.count(warning) == 1 and err.index(warning) < err.index("training tiny-drawn")  # at start, once
     train(tmp_path / "cut", *flags, "--max_steps", 5)
     _, resumed = train(tmp_path / "cut", *flags, "--resume")
-    states = torch.load(tmp_path / "full" / "ckpt.pt", weights_only=False)["data_states"]
+    states = torch.load(tmp_path / "full" / "ckpt.pt", weights_only=True)["data_states"]
     epochs = [s["epoch"] for s in states]
     assert resumed == full and full[-1]["unreadable"] == epochs[0] + 1 == 3  # once in each epoch
 
@@ -2084,7 +2084,7 @@ def test_a_numeric_flag_out_of_its_range_is_one_line_before_any_work(tmp_path, f
 def test_the_checkpoint_keeps_the_precision_the_run_resolved_so_naming_it_on_resume_is_accepted(tmp_path):
     flags = ["--max_steps", 2, "--save_every", 2, "--batch", 2, "--sample_steps", 0, "--eval_pairs", 0]
     train(tmp_path, *flags)
-    assert torch.load(tmp_path / "ckpt.pt", weights_only=False)["config"]["precision"] == "fp32"
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["config"]["precision"] == "fp32"
     _, metrics = train(tmp_path, *flags, "--max_steps", 3, "--precision", "fp32", "--resume")
     assert [r["step"] for r in metrics] == [1, 2, 3]
 
@@ -2432,7 +2432,7 @@ def gpu_run(tmp_path, *flags, torchrun=False, timeout=400):
         stdout, stderr = finish(start(cmd), timeout)
         summary = json.loads([l for l in stdout.splitlines() if l.startswith("{")][-1])
         metrics = logged(out)
-        unet = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=False, mmap=True)["unet"]
+        unet = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True, mmap=True)["unet"]
         assert all(torch.isfinite(v).all() for v in unet.values())
     finally:
         shutil.rmtree(out, ignore_errors=True)
@@ -3064,3 +3064,101 @@ def test_a_negative_sheet_is_one_line_before_any_work():
 def test_a_folder_that_is_not_a_run_is_one_line_before_any_work(tmp_path):
     with pytest.raises(SystemExit, match="is not a run: it holds neither a diffusers UNet .unet/. nor LoRA"):
         run_style("prefer", "--model", "tiny", "--runs", tmp_path)
+
+
+# ------------------------------------------------------------------------ files from others run no code
+
+class OpensAMarker:
+    """What a crafted pickle holds: unpickling it calls open(marker, "w"), so the marker's existence shows
+    that a load ran the file's code."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def crafted(path, marker, protocol=2):
+    """A .pt file whose unpickling creates `marker`, shaped like a checkpoint (a full load would then read on)."""
+    torch.save(dict(step=1, config={}, rng=OpensAMarker(marker)), path, pickle_protocol=protocol)
+
+
+def assert_one_line(stderr, *phrases):
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and all(p in lines[0] for p in phrases), stderr[-3000:]
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_a_crafted_checkpoint_under_resume_runs_no_code_and_stops_in_one_line(tmp_path, protocol):
+    out, marker = tmp_path / "run", tmp_path / "MARKER"
+    out.mkdir()
+    crafted(out / "ckpt-0000001.pt", marker, protocol)
+    code, _, stderr = ended(start(rpo_command(out, *RUN, "--max_steps", 2, "--report_to", "none",
+                                              "--resume")))
+    assert not marker.exists() and code == 1
+    assert_one_line(stderr, f"rpo.py: checkpoint {out}/ckpt-0000001.pt holds more than tensors and plain "
+                            f"values, which a safe load refuses", "convert_checkpoint", "never for a file from")
+    assert not (out / "metrics.jsonl").exists()  # refused before any step
+
+
+def test_a_crafted_file_given_as_a_run_to_the_preference_evaluation_runs_no_code(tmp_path):
+    marker = tmp_path / "MARKER"
+    (tmp_path / "lone").mkdir()
+    crafted(tmp_path / "lone" / "ckpt.pt", marker)
+    code, _, stderr = ended(start([sys.executable, "eval_style.py", "prefer", "--model", "tiny", "--runs",
+                                   str(tmp_path / "lone")]))
+    assert not marker.exists() and code == 1
+    assert_one_line(stderr, f"eval_style.py: {str(tmp_path / 'lone')!r} is not a run")
+    # a real run whose checkpoint was swapped for the crafted file: its world comes from DIR/settings.json
+    train(tmp_path / "run", *RUN, "--max_steps", 1, "--data", "toy-subject", "--toy_pairs", 16)
+    assert json.load(open(tmp_path / "run" / "settings.json"))["data"] == "toy-subject"
+    (tmp_path / "run" / "ckpt.pt").unlink()
+    crafted(tmp_path / "run" / "ckpt.pt", marker)
+    run_style("prefer", "--model", "tiny", "--runs", tmp_path / "run", "--n", 2, "--steps", 1, "--scorers",
+              "judge", "--sheet", 0, "--out", tmp_path / "r.json")
+    assert not marker.exists()
+    assert json.load(open(tmp_path / "r.json"))["protocol"]["prompt_set"] == "toy-subject"
+    # and one whose weights file is the crafted pickle: diffusers loads .bin weights safely too
+    shutil.rmtree(tmp_path / "run" / "unet")
+    (tmp_path / "run" / "unet").mkdir()
+    shutil.copy(os.path.join(rpo.model_folder(rpo.parse_config(["--model", "tiny"])), "unet", "config.json"),
+                tmp_path / "run" / "unet")
+    crafted(tmp_path / "run" / "unet" / "diffusion_pytorch_model.bin", marker)
+    with pytest.raises(SystemExit, match="cannot load UNet2DConditionModel from .*run/unet"):
+        run_style("prefer", "--model", "tiny", "--runs", tmp_path / "run", "--n", 2, "--steps", 1,
+                  "--scorers", "judge", "--sheet", 0, "--out", tmp_path / "r.json")
+    assert not marker.exists()
+
+
+def test_a_crafted_file_in_a_cache_folder_runs_no_code_and_stops_in_one_line_before_training(tmp_path):
+    marker, cache = tmp_path / "MARKER", tmp_path / "cache"
+    flags = [*RUN, "--toy_pairs", 8, "--max_steps", 1, "--report_to", "none", "--cache", cache]
+    train(tmp_path / "a", *flags)
+    crafted(cache / "file-000000.pt", marker)
+    code, _, stderr = ended(start(rpo_command(tmp_path / "b", *flags)))
+    assert not marker.exists() and code == 1
+    assert_one_line(stderr, f"rpo.py: cache file {cache}/file-000000.pt cannot be read as rpo.py writes it",
+                    "safe load refuses", "move the --cache folder away")
+    assert (tmp_path / "b" / "metrics.jsonl").read_text() == ""  # not one step trained
+
+
+def test_a_checkpoint_of_an_earlier_rpo_is_refused_with_a_command_that_converts_it_and_then_resumes_exactly(
+        tmp_path, quick_run):
+    out = tmp_path / "run"
+    train(out, *QUICK[:-1], 4)  # QUICK's run to its step-4 checkpoint
+    path = out / "ckpt-0000004.pt"
+    ckpt = torch.load(path, weights_only=True)
+    n = ckpt["rng"]["numpy"]  # as an earlier rpo.py saved it: numpy's own state, an ndarray inside
+    ckpt["rng"]["numpy"] = (n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"])
+    ckpt["digest"] = rpo.content_digest(ckpt)
+    torch.save(ckpt, path)
+    with pytest.raises(SystemExit) as refused:
+        train(out, *QUICK, "--resume")
+    line = str(refused.value)
+    assert "numpy" in line and "safe load refuses" in line and len(line.splitlines()) == 1
+    command = re.search(r"(python -c \".*\") in rpo.py's folder", line).group(1)
+    proc = start(shlex.split(command))
+    stdout, _ = finish(proc)
+    assert stdout.strip() == f"rpo.py: converted {path}; it now loads safely"
+    assert train(out, *QUICK, "--resume")[1] == quick_run
