@@ -1,17 +1,96 @@
-"""Diffusion-RPO (Gu et al. 2024, arXiv 2406.06382) in one file: preference fine-tuning of a
-Stable Diffusion 1.5 / SDXL UNet that contrasts every winner with every loser of a micro-batch,
-each pair weighted by how alike the two prompt-image pairs are in CLIP space.
+"""Diffusion-RPO (Gu et al. 2024, arXiv 2406.06382) in one file: preference fine-tuning of a Stable Diffusion
+1.5 / SDXL UNet that contrasts every winner with every loser of a micro-batch, each pair weighted by how alike
+the two prompt-image pairs are in CLIP space.
 
     python rpo.py                                  # the toy world (toy.py): CPU, 75 to 85 s on 2 cores
     python rpo.py --model sdxl --data pickapic     # the real thing
     torchrun --nproc_per_node=8 rpo.py --model sd15 --data /data/pickapic --global_contrast
 
-The file, top to bottom: config (Config, PRESETS); models (load_models: policy, reference, VAE, text
-encoders, CLIP); data (Pick-a-Pic rows to decoded pairs, sharded and resumable); encoded pairs and the cache
-(Pairs, encode_pairs); pair weights (contrast_weights); loss (rpo_loss, preference_step); training (train:
-one optimizer step per pass); saving. Any field of Config is a flag: --key value (booleans: --key, or --key
-false). toy.py holds the toy world and is needed only for tiny models, toy data and --random_init.
+Top to bottom: the method (between "copy from here" and "copy to here": the paper's equations, torch alone);
+config; the training step and loop (preference_step, train); models; main. Below the divider, what a reader of
+the method need not read: data layouts, sharding and exact resume, decoding, the cache, the run folder and its
+lock, signals, checkpoints, saving, tracking. Every field of Config is a flag: --key value (booleans: --key, or
+--key false).
 """
+
+# ================================================================================= copy from here
+# The method: the paper's equations as functions of tensors, torch alone, for one micro-batch of M pairs
+# (winner x_w, loser x_l, caption c). Copy this block into your own training script as it is; the rest of this
+# file feeds it (README: RPO in your own training script).
+import torch
+import torch.nn.functional as F
+
+
+# f(c, x) = normalize(normalize(text(c)) + normalize(image(x))): a pair in CLIP space (or text or image alone)
+def pair_embedding(text_features=None, image_features=None):
+    parts = [F.normalize(x.float(), dim=-1) for x in (text_features, image_features) if x is not None]
+    return F.normalize(sum(parts), dim=-1)
+
+
+# d_ij = 1 - cos(f(c_i, x_w_i), f(c_j, x_l_j));  w_ij = exp(-d_ij / tau) / sum_j' exp(-d_ij' / tau)
+def contrast_weights(f_w, f_l, tau):
+    d = 1 - F.cosine_similarity(f_w.float()[:, None], f_l.float()[None, :], dim=-1)  # fp32 under autocast too
+    return torch.softmax(-d / tau, dim=1)
+
+
+# eps_i ~ N(0, I), t_i ~ U{0..T-1} from pair i's own seed: its winner and its loser share them. Drawn on the
+# CPU, so a pair gets the same draw on any device, in any batch, after any resume.
+def pair_noise(seeds, shape, num_timesteps):
+    noise, t = [], []
+    for seed in seeds:
+        g = torch.Generator().manual_seed(seed)
+        noise.append(torch.randn(shape, generator=g))
+        t.append(torch.randint(0, num_timesteps, (1,), generator=g))
+    return torch.stack(noise), torch.cat(t)
+
+
+# x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, and what an eps-prediction model is trained to output: eps.
+# (A flow-matching model has its own: x_t = (1 - t) x_0 + t eps, target eps - x_0.)
+def noise_target(x0, noise, t, alphas_cumprod):
+    abar = alphas_cumprod.to(x0.device, x0.dtype)[t.to(x0.device)]  # in x0's dtype, as diffusers' add_noise
+    abar = abar.view(-1, *[1] * (x0.ndim - 1))
+    return abar ** 0.5 * x0 + (1 - abar) ** 0.5 * noise, noise
+
+
+# err = mean over every latent element of (prediction - target)^2, one number per sample
+def per_sample_error(prediction, target):
+    return (prediction.float() - target.float()).pow(2).mean(dim=tuple(range(1, prediction.ndim)))
+
+
+# err_w, err_l of one denoiser (the policy, or the frozen reference) in one batched call: each pair's winner
+# and loser noised with the pair's eps at the pair's t. denoise(x_t, t) -> prediction, winners then losers;
+# noised(x_0, eps, t) -> (x_t, target), e.g. noise_target. Without losers (SFT): (err_w, None).
+def denoiser_errors(denoise, latents_w, latents_l, noise, t, noised):
+    sides = [latents_w] if latents_l is None else [latents_w, latents_l]
+    noise, t = noise.to(latents_w.device, latents_w.dtype), t.to(latents_w.device)
+    each_t = torch.cat([t] * len(sides))
+    x_t, target = noised(torch.cat(sides), torch.cat([noise] * len(sides)), each_t)
+    err = per_sample_error(denoise(x_t, each_t), target)
+    return (err, None) if latents_l is None else err.chunk(2)
+
+
+# s = err - ref_err (policy minus reference: lower is preferred);  weights None: the diagonal, Diffusion-DPO
+# L = -mean_{i,j} log sigmoid(-(beta/2) w_ij (s_w[i] - s_l[j]))
+def rpo_loss(err_w, err_l, ref_err_w, ref_err_l, beta, weights=None):
+    s_w, s_l = err_w - ref_err_w, err_l - ref_err_l
+    if weights is None:
+        return -F.logsigmoid(-(beta / 2) * (s_w - s_l)).mean()
+    return -F.logsigmoid(-(beta / 2) * weights * (s_w[:, None] - s_l[None, :])).mean()
+
+
+def preference_metrics(err_w, err_l, ref_err_w, ref_err_l, beta, weights=None):
+    """Implicit accuracy (s_w < s_l, ties half), reward margin (beta/2)(s_l - s_w), mean w_ii and the
+    diagonal's effective beta x w_ii, policy and reference MSE."""
+    s_w, s_l = (err_w - ref_err_w).detach().float(), (err_l - ref_err_l).detach().float()
+    w_diag = weights.diagonal().mean() if weights is not None else s_w.new_ones(())
+    return dict(accuracy=((s_w < s_l).float() + 0.5 * (s_w == s_l).float()).mean(),
+                margin=(beta / 2 * (s_l - s_w)).mean(), w_diag=w_diag, beta_w_diag=beta * w_diag,
+                mse=torch.cat([err_w, err_l]).detach().mean(),
+                ref_mse=torch.cat([ref_err_w, ref_err_l]).mean())
+# =================================================================================== copy to here
+
+
+# ---------------------------------------------------------------------------- what the rest needs
 import argparse
 import copy
 import ctypes
@@ -49,16 +128,13 @@ from typing import NamedTuple
 
 import diffusers
 import numpy as np
-import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 import transformers
 from PIL import Image
 from tqdm import tqdm
 
+
 # ----------------------------------------------------------------------------------------- config
-
-
 @dataclass
 class Config:
     model: str = "tiny-drawn"  # tiny-drawn | tiny | tiny-xl (toy.py's) | sd15 | sdxl
@@ -200,6 +276,253 @@ def parse_config(argv=None):
     return cfg
 
 
+# ----------------------------------------------------------------- the training step and the loop
+class Pairs(NamedTuple):
+    """An encoded micro-batch of M pairs, on the training device: what the loss needs."""
+    index: list  # pair ids: each seeds its pair's noise, timestep, flip and prompt dropout
+    latents_w: torch.Tensor  # VAE latents of the winners [M, 4, h, w] and of the losers
+    latents_l: torch.Tensor
+    prompt: torch.Tensor  # text-encoder states of the captions
+    pooled: torch.Tensor  # SDXL's pooled text embedding (None for SD1.5)
+    time_ids_w: torch.Tensor  # SDXL's size and crop conditioning [M, 6] of winners and losers
+    time_ids_l: torch.Tensor
+    f_w: torch.Tensor = None  # pair embeddings f(c, x_w), f(c, x_l) [M, D]: RPO's pair weights
+    f_l: torch.Tensor = None
+
+
+def preference_step(cfg, m, policy, pairs, epoch):
+    """Loss and metrics of one micro-batch; prompt dropout blanks the conditioning, never the pair weights."""
+    keys = [f"noise-{cfg.seed}-{epoch}-{i}" for i in pairs.index]
+    dropped = [coin(cfg.seed, epoch, i, "drop") < cfg.drop_prompt for i in pairs.index]
+    drop = torch.tensor(dropped, device=m.device)
+    prompt = torch.where(drop[:, None, None], m.empty_prompt, pairs.prompt)
+    pooled = torch.where(drop[:, None], m.empty_pooled, pairs.pooled) if m.xl else None
+    if cfg.loss == "sft":
+        err_w, _ = pair_errors(policy, m, pairs, keys, prompt, pooled, winners_only=True)
+        return err_w.mean(), dict(mse=err_w.detach().mean())
+    err_w, err_l = pair_errors(policy, m, pairs, keys, prompt, pooled)
+    with torch.no_grad(), reference(m) as ref_unet:
+        ref_err_w, ref_err_l = pair_errors(ref_unet, m, pairs, keys, prompt, pooled)
+    errors, f = [err_w, err_l, ref_err_w, ref_err_l], [pairs.f_w, pairs.f_l]
+    if cfg.global_contrast and dist.is_initialized():  # the M x M matrix spans every rank's pairs
+        errors, f = [gather(e) for e in errors], [None if x is None else gather(x) for x in f]
+    weights = contrast_weights(*f, cfg.tau) if cfg.loss == "rpo" else None
+    return rpo_loss(*errors, cfg.beta, weights), preference_metrics(*errors, cfg.beta, weights)
+
+
+def pair_errors(unet, m, pairs, keys, prompt=None, pooled=None, winners_only=False):
+    """The method's denoiser_errors for a UNet (policy or reference) on encoded pairs: each pair's noise and
+    timestep from its key, the UNet conditioned on the captions (prompt, pooled: after prompt dropout; default
+    the pairs' own) and, SDXL, on the time ids. Returns (err_w, err_l), err_l None with winners_only."""
+    if prompt is None:
+        prompt, pooled = pairs.prompt, pairs.pooled
+    seeds = [random.Random(key).getrandbits(63) for key in keys]
+    noise, t = pair_noise(seeds, pairs.latents_w.shape[1:], m.scheduler.config.num_train_timesteps)
+
+    def denoise(x_t, t):  # winners, then losers: each side with the pairs' own conditioning
+        sides = len(x_t) // len(prompt)
+        extra = {}
+        if m.xl:  # SDXL's micro-conditioning: the pooled text embedding and the size and crop time ids
+            time_ids = torch.cat([pairs.time_ids_w, pairs.time_ids_l][:sides])
+            extra = dict(added_cond_kwargs=dict(text_embeds=torch.cat([pooled] * sides), time_ids=time_ids))
+        return unet(x_t, t, torch.cat([prompt] * sides), **extra).sample
+    losers = None if winners_only else pairs.latents_l
+    return denoiser_errors(denoise, pairs.latents_w, losers, noise, t, m.noised)
+
+
+def gather(x):
+    """All ranks' rows in rank order. Each rank computes the same global loss and DDP averages the ranks'
+    gradients, so a rank's own rows take world x their gradient: the sum over the world copies of the loss."""
+    world = dist.get_world_size()
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x.detach().contiguous())
+    own = x.view_as(x)
+    if own.requires_grad:
+        def times_world(grad):
+            return grad * world
+        own.register_hook(times_world)
+    parts[dist.get_rank()] = own
+    return torch.cat(parts)
+
+
+@torch.no_grad()
+def evaluate(cfg, m, heldout, autocast):
+    """Held-out implicit accuracy and margin, s averaged over eval_draws fixed (noise, t) draws per pair; the
+    held-out micro-batches go through the UNets one at a time."""
+    was_training = m.unet.training
+    m.unet.eval()
+    errs = []  # per micro-batch: err_w, err_l, ref_err_w, ref_err_l, each the mean over the draws
+    with autocast:
+        for pairs in heldout:
+            draws = []
+            for d in range(cfg.eval_draws):
+                keys = [f"eval-{d}-{i}" for i in pairs.index]
+                with reference(m) as ref_unet:
+                    ref_errs = pair_errors(ref_unet, m, pairs, keys)
+                draws.append([*pair_errors(m.unet, m, pairs, keys), *ref_errs])
+            errs.append([torch.stack(e).mean(0) for e in zip(*draws)])
+    m.unet.train(was_training)
+    mean = [torch.cat(e) for e in zip(*errs)]
+    metrics = preference_metrics(*mean, cfg.beta)
+    return dict(accuracy=float(metrics["accuracy"]), margin=float(metrics["margin"]))
+
+
+@dataclass
+class Trainer:
+    """What the optimizer step updates."""
+    policy: torch.nn.Module  # m.unet as the step calls it: under DDP, compiled
+    params: list  # the trained parameters: the whole UNet, or its LoRA adapters
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LambdaLR  # linear warmup
+    scaler: torch.amp.GradScaler  # enabled under fp16 only
+
+
+def make_trainer(cfg, m, run):
+    """The policy under DDP and --compile (the reference compiled too), its optimizer, warmup and scaler."""
+    policy = m.unet
+    if run.ddp:
+        device_ids = [run.local_rank] if run.device.type == "cuda" else None
+        # gradients as views of DDP's buckets, or every gradient is held twice (SDXL fp32: +10 GB); zero_grad
+        # then zeroes them in place: set_to_none would drop the views, and each step's no_sync micro-batches
+        # would make new gradients beside the buckets
+        policy = torch.nn.parallel.DistributedDataParallel(m.unet, device_ids=device_ids,
+                                                           gradient_as_bucket_view=True)
+    if cfg.compile:
+        policy = torch.compile(policy)
+        m.ref_unet = torch.compile(m.ref_unet) if m.ref_unet is not None else None
+    params = [p for p in m.unet.parameters() if p.requires_grad]
+    optimizer = make_optimizer(cfg, params, learning_rate(cfg, run.world), run.device)
+
+    def warmup(step):
+        return min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup)
+    scaler = torch.amp.GradScaler(run.device.type, enabled=run.precision == "fp16")
+    return Trainer(policy, params, optimizer, schedule, scaler)
+
+
+# lr = lr_per_pair x batch x grad_accum x world size  (Diffusion-DPO's --scale_lr); --lr sets it outright
+def learning_rate(cfg, world):
+    return cfg.lr if cfg.lr is not None else cfg.lr_per_pair * cfg.batch * cfg.grad_accum * world
+
+
+def make_optimizer(cfg, params, lr, device):
+    if cfg.optimizer == "adafactor":  # Diffusion-DPO's choice for SDXL: no second-moment matrix per weight
+        from transformers.optimization import Adafactor
+        return Adafactor(params, lr=lr, scale_parameter=False, relative_step=False, warmup_init=False,
+                         weight_decay=1e-2)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=1e-2, fused=device.type == "cuda")
+
+
+def train(cfg, m, run, trainer, batches, heldout, step, nonfinite, tracker, asked):
+    """The training loop from `step` to --max_steps: one optimizer step per pass, top to bottom. Every
+    --save_every steps and at the end, a save point: a checkpoint, then the weights, held-out metrics and
+    samples. A checkpoint alone every --save_every_minutes, and when a signal asks the run to stop (`asked`,
+    see stop_requests), which it then does. Returns the logged records, the loop's timing, its last
+    micro-batch and what stopped it early (None: it ran to --max_steps). nonfinite: the non-finite steps so
+    far, and how many of the last ones in a row."""
+    (nonfinite_total, nonfinite_run), start_step, history, stopped_by = nonfinite, step, [], None
+    asked["training"] = True
+    last_checkpoint = time.monotonic()
+    step_seconds, saving = [], 0.0  # saving: seconds of evaluation, checkpoints and samples: not throughput
+    t0 = t_first = time.perf_counter()
+    # closed however the loop ends: a one-line error that stops the run starts a line of its own
+    with tqdm(total=cfg.max_steps, initial=step, disable=not run.master, dynamic_ncols=True) as bar, \
+            pair_embedding_clock(m) as clip_seconds:
+        while step < cfg.max_steps:
+            t_step, lr = time.perf_counter(), trainer.schedule.get_last_lr()[0]
+            # 1. forward and backward over --grad_accum micro-batches; DDP syncs the gradients on the last one
+            sums = {}
+            for micro in range(cfg.grad_accum):
+                pairs, state = next(batches)
+                sync = micro == cfg.grad_accum - 1 or not run.ddp
+                with (nullcontext() if sync else trainer.policy.no_sync()), run.autocast:
+                    loss, metrics = preference_step(cfg, m, trainer.policy, pairs, state["epoch"])
+                trainer.scaler.scale(loss / cfg.grad_accum).backward()
+                for k, v in dict(metrics, loss=loss.detach()).items():
+                    sums[k] = sums.get(k, 0) + v.float() / cfg.grad_accum
+            # 2. clip; then what the step logs, with the flags every rank acts on (step_record)
+            trainer.scaler.unscale_(trainer.optimizer)
+            sums["grad_norm"] = torch.nn.utils.clip_grad_norm_(trainer.params, 1.0)
+            due = run.master and 0 < 60 * cfg.save_every_minutes <= time.monotonic() - last_checkpoint
+            logged, signalled, due = step_record(sums, state["counts"], asked, due, run)
+            # 3. step, unless the loss or the gradient is not finite: a NaN gradient under a finite loss
+            #    (bf16 has no GradScaler to catch it) would turn every weight NaN. In fp16 an overflow under a
+            #    finite loss is the GradScaler's to absorb (it halves its scale) until the scale falls below 1
+            finite = math.isfinite(logged["loss"]) and math.isfinite(logged["grad_norm"])
+            absorbed = (not finite and math.isfinite(logged["loss"]) and trainer.scaler.is_enabled()
+                        and trainer.scaler.get_scale() >= 1)
+            if finite:
+                trainer.scaler.step(trainer.optimizer)
+            trainer.scaler.update()
+            # torch warns when a skipped first step steps the schedule: intended
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler.step\(\)` before")
+                trainer.schedule.step()  # every step, skipped or not: the warmup follows the step number
+            trainer.optimizer.zero_grad(set_to_none=not run.ddp)
+            nonfinite_run = 0 if finite or absorbed else nonfinite_run + 1
+            nonfinite_total += not finite
+            step += 1
+            step_seconds.append(time.perf_counter() - t_step)
+            if step == start_step + 1:  # the throughput leaves out the first step (compilation, warm-up)
+                t_first = time.perf_counter()
+            # 4. the checkpoint first (nothing after it can lose it), then at a save point the weights,
+            #    held-out metrics and samples; the log
+            record = dict(step=step, lr=lr, **logged, nonfinite=nonfinite_total)
+            history.append(record)
+            stop = nonfinite_run >= cfg.max_nonfinite
+            save_point = step % cfg.save_every == 0 or step == cfg.max_steps or stop
+            if save_point or signalled or due:
+                t_save = time.perf_counter()
+                save_checkpoint(cfg, m, trainer, step, (nonfinite_total, nonfinite_run), state, run, record,
+                                save_point)
+                last_checkpoint = time.monotonic()
+                if save_point:
+                    record.update(finish_save_point(cfg, m, run, heldout, step))
+                saving += time.perf_counter() - t_save
+            if run.master:
+                log_step(cfg, record, bar, tracker, save_point)
+            if run.ddp and (stop or signalled):  # no rank leaves while rank 0 writes (torchrun would kill it)
+                dist.barrier()
+            if stop:
+                sys.exit(f"rpo.py: {nonfinite_run} non-finite steps (loss or gradient) in a row at step "
+                         f"{step}; stopped with a checkpoint of the last good weights in {cfg.out}. A resume "
+                         f"would meet them again: start a new --out from those weights, --init_unet "
+                         f"{cfg.out}/unet (LoRA: --init_lora {cfg.out}/lora), with a lower --lr or --beta, "
+                         f"or --precision bf16 or fp32")
+            if signalled and step < cfg.max_steps:
+                stopped_by = asked["signal"] or "a signal to another rank"
+                break
+    asked["training"] = False
+    if run.device.type == "cuda":
+        torch.cuda.synchronize(run.device)  # every pair-embedding interval is done
+    end = time.perf_counter()
+    timing = dict(steps=step - start_step, seconds=end - t0, timed=end - t_first - saving, saving=saving,
+                  step_seconds=step_seconds, clip_seconds=clip_seconds())
+    return history, timing, pairs if step > start_step else None, stopped_by
+
+
+def step_record(sums, counts, asked, due, run):
+    """What a step logs, reduced across ranks in one all-reduce of one float64 vector on the device (one copy
+    to the host): metrics averaged, skip counts summed (each rank reads its own rows), and two flags that every
+    rank then acts on: a signal on any rank (`asked`), rank 0's clock saying a checkpoint is due. Returns the
+    record and the two flags."""
+    names, vec = step_vector(sums, counts, [asked["signal"] is not None, due], run.device)
+    if run.ddp:
+        dist.all_reduce(vec)
+        vec[:len(sums)] /= run.world
+    logged = {k: int(v) if k in SKIP_KEYS else v for k, v in zip(names, vec.tolist())}
+    return logged, logged.pop("signalled") > 0, logged.pop("due") > 0
+
+
+def step_vector(sums, counts, flags, device):
+    """What a step logs, as names and one float64 tensor on the training device (metrics, skip counts, then
+    the flags `signalled` and `due`): one all-reduce, one copy to the host."""
+    names = sorted(sums) + list(SKIP_KEYS) + ["signalled", "due"]
+    counted = [float(counts[k]) for k in SKIP_KEYS] + [float(flag) for flag in flags]
+    counted = torch.tensor(counted, dtype=torch.float64, device=device)
+    return names, torch.cat([torch.stack([sums[k] for k in sorted(sums)]).double(), counted])
+
+
 # ----------------------------------------------------------------------------------------- models
 def model_folder(cfg):
     """Where the base pipeline lives: a hub id or folder; tiny models and --random_init's come from toy.py."""
@@ -214,11 +537,6 @@ def toy_world():
         sys.exit("rpo.py: tiny models, toy data and --random_init need toy.py beside rpo.py; pass --model "
                  "sd15 or sdxl and --data PATH")
     return toy
-
-
-def first_line(error):
-    """An exception's message cut to one line, for one-line errors."""
-    return (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
 
 
 def pretrained(cls, name, **kw):
@@ -246,6 +564,7 @@ class Models:
     text_encoders: list
     clip: torch.nn.Module  # for the pair weights
     clip_tokenizer: object
+    noised: object = None  # the forward process of the method's denoiser_errors: (x_0, eps, t) -> (x_t, target)
     empty_prompt: torch.Tensor = None  # what prompt dropout conditions on
     empty_pooled: torch.Tensor = None
 
@@ -274,6 +593,7 @@ def load_models(cfg, device, dtype):
         frozen.requires_grad_(False).eval().to(device, dtype)
     m = Models(base, xl, device, dtype, scheduler, unet, ref_unet, bool(cfg.lora_rank or cfg.init_lora), vae,
                tokenizers, text_encoders, clip, clip_tokenizer)
+    m.noised = functools.partial(noise_target, alphas_cumprod=scheduler.alphas_cumprod)
     m.empty_prompt, m.empty_pooled = encode_prompts(m, [""])
     return m
 
@@ -372,7 +692,226 @@ def encode_images(m, pixels):
     return m.vae.encode(x).latent_dist.mode() * m.vae.config.scaling_factor
 
 
-# -------------------------------------------------------------------------------------------- data
+# The training step consumes encoded pairs: VAE latents, text-encoder states, SDXL time ids and the pair
+# embeddings f. They are computed on the fly, or once per dataset with --cache and read back every epoch.
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+
+# f(c, x) = normalize(normalize(text(c)) + normalize(image(x)));  --embed text | image | both
+@torch.no_grad()
+def pair_embeddings(m, captions, pixels, embed):
+    """The method's pair_embedding of each (caption, image) by the pair-weight CLIP; pixels uint8 [N,3,H,W]
+    with N a multiple of len(captions)."""
+    text = image = None
+    if embed in ("text", "both"):
+        ids = m.clip_tokenizer(captions, padding="max_length", max_length=77, truncation=True,
+                               return_tensors="pt").input_ids
+        text = m.clip.get_text_features(ids.to(m.device)).pooler_output.repeat(len(pixels) // len(captions), 1)
+    if embed in ("image", "both"):
+        x = clip_pixels(pixels.to(m.device), m.clip.config.vision_config.image_size)
+        image = m.clip.get_image_features(x).pooler_output.to(m.dtype)
+    return pair_embedding(text, image)
+
+
+def clip_pixels(pixels, size):
+    """uint8 images [N,3,H,W] -> CLIP's input: resized to size x size, scaled by CLIP's mean and std."""
+    x = F.interpolate(pixels.float() / 255, size=(size, size), mode="bicubic", antialias=True)
+    mean = torch.tensor(CLIP_MEAN, device=pixels.device).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD, device=pixels.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+@torch.no_grad()
+def encode_pairs(m, pairs, embed, with_f=True):
+    """Prepared pairs -> Pairs, the one place a micro-batch is encoded. Cached pairs (see cached_pair) are
+    stacked as stored; decoded ones (see prepare_pair) go through the VAE and the text encoders, and with_f
+    through CLIP for the pair embeddings."""
+    index = [p["index"] for p in pairs]
+
+    def stacked(key):  # [M, ...] on the device; cached pairs hold [winner, loser] in their second axis
+        return torch.stack([torch.as_tensor(p[key]) for p in pairs]).to(m.device)
+    if "latents" in pairs[0]:
+        latents, time_ids, f = stacked("latents"), stacked("time_ids"), stacked("f")
+        pooled = stacked("pooled") if m.xl else None
+        return Pairs(index, latents[:, 0], latents[:, 1], stacked("prompt"), pooled, time_ids[:, 0],
+                     time_ids[:, 1], f[:, 0], f[:, 1])
+    captions = [p["caption"] for p in pairs]
+    pixels = torch.cat([stacked("winner"), stacked("loser")])
+    latents = encode_images(m, pixels)
+    prompt, pooled = encode_prompts(m, captions)
+    time_ids_w, time_ids_l = (stacked(key).float() for key in ("winner_time_ids", "loser_time_ids"))
+    f = pair_embeddings(m, captions, pixels, embed).chunk(2) if with_f else [None, None]
+    return Pairs(index, *latents.chunk(2), prompt, pooled, time_ids_w, time_ids_l, *f)
+
+
+# ------------------------------------------------------------------------------------------- main
+@dataclass
+class Run:
+    """Where this process trains, set once by set_up."""
+    device: torch.device
+    rank: int
+    world: int
+    local_rank: int
+    ddp: bool  # under torchrun, even with one process: one code path
+    precision: str
+    dtype: torch.dtype
+    autocast: object  # the mixed-precision context of every forward
+    lock: object  # rank 0: the open lock file of the run folder (see lock_run_folder)
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+
+def set_up(cfg):
+    """Device, process group (under torchrun) and precision; then the random-init model folder, built once
+    per machine, and the seeds."""
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if ddp and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0" and \
+            os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and local_rank == 0:
+        print("rpo.py: warning: torchrun restarted its workers and shares its rendezvous store with them: "
+              "the new process group may read the old workers' addresses and fail to connect "
+              "(pytorch#167288). Launch torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1", file=sys.stderr)
+    if ddp:  # NCCL takes only GPU tensors: everything the loop reduces or gathers is made on `device`
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        wait = datetime.timedelta(minutes=30)  # while rank 0 evaluates and saves alone, the others wait
+        dist.init_process_group(backend, timeout=wait, device_id=device if device.type == "cuda" else None)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+    cfg.out, lock = run_folder(cfg, rank, ddp)
+    cfg.precision = precision = cfg.precision or default_precision(device)  # the checkpoint keeps it
+    dtype = dict(bf16=torch.bfloat16, fp16=torch.float16, fp32=torch.float32)[precision]
+    autocast = torch.autocast(device.type, dtype=dtype) if precision != "fp32" else nullcontext()
+    if local_rank == 0:
+        model_folder(cfg)  # builds the random-init folder once per machine
+    if ddp:
+        dist.barrier()
+    # seeded after any folder build, which draws random weights: new LoRA adapters depend on the seed only
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    return Run(device, rank, world, local_rank, ddp, precision, dtype, autocast, lock)
+
+
+def default_precision(device):
+    """bf16 on a GPU that computes it natively (Ampere and later), fp16 on one that only emulates it (V100,
+    T4: slow), fp32 on the CPU."""
+    if device.type != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
+
+
+def main(argv=None):
+    cfg = parse_config(argv)
+    # JPEG decoders are forked first, before a process group or CUDA state exists
+    pool = Decoders(cfg.workers) if cfg.workers > 0 else None
+    run = set_up(cfg)
+    try:  # the run folder's lock and the decoders go with this call, however it ends
+        with stop_requests() as asked:
+            stopped = stages(cfg, run, pool, asked)
+    finally:
+        if pool:
+            pool.shutdown()
+        if run.lock:
+            run.lock.close()
+    if stopped:  # by a signal: the step it was in is checkpointed
+        signal_name, step = stopped
+        given = list(sys.argv[1:] if argv is None else argv)
+        args = [a for i, a in enumerate(given) if not (a == "--resume" or i and given[i - 1] == "--resume"
+                                                       and a.lower() in ("1", "0", "true", "false", "yes",
+                                                                         "no", "on", "off"))]
+        if not any(a == "--out" or a.startswith("--out=") for a in args):
+            args += ["--out", cfg.out]
+        launch = "torchrun [the same options] " if run.ddp else "python "
+        if run.master:
+            print(f"rpo.py: stopped by {signal_name} at step {step} with a checkpoint in {cfg.out}; continue "
+                  f"with: {launch}{shlex.join(['rpo.py', *args, '--resume'])}", file=sys.stderr)
+        sys.exit(PREEMPTED)
+
+
+def stages(cfg, run, pool, asked):
+    """The run, from the models to the summary line. Returns (signal, step) if a signal stopped it early."""
+    for source, split in ((cfg.data, cfg.split), heldout_source(cfg)):
+        if source:  # a source rpo.py cannot read stops here, in one line, before the models load
+            files = source_files(cfg, source, split)
+            if run.master:
+                check_files(files)
+    m = load_models(cfg, run.device, run.dtype)
+    trainer = make_trainer(cfg, m, run)
+    step, nonfinite, data_states, ckpt = resume(cfg, m, trainer, run)
+    if run.master:  # the run's settings as plain JSON: what an evaluation reads, never the checkpoint
+        atomic_save(dataclasses.asdict(cfg), os.path.join(cfg.out, SETTINGS_FILE))
+    logged_to = cut_metrics_log(cfg.out, step) if run.master else step
+    tracker = open_tracker(cfg, step) if run.master else None
+    if cfg.cache:
+        build_cache(cfg, m, run.rank, run.world, pool)
+    heldout = heldout_pairs(cfg, m) if run.master else None
+    if logged_to < step:  # the run died between its last checkpoint and that step's log line: finish them
+        record = dict(ckpt["record"])
+        if ckpt["save_point"]:
+            record.update(finish_save_point(cfg, m, run, heldout, step))
+        log_step(cfg, record, None, tracker, ckpt["save_point"])
+    start = data_states[run.rank] if data_states else None
+    batches = training_batches(cfg, m, run.rank, run.world, start, pool)
+    if run.master:
+        print(describe(cfg, m, run, trainer), file=sys.stderr)
+    if run.master and step == 0 and cfg.sample_steps:  # the grid before any training, to compare with
+        save_samples(cfg, m, samples_path(cfg, 0), run.autocast)
+        if tracker:
+            tracker.log(0, {}, samples_path(cfg, 0))
+
+    history, timing, last_pairs, stopped_by = train(cfg, m, run, trainer, batches, heldout, step, nonfinite,
+                                                    tracker, asked)
+
+    if run.master and history and not stopped_by:
+        summary = end_of_run(cfg, m, run, history, timing, last_pairs)
+        print(json_line(summary), flush=True)
+        if tracker:  # throughput, FLOPs and peak memory, at the last step
+            tracker.log(history[-1]["step"], {"end/" + k: v for k, v in summary.items() if k != "steps"})
+    if tracker:
+        tracker.close()
+    if run.ddp:
+        # DDP's Reducer holds the process group. Freed after destroy_process_group, it would be the last
+        # holder and destroy gloo's group with the GIL held, while a gloo worker thread may need the GIL to
+        # free a finished collective's tensors: a deadlock at exit. Freed first, the group goes with
+        # destroy_process_group, which releases the GIL.
+        if cfg.compile:
+            torch.compiler.reset()  # compiled code may keep the module it was compiled from alive
+        del trainer  # the only holder of the DDP module
+        dist.destroy_process_group()
+    return (stopped_by, history[-1]["step"]) if stopped_by else None
+
+
+def describe(cfg, m, run, trainer):
+    """The start-up line: what trains on what, the effective batch and the learning rate it gives, and how
+    many pairs each row of w is normalised over (the diagonal's logit is scaled by w_ii: 1 / that number
+    for uniform weights, more where the diagonal pair is the nearest; metrics.jsonl logs it as w_diag)."""
+    ranks = f"{run.world} rank(s) ({dist.get_backend()})" if run.ddp else "1 process"
+    trained = sum(p.numel() for p in trainer.params) / 1e6
+    pairs = cfg.batch * cfg.grad_accum * run.world
+    scaled = f" = {cfg.lr_per_pair:g} per pair x {pairs}" if cfg.lr is None else " (--lr)"
+    row = cfg.batch * (run.world if cfg.global_contrast else 1)
+    weights = f", each row of w over {row} pairs" if cfg.loss == "rpo" else ""
+    emulated = run.device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False)
+    return (f"training {cfg.model} ({m.base}) with {cfg.loss} on {cfg.data} into {cfg.out}: {ranks} x "
+            f"{cfg.batch} pairs x {cfg.grad_accum} accumulation = {pairs} pairs a step, lr "
+            f"{learning_rate(cfg, run.world):g}{scaled}{weights}, {run.precision}"
+            f"{' (this GPU has no native bf16)' if emulated else ''}, {trained:.1f}M trainable "
+            f"parameters{' (LoRA)' if m.lora else ''}")
+
+
+# ================================================================================================
+# The machinery. What follows serves the training above, and a reader of the method need not read it: data
+# layouts and decoding, sharding and exact resume, the cache, the run folder and its lock, signals,
+# checkpoints, saving, tracking and the end-of-run line.
+# ================================================================================================
+
+
+# ----------------------------------------------------------------- data: layouts, reading, checks
 # Rows follow Pick-a-Pic v2: caption, jpg_0, jpg_1 (encoded images, or {"path": file}), label_0 (1, 0.5, 0).
 # A source is a list of DataFiles: parquet files or tar shards (local, or a hub dataset's through hf:// URLs),
 # JSON files split into virtual files, toy.py's generated files, cache files. Whatever their layout, rows go
@@ -732,6 +1271,7 @@ def chunks(file, size):
         a += size
 
 
+# --------------------------------------------------------- data: sharding, order and exact resume
 def rank_rows(cfg, files, epoch, rank, world, at=None):
     """(pair id, row, where to resume after it) for this rank's share of an epoch. The epoch's shuffled file
     list is dealt round-robin to the ranks, so a rank reads only its own files. It reads them in windows of
@@ -788,6 +1328,85 @@ def coin(seed, epoch, index, what):
     return random.Random(f"{seed}-{epoch}-{index}-{what}").random()
 
 
+def pair_batches(cfg, rank, world, start=None, pool=None):
+    """Endless (M pairs, state after them) for this rank: decoded pairs, or encoded ones from --cache. The
+    state is where to resume: epoch, place in the rank's share (see rank_rows) and the skip counts so far.
+    Rows are decoded ahead in --workers processes but taken in order, so pairs, counts and states never depend
+    on the workers. A rank that ends its share of an epoch goes on with its next epoch: no rank waits for
+    another."""
+    if cfg.cache:  # cached pairs are read here, not decoded in the workers
+        files, prepare, pool = cache_files(cfg), cached_pair, None
+    else:
+        files, prepare = source_files(cfg, cfg.data, cfg.split, cfg.max_pairs), prepare_pair
+    if len(files) < world:
+        sys.exit(f"rpo.py: {len(files)} data file(s) for {world} ranks; each rank reads its own files, so "
+                 f"split the data into at least {world} files")
+    state = copy.deepcopy(start) if start else dict(epoch=0, at=None, counts={k: 0 for k in SKIP_KEYS})
+    while True:
+        epoch, whole_epoch, batch, n_batches = state["epoch"], state["at"] is None, [], 0
+        jobs = epoch_jobs(cfg, files, epoch, rank, world, state["at"])
+        for at, pair in prepared_in_order(prepare, jobs, pool, ahead=4 * cfg.batch):
+            state["at"] = at
+            if isinstance(pair, str):  # a skip reason
+                state["counts"][pair] += 1
+                continue
+            state["counts"]["small"] += pair.pop("small")
+            batch.append(pair)
+            if len(batch) == cfg.batch:
+                yield batch, copy.deepcopy(state)
+                n_batches, batch = n_batches + 1, []
+        if n_batches == 0 and whole_epoch:  # not one micro-batch in a whole epoch, so in none
+            where = f"cache {cfg.cache!r}" if cfg.cache else repr(cfg.data)
+            sys.exit(f"rpo.py: {len(batch)} trainable pairs for rank {rank} in {where} (split {cfg.split!r}, "
+                     f"epoch {epoch}), fewer than --batch {cfg.batch}, after dropping ties and bad rows: "
+                     f"{state['counts']}")
+        state.update(epoch=epoch + 1, at=None)
+
+
+def epoch_jobs(cfg, files, epoch, rank, world, at):
+    """(where to resume after the row, PairJob) for this rank's rows of an epoch, with each pair's flip and
+    crop fixed by (seed, epoch, pair)."""
+    for pid, row, after in rank_rows(cfg, files, epoch, rank, world, at):
+        flip = not cfg.no_flip and coin(cfg.seed, epoch, pid, "flip") < 0.5
+        crop_seed = f"{cfg.seed}-{epoch}-{pid}" if cfg.random_crop else None
+        yield after, PairJob(row, pid, cfg.resolution, flip, crop_seed, cfg.time_ids)
+
+
+def training_batches(cfg, m, rank, world, start, pool):
+    """(Pairs, state to resume after them) forever, from the cache or from decoded rows."""
+    for pairs, state in pair_batches(cfg, rank, world, start, pool):
+        yield encode_pairs(m, pairs, cfg.embed, with_f=cfg.loss == "rpo"), state
+
+
+def heldout_pairs(cfg, m):
+    """Up to eval_pairs held-out pairs in file order, unflipped, encoded once in micro-batches of --batch
+    pairs (one VAE call over all of them does not fit a GPU at 1024 px); None without a held-out source."""
+    source, split = heldout_source(cfg)
+    if not source:
+        return None
+    rows = itertools.islice(rows_in_order(cfg, source, split), cfg.eval_pairs)
+    prepared = decoded([PairJob(row, i, cfg.resolution, time_ids=cfg.time_ids) for i, row in rows])
+    pairs = [p for p in prepared if not isinstance(p, str)]
+    if not pairs:
+        sys.exit(f"rpo.py: no usable held-out pairs in {source!r} (split {split!r})")
+    return [encode_pairs(m, pairs[i:i + cfg.batch], cfg.embed, with_f=False)
+            for i in range(0, len(pairs), cfg.batch)]
+
+
+def heldout_source(cfg):
+    """(source, split) of the held-out pairs; (None, None) without them. Default: toy's held-out captions,
+    Pick-a-Pic's validation_unique split."""
+    source = cfg.eval_data or (cfg.data if cfg.data in (*TOY_WORLDS, "pickapic") else None)
+    if not source or cfg.eval_pairs <= 0:
+        return None, None
+    if cfg.eval_split:
+        return source, cfg.eval_split
+    if source in TOY_WORLDS:
+        return source, "heldout"
+    return source, "validation_unique" if source == "pickapic" else "train"
+
+
+# --------------------------------------------------------------------------------- data: decoding
 class PairJob(NamedTuple):
     """One row for a decoding worker, with how to prepare it."""
     row: dict
@@ -860,50 +1479,6 @@ def mirrored(time_ids):
     return [h, w, top, short_side_to(target_w, w, h)[0] - target_w - left, target_h, target_w]
 
 
-def pair_batches(cfg, rank, world, start=None, pool=None):
-    """Endless (M pairs, state after them) for this rank: decoded pairs, or encoded ones from --cache. The
-    state is where to resume: epoch, place in the rank's share (see rank_rows) and the skip counts so far.
-    Rows are decoded ahead in --workers processes but taken in order, so pairs, counts and states never depend
-    on the workers. A rank that ends its share of an epoch goes on with its next epoch: no rank waits for
-    another."""
-    if cfg.cache:  # cached pairs are read here, not decoded in the workers
-        files, prepare, pool = cache_files(cfg), cached_pair, None
-    else:
-        files, prepare = source_files(cfg, cfg.data, cfg.split, cfg.max_pairs), prepare_pair
-    if len(files) < world:
-        sys.exit(f"rpo.py: {len(files)} data file(s) for {world} ranks; each rank reads its own files, so "
-                 f"split the data into at least {world} files")
-    state = copy.deepcopy(start) if start else dict(epoch=0, at=None, counts={k: 0 for k in SKIP_KEYS})
-    while True:
-        epoch, whole_epoch, batch, n_batches = state["epoch"], state["at"] is None, [], 0
-        jobs = epoch_jobs(cfg, files, epoch, rank, world, state["at"])
-        for at, pair in prepared_in_order(prepare, jobs, pool, ahead=4 * cfg.batch):
-            state["at"] = at
-            if isinstance(pair, str):  # a skip reason
-                state["counts"][pair] += 1
-                continue
-            state["counts"]["small"] += pair.pop("small")
-            batch.append(pair)
-            if len(batch) == cfg.batch:
-                yield batch, copy.deepcopy(state)
-                n_batches, batch = n_batches + 1, []
-        if n_batches == 0 and whole_epoch:  # not one micro-batch in a whole epoch, so in none
-            where = f"cache {cfg.cache!r}" if cfg.cache else repr(cfg.data)
-            sys.exit(f"rpo.py: {len(batch)} trainable pairs for rank {rank} in {where} (split {cfg.split!r}, "
-                     f"epoch {epoch}), fewer than --batch {cfg.batch}, after dropping ties and bad rows: "
-                     f"{state['counts']}")
-        state.update(epoch=epoch + 1, at=None)
-
-
-def epoch_jobs(cfg, files, epoch, rank, world, at):
-    """(where to resume after the row, PairJob) for this rank's rows of an epoch, with each pair's flip and
-    crop fixed by (seed, epoch, pair)."""
-    for pid, row, after in rank_rows(cfg, files, epoch, rank, world, at):
-        flip = not cfg.no_flip and coin(cfg.seed, epoch, pid, "flip") < 0.5
-        crop_seed = f"{cfg.seed}-{epoch}-{pid}" if cfg.random_crop else None
-        yield after, PairJob(row, pid, cfg.resolution, flip, crop_seed, cfg.time_ids)
-
-
 class Decoders:
     """--workers processes that decode JPEGs. The first are forked at start, before any CUDA or process-group
     state exists; a pool whose worker died (the OOM killer) is forked anew, as DataLoader forks its workers
@@ -973,97 +1548,8 @@ def decoded(jobs, pool=None):
     return [pair for _, pair in prepared_in_order(prepare_pair, ((None, job) for job in jobs), pool, 64)]
 
 
-# ------------------------------------------------------------------------------- encoded pairs, cache
-# The training step consumes encoded pairs: VAE latents, text-encoder states, SDXL time ids and the pair
-# embeddings f. They are computed on the fly, or once per dataset with --cache and read back every epoch.
-CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+# -------------------------------------------------------------------------------------- the cache
 CACHE_CHUNK = 256  # rows decoded and encoded at a time while building the cache
-
-
-class Pairs(NamedTuple):
-    """An encoded micro-batch of M pairs, on the training device: what the loss needs."""
-    index: list  # pair ids: each seeds its pair's noise, timestep, flip and prompt dropout
-    latents_w: torch.Tensor  # VAE latents of the winners [M, 4, h, w] and of the losers
-    latents_l: torch.Tensor
-    prompt: torch.Tensor  # text-encoder states of the captions
-    pooled: torch.Tensor  # SDXL's pooled text embedding (None for SD1.5)
-    time_ids_w: torch.Tensor  # SDXL's size and crop conditioning [M, 6] of winners and losers
-    time_ids_l: torch.Tensor
-    f_w: torch.Tensor = None  # pair embeddings f(c, x_w), f(c, x_l) [M, D]: RPO's pair weights
-    f_l: torch.Tensor = None
-    clip_time: tuple = None  # (start, end) of computing f: perf_counter seconds or CUDA events
-
-
-# f(c, x) = normalize(normalize(text(c)) + normalize(image(x)));  --embed text | image | both
-@torch.no_grad()
-def pair_embeddings(m, captions, pixels, embed):
-    """One CLIP vector per (caption, image); pixels uint8 [N,3,H,W] with N a multiple of len(captions)."""
-    parts = []
-    if embed in ("text", "both"):
-        ids = m.clip_tokenizer(captions, padding="max_length", max_length=77, truncation=True,
-                               return_tensors="pt").input_ids
-        text = F.normalize(m.clip.get_text_features(ids.to(m.device)).pooler_output.float(), dim=-1)
-        parts.append(text.repeat(len(pixels) // len(captions), 1))
-    if embed in ("image", "both"):
-        x = clip_pixels(pixels.to(m.device), m.clip.config.vision_config.image_size)
-        parts.append(F.normalize(m.clip.get_image_features(x).pooler_output.to(m.dtype).float(), dim=-1))
-    return F.normalize(sum(parts), dim=-1)
-
-
-def clip_pixels(pixels, size):
-    """uint8 images [N,3,H,W] -> CLIP's input: resized to size x size, scaled by CLIP's mean and std."""
-    x = F.interpolate(pixels.float() / 255, size=(size, size), mode="bicubic", antialias=True)
-    mean = torch.tensor(CLIP_MEAN, device=pixels.device).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD, device=pixels.device).view(1, 3, 1, 1)
-    return (x - mean) / std
-
-
-def clock(device):
-    if device.type == "cuda":
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        return event
-    return time.perf_counter()
-
-
-def seconds_done(in_flight, interval=None):
-    """Seconds of the (start, end) intervals in in_flight (interval added) that are done, taken out of it:
-    perf_counter seconds at once, CUDA events once the GPU has passed them (a query, never a sync), so only
-    the few intervals still in flight stay."""
-    if interval:
-        in_flight.append(interval)
-    seconds = 0.0
-    while in_flight and (isinstance(in_flight[0][1], float) or in_flight[0][1].query()):
-        start, end = in_flight.popleft()
-        seconds += end - start if isinstance(start, float) else start.elapsed_time(end) / 1000
-    return seconds
-
-
-@torch.no_grad()
-def encode_pairs(m, pairs, embed, with_f=True):
-    """Prepared pairs -> Pairs, the one place a micro-batch is encoded. Cached pairs (see cached_pair) are
-    stacked as stored; decoded ones (see prepare_pair) go through the VAE and the text encoders, and with_f
-    through CLIP for the pair embeddings."""
-    index = [p["index"] for p in pairs]
-
-    def stacked(key):  # [M, ...] on the device; cached pairs hold [winner, loser] in their second axis
-        return torch.stack([torch.as_tensor(p[key]) for p in pairs]).to(m.device)
-    if "latents" in pairs[0]:
-        latents, time_ids, f = stacked("latents"), stacked("time_ids"), stacked("f")
-        pooled = stacked("pooled") if m.xl else None
-        return Pairs(index, latents[:, 0], latents[:, 1], stacked("prompt"), pooled, time_ids[:, 0],
-                     time_ids[:, 1], f[:, 0], f[:, 1])
-    captions = [p["caption"] for p in pairs]
-    pixels = torch.cat([stacked("winner"), stacked("loser")])
-    latents = encode_images(m, pixels)
-    prompt, pooled = encode_prompts(m, captions)
-    time_ids_w, time_ids_l = (stacked(key).float() for key in ("winner_time_ids", "loser_time_ids"))
-    f, clip_time = [None, None], None
-    if with_f:
-        start = clock(m.device)
-        f = pair_embeddings(m, captions, pixels, embed).chunk(2)
-        clip_time = (start, clock(m.device))
-    return Pairs(index, *latents.chunk(2), prompt, pooled, time_ids_w, time_ids_l, *f, clip_time)
 
 
 def cache_meta(cfg, m, files):
@@ -1186,227 +1672,7 @@ def cached_pair(job):
                 time_ids=c["time_ids"][s, int(flip)])
 
 
-def training_batches(cfg, m, rank, world, start, pool):
-    """(Pairs, state to resume after them) forever, from the cache or from decoded rows."""
-    for pairs, state in pair_batches(cfg, rank, world, start, pool):
-        yield encode_pairs(m, pairs, cfg.embed, with_f=cfg.loss == "rpo"), state
-
-
-def heldout_pairs(cfg, m):
-    """Up to eval_pairs held-out pairs in file order, unflipped, encoded once in micro-batches of --batch
-    pairs (one VAE call over all of them does not fit a GPU at 1024 px); None without a held-out source."""
-    source, split = heldout_source(cfg)
-    if not source:
-        return None
-    rows = itertools.islice(rows_in_order(cfg, source, split), cfg.eval_pairs)
-    prepared = decoded([PairJob(row, i, cfg.resolution, time_ids=cfg.time_ids) for i, row in rows])
-    pairs = [p for p in prepared if not isinstance(p, str)]
-    if not pairs:
-        sys.exit(f"rpo.py: no usable held-out pairs in {source!r} (split {split!r})")
-    return [encode_pairs(m, pairs[i:i + cfg.batch], cfg.embed, with_f=False)
-            for i in range(0, len(pairs), cfg.batch)]
-
-
-def heldout_source(cfg):
-    """(source, split) of the held-out pairs; (None, None) without them. Default: toy's held-out captions,
-    Pick-a-Pic's validation_unique split."""
-    source = cfg.eval_data or (cfg.data if cfg.data in (*TOY_WORLDS, "pickapic") else None)
-    if not source or cfg.eval_pairs <= 0:
-        return None, None
-    if cfg.eval_split:
-        return source, cfg.eval_split
-    if source in TOY_WORLDS:
-        return source, "heldout"
-    return source, "validation_unique" if source == "pickapic" else "train"
-
-
-# ------------------------------------------------------------------------------------- pair weights
-# d_ij = 1 - cos(f(c_i, x_w_i), f(c_j, x_l_j));  w_ij = exp(-d_ij / tau) / sum_j' exp(-d_ij' / tau)
-def contrast_weights(f_w, f_l, tau):
-    d = 1 - F.cosine_similarity(f_w.float()[:, None], f_l.float()[None, :], dim=-1)  # fp32 under autocast too
-    return torch.softmax(-d / tau, dim=1)
-
-
-# -------------------------------------------------------------------------------------------- loss
-# err = mean over C,H,W of (eps_pred - eps)^2,  per sample
-def per_sample_error(eps_pred, eps):
-    return (eps_pred.float() - eps.float()).pow(2).mean(dim=(1, 2, 3))
-
-
-# L = -mean_{i,j} log sigmoid(-(beta/2) w_ij (s_w[i] - s_l[j])),  s = err - ref_err;  w = None: DPO's diagonal
-def rpo_loss(err_w, err_l, ref_err_w, ref_err_l, beta, weights=None):
-    s_w, s_l = err_w - ref_err_w, err_l - ref_err_l
-    if weights is None:
-        return -F.logsigmoid(-(beta / 2) * (s_w - s_l)).mean()
-    return -F.logsigmoid(-(beta / 2) * weights * (s_w[:, None] - s_l[None, :])).mean()
-
-
-def preference_metrics(err_w, err_l, ref_err_w, ref_err_l, beta, weights=None):
-    """Implicit accuracy (s_w < s_l, ties half), reward margin (beta/2)(s_l - s_w), mean w_ii and the
-    diagonal's effective beta x w_ii, policy and reference MSE."""
-    s_w, s_l = (err_w - ref_err_w).detach().float(), (err_l - ref_err_l).detach().float()
-    w_diag = weights.diagonal().mean() if weights is not None else s_w.new_ones(())
-    return dict(accuracy=((s_w < s_l).float() + 0.5 * (s_w == s_l).float()).mean(),
-                margin=(beta / 2 * (s_l - s_w)).mean(), w_diag=w_diag, beta_w_diag=beta * w_diag,
-                mse=torch.cat([err_w, err_l]).detach().mean(),
-                ref_mse=torch.cat([ref_err_w, ref_err_l]).mean())
-
-
-def pair_noise(keys, latents, T):
-    """Noise and timestep of each pair from its own seeded generator: winner and loser share them. Drawn on
-    the CPU and copied over, so a pair gets the same draw on any device."""
-    noise, t = [], []
-    for key in keys:
-        g = torch.Generator().manual_seed(random.Random(key).getrandbits(63))
-        noise.append(torch.randn(latents.shape[1:], generator=g))
-        t.append(torch.randint(0, T, (1,), generator=g))
-    return torch.stack(noise).to(latents.device, latents.dtype), torch.cat(t).to(latents.device)
-
-
-def pair_errors(unet, m, pairs, keys, prompt=None, pooled=None, winners_only=False):
-    """The per-sample errors of a UNet (policy or reference) on the winners and the losers, in one batched
-    forward: each pair's winner and loser are noised with the same draw at the same t. prompt, pooled: the
-    conditioning after prompt dropout (default: the pairs' own captions). Returns (err_w, err_l or None)."""
-    if prompt is None:
-        prompt, pooled = pairs.prompt, pairs.pooled
-    noise, t = pair_noise(keys, pairs.latents_w, m.scheduler.config.num_train_timesteps)
-    sides = 1 if winners_only else 2  # winners, then losers, each with the pair's noise, t and caption
-
-    def both(winners, losers):
-        return winners if winners_only else torch.cat([winners, losers])
-
-    def each(x):
-        return None if x is None else torch.cat([x] * sides)
-    noisy = m.scheduler.add_noise(both(pairs.latents_w, pairs.latents_l), each(noise), each(t))
-    extra = {}
-    if m.xl:  # SDXL's micro-conditioning: the pooled text embedding and the size and crop time ids
-        extra = dict(added_cond_kwargs=dict(text_embeds=each(pooled),
-                                            time_ids=both(pairs.time_ids_w, pairs.time_ids_l)))
-    err = per_sample_error(unet(noisy, each(t), each(prompt), **extra).sample, each(noise))
-    return (err, None) if winners_only else err.chunk(2)
-
-
-def gather(x):
-    """All ranks' rows in rank order. Each rank computes the same global loss and DDP averages the ranks'
-    gradients, so a rank's own rows take world x their gradient: the sum over the world copies of the loss."""
-    world = dist.get_world_size()
-    parts = [torch.empty_like(x) for _ in range(world)]
-    dist.all_gather(parts, x.detach().contiguous())
-    own = x.view_as(x)
-    if own.requires_grad:
-        def times_world(grad):
-            return grad * world
-        own.register_hook(times_world)
-    parts[dist.get_rank()] = own
-    return torch.cat(parts)
-
-
-def preference_step(cfg, m, policy, pairs, epoch):
-    """Loss and metrics of one micro-batch; prompt dropout blanks the conditioning, never the pair weights."""
-    keys = [f"noise-{cfg.seed}-{epoch}-{i}" for i in pairs.index]
-    dropped = [coin(cfg.seed, epoch, i, "drop") < cfg.drop_prompt for i in pairs.index]
-    drop = torch.tensor(dropped, device=m.device)
-    prompt = torch.where(drop[:, None, None], m.empty_prompt, pairs.prompt)
-    pooled = torch.where(drop[:, None], m.empty_pooled, pairs.pooled) if m.xl else None
-    if cfg.loss == "sft":
-        err_w, _ = pair_errors(policy, m, pairs, keys, prompt, pooled, winners_only=True)
-        return err_w.mean(), dict(mse=err_w.detach().mean())
-    err_w, err_l = pair_errors(policy, m, pairs, keys, prompt, pooled)
-    with torch.no_grad(), reference(m) as ref_unet:
-        ref_err_w, ref_err_l = pair_errors(ref_unet, m, pairs, keys, prompt, pooled)
-    errors, f = [err_w, err_l, ref_err_w, ref_err_l], [pairs.f_w, pairs.f_l]
-    if cfg.global_contrast and dist.is_initialized():  # the M x M matrix spans every rank's pairs
-        errors, f = [gather(e) for e in errors], [None if x is None else gather(x) for x in f]
-    weights = contrast_weights(*f, cfg.tau) if cfg.loss == "rpo" else None
-    return rpo_loss(*errors, cfg.beta, weights), preference_metrics(*errors, cfg.beta, weights)
-
-
-@torch.no_grad()
-def evaluate(cfg, m, heldout, autocast):
-    """Held-out implicit accuracy and margin, s averaged over eval_draws fixed (noise, t) draws per pair; the
-    held-out micro-batches go through the UNets one at a time."""
-    was_training = m.unet.training
-    m.unet.eval()
-    errs = []  # per micro-batch: err_w, err_l, ref_err_w, ref_err_l, each the mean over the draws
-    with autocast:
-        for pairs in heldout:
-            draws = []
-            for d in range(cfg.eval_draws):
-                keys = [f"eval-{d}-{i}" for i in pairs.index]
-                with reference(m) as ref_unet:
-                    ref_errs = pair_errors(ref_unet, m, pairs, keys)
-                draws.append([*pair_errors(m.unet, m, pairs, keys), *ref_errs])
-            errs.append([torch.stack(e).mean(0) for e in zip(*draws)])
-    m.unet.train(was_training)
-    mean = [torch.cat(e) for e in zip(*errs)]
-    metrics = preference_metrics(*mean, cfg.beta)
-    return dict(accuracy=float(metrics["accuracy"]), margin=float(metrics["margin"]))
-
-
-# ---------------------------------------------------------------------------------------- training
-PEAK_BF16_FLOPS = 989e12  # one H100 SXM, dense bf16; the end-of-run MFU on any CUDA device is against it
-
-
-@dataclass
-class Run:
-    """Where this process trains, set once by set_up."""
-    device: torch.device
-    rank: int
-    world: int
-    local_rank: int
-    ddp: bool  # under torchrun, even with one process: one code path
-    precision: str
-    dtype: torch.dtype
-    autocast: object  # the mixed-precision context of every forward
-    lock: object  # rank 0: the open lock file of the run folder (see lock_run_folder)
-
-    @property
-    def master(self):
-        return self.rank == 0
-
-
-def set_up(cfg):
-    """Device, process group (under torchrun) and precision; then the random-init model folder, built once
-    per machine, and the seeds."""
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if ddp and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0" and \
-            os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and local_rank == 0:
-        print("rpo.py: warning: torchrun restarted its workers and shares its rendezvous store with them: "
-              "the new process group may read the old workers' addresses and fail to connect "
-              "(pytorch#167288). Launch torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1", file=sys.stderr)
-    if ddp:  # NCCL takes only GPU tensors: everything the loop reduces or gathers is made on `device`
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        wait = datetime.timedelta(minutes=30)  # while rank 0 evaluates and saves alone, the others wait
-        dist.init_process_group(backend, timeout=wait, device_id=device if device.type == "cuda" else None)
-    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
-    cfg.out, lock = run_folder(cfg, rank, ddp)
-    cfg.precision = precision = cfg.precision or default_precision(device)  # the checkpoint keeps it
-    dtype = dict(bf16=torch.bfloat16, fp16=torch.float16, fp32=torch.float32)[precision]
-    autocast = torch.autocast(device.type, dtype=dtype) if precision != "fp32" else nullcontext()
-    if local_rank == 0:
-        model_folder(cfg)  # builds the random-init folder once per machine
-    if ddp:
-        dist.barrier()
-    # seeded after any folder build, which draws random weights: new LoRA adapters depend on the seed only
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    return Run(device, rank, world, local_rank, ddp, precision, dtype, autocast, lock)
-
-
-def default_precision(device):
-    """bf16 on a GPU that computes it natively (Ampere and later), fp16 on one that only emulates it (V100,
-    T4: slow), fp32 on the CPU."""
-    if device.type != "cuda":
-        return "fp32"
-    return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
-
-
+# ---------------------------------------------------------------- the run folder, signals, resume
 def run_folder(cfg, rank, ddp):
     """--out, or out/run-N: a new N for a fresh run (claimed by creating it, so runs started together differ),
     under --resume the newest that holds a checkpoint; rank 0 picks and every rank takes its pick. Rank 0
@@ -1489,50 +1755,33 @@ def claim(folder):
         return False
 
 
-@dataclass
-class Trainer:
-    """What the optimizer step updates."""
-    policy: torch.nn.Module  # m.unet as the step calls it: under DDP, compiled
-    params: list  # the trained parameters: the whole UNet, or its LoRA adapters
-    optimizer: torch.optim.Optimizer
-    schedule: torch.optim.lr_scheduler.LambdaLR  # linear warmup
-    scaler: torch.amp.GradScaler  # enabled under fp16 only
+# the exit status of a run that a signal stopped, with a checkpoint: EX_TEMPFAIL, "try again later"
+PREEMPTED = 75
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
-def make_trainer(cfg, m, run):
-    """The policy under DDP and --compile (the reference compiled too), its optimizer, warmup and scaler."""
-    policy = m.unet
-    if run.ddp:
-        device_ids = [run.local_rank] if run.device.type == "cuda" else None
-        # gradients as views of DDP's buckets, or every gradient is held twice (SDXL fp32: +10 GB); zero_grad
-        # then zeroes them in place: set_to_none would drop the views, and each step's no_sync micro-batches
-        # would make new gradients beside the buckets
-        policy = torch.nn.parallel.DistributedDataParallel(m.unet, device_ids=device_ids,
-                                                           gradient_as_bucket_view=True)
-    if cfg.compile:
-        policy = torch.compile(policy)
-        m.ref_unet = torch.compile(m.ref_unet) if m.ref_unet is not None else None
-    params = [p for p in m.unet.parameters() if p.requires_grad]
-    optimizer = make_optimizer(cfg, params, learning_rate(cfg, run.world), run.device)
+@contextmanager
+def stop_requests():
+    """SIGTERM, SIGINT or SIGUSR1 asks the run to stop: while training, after the optimizer step it is in,
+    with a checkpoint of that step (a second SIGINT stops it at once); before and after, at once (nothing to
+    checkpoint; a cache file being written is written again), with the same exit status. Yields
+    {"signal": the name, or None, "training": whether the loop runs}."""
+    asked = dict(signal=None, training=False)
 
-    def warmup(step):
-        return min(1.0, (step + 1) / max(1, cfg.warmup_steps))
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup)
-    scaler = torch.amp.GradScaler(run.device.type, enabled=run.precision == "fp16")
-    return Trainer(policy, params, optimizer, schedule, scaler)
-
-
-# lr = lr_per_pair x batch x grad_accum x world size  (Diffusion-DPO's --scale_lr); --lr sets it outright
-def learning_rate(cfg, world):
-    return cfg.lr if cfg.lr is not None else cfg.lr_per_pair * cfg.batch * cfg.grad_accum * world
-
-
-def make_optimizer(cfg, params, lr, device):
-    if cfg.optimizer == "adafactor":  # Diffusion-DPO's choice for SDXL: no second-moment matrix per weight
-        from transformers.optimization import Adafactor
-        return Adafactor(params, lr=lr, scale_parameter=False, relative_step=False, warmup_init=False,
-                         weight_decay=1e-2)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=1e-2, fused=device.type == "cuda")
+    def ask(signum, frame):  # while training only a flag: the loop reads it once per step
+        if signum == signal.SIGINT and asked["signal"]:
+            raise KeyboardInterrupt
+        asked["signal"] = signal.Signals(signum).name
+        if not asked["training"]:
+            print(f"rpo.py: stopped by {asked['signal']} outside the training loop; nothing to checkpoint",
+                  file=sys.stderr)
+            sys.exit(PREEMPTED)
+    previous = {s: signal.signal(s, ask) for s in STOP_SIGNALS}
+    try:
+        yield asked
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def resume(cfg, m, trainer, run):
@@ -1608,361 +1857,7 @@ def cut_metrics_log(out, step):
     return kept[-1][0] if kept else 0
 
 
-def describe(cfg, m, run, trainer):
-    """The start-up line: what trains on what, the effective batch and the learning rate it gives, and how
-    many pairs each row of w is normalised over (the diagonal's logit is scaled by w_ii: 1 / that number
-    for uniform weights, more where the diagonal pair is the nearest; metrics.jsonl logs it as w_diag)."""
-    ranks = f"{run.world} rank(s) ({dist.get_backend()})" if run.ddp else "1 process"
-    trained = sum(p.numel() for p in trainer.params) / 1e6
-    pairs = cfg.batch * cfg.grad_accum * run.world
-    scaled = f" = {cfg.lr_per_pair:g} per pair x {pairs}" if cfg.lr is None else " (--lr)"
-    row = cfg.batch * (run.world if cfg.global_contrast else 1)
-    weights = f", each row of w over {row} pairs" if cfg.loss == "rpo" else ""
-    emulated = run.device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False)
-    return (f"training {cfg.model} ({m.base}) with {cfg.loss} on {cfg.data} into {cfg.out}: {ranks} x "
-            f"{cfg.batch} pairs x {cfg.grad_accum} accumulation = {pairs} pairs a step, lr "
-            f"{learning_rate(cfg, run.world):g}{scaled}{weights}, {run.precision}"
-            f"{' (this GPU has no native bf16)' if emulated else ''}, {trained:.1f}M trainable "
-            f"parameters{' (LoRA)' if m.lora else ''}")
-
-
-def train(cfg, m, run, trainer, batches, heldout, step, nonfinite, tracker, asked):
-    """The training loop from `step` to --max_steps: one optimizer step per pass, top to bottom. Every
-    --save_every steps and at the end, a save point: a checkpoint, then the weights, held-out metrics and
-    samples. A checkpoint alone every --save_every_minutes, and when a signal asks the run to stop (`asked`,
-    see stop_requests), which it then does. Returns the logged records, the loop's timing, its last
-    micro-batch and what stopped it early (None: it ran to --max_steps). nonfinite: the non-finite steps so
-    far, and how many of the last ones in a row."""
-    (nonfinite_total, nonfinite_run), start_step, history, stopped_by = nonfinite, step, [], None
-    asked["training"] = True
-    last_checkpoint = time.monotonic()
-    step_seconds, saving = [], 0.0  # saving: seconds of evaluation, checkpoints and samples: not throughput
-    clip_seconds, clip_in_flight = 0.0, deque()  # time spent on pair embeddings, for the end-of-run line
-    t0 = t_first = time.perf_counter()
-    # closed however the loop ends: a one-line error that stops the run starts a line of its own
-    with tqdm(total=cfg.max_steps, initial=step, disable=not run.master, dynamic_ncols=True) as bar:
-        while step < cfg.max_steps:
-            t_step, lr = time.perf_counter(), trainer.schedule.get_last_lr()[0]
-            # 1. forward and backward over --grad_accum micro-batches; DDP syncs the gradients on the last one
-            sums = {}
-            for micro in range(cfg.grad_accum):
-                pairs, state = next(batches)
-                clip_seconds += seconds_done(clip_in_flight, pairs.clip_time)
-                sync = micro == cfg.grad_accum - 1 or not run.ddp
-                with (nullcontext() if sync else trainer.policy.no_sync()), run.autocast:
-                    loss, metrics = preference_step(cfg, m, trainer.policy, pairs, state["epoch"])
-                trainer.scaler.scale(loss / cfg.grad_accum).backward()
-                for k, v in dict(metrics, loss=loss.detach()).items():
-                    sums[k] = sums.get(k, 0) + v.float() / cfg.grad_accum
-            # 2. clip; what the step logs reaches the host as one float64 vector on the device,
-            #    all-reduced once across ranks: metrics averaged, skip counts summed (each rank reads its own
-            #    rows), and two flags that every rank then acts on: a signal on any rank, rank 0's clock
-            #    saying a checkpoint is due
-            trainer.scaler.unscale_(trainer.optimizer)
-            sums["grad_norm"] = torch.nn.utils.clip_grad_norm_(trainer.params, 1.0)
-            due = run.master and 0 < 60 * cfg.save_every_minutes <= time.monotonic() - last_checkpoint
-            names, vec = step_vector(sums, state["counts"], [asked["signal"] is not None, due], run.device)
-            if run.ddp:
-                dist.all_reduce(vec)
-                vec[:len(sums)] /= run.world
-            logged = {k: int(v) if k in SKIP_KEYS else v for k, v in zip(names, vec.tolist())}
-            signalled, due = logged.pop("signalled") > 0, logged.pop("due") > 0
-            # 3. step, unless the loss or the gradient is not finite: a NaN gradient under a finite loss
-            #    (bf16 has no GradScaler to catch it) would turn every weight NaN. In fp16 an overflow under a
-            #    finite loss is the GradScaler's to absorb (it halves its scale) until the scale falls below 1
-            finite = math.isfinite(logged["loss"]) and math.isfinite(logged["grad_norm"])
-            absorbed = (not finite and math.isfinite(logged["loss"]) and trainer.scaler.is_enabled()
-                        and trainer.scaler.get_scale() >= 1)
-            if finite:
-                trainer.scaler.step(trainer.optimizer)
-            trainer.scaler.update()
-            # torch warns when a skipped first step steps the schedule: intended
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler.step\(\)` before")
-                trainer.schedule.step()  # every step, skipped or not: the warmup follows the step number
-            trainer.optimizer.zero_grad(set_to_none=not run.ddp)
-            nonfinite_run = 0 if finite or absorbed else nonfinite_run + 1
-            nonfinite_total += not finite
-            step += 1
-            step_seconds.append(time.perf_counter() - t_step)
-            if step == start_step + 1:  # the throughput leaves out the first step (compilation, warm-up)
-                t_first = time.perf_counter()
-            # 4. the checkpoint first (nothing after it can lose it), then at a save point the weights,
-            #    held-out metrics and samples; the log
-            record = dict(step=step, lr=lr, **logged, nonfinite=nonfinite_total)
-            history.append(record)
-            stop = nonfinite_run >= cfg.max_nonfinite
-            save_point = step % cfg.save_every == 0 or step == cfg.max_steps or stop
-            if save_point or signalled or due:
-                t_save = time.perf_counter()
-                save_checkpoint(cfg, m, trainer, step, (nonfinite_total, nonfinite_run), state, run, record,
-                                save_point)
-                last_checkpoint = time.monotonic()
-                if save_point:
-                    record.update(finish_save_point(cfg, m, run, heldout, step))
-                saving += time.perf_counter() - t_save
-            if run.master:
-                log_step(cfg, record, bar, tracker, save_point)
-            if run.ddp and (stop or signalled):  # no rank leaves while rank 0 writes (torchrun would kill it)
-                dist.barrier()
-            if stop:
-                sys.exit(f"rpo.py: {nonfinite_run} non-finite steps (loss or gradient) in a row at step "
-                         f"{step}; stopped with a checkpoint of the last good weights in {cfg.out}. A resume "
-                         f"would meet them again: start a new --out from those weights, --init_unet "
-                         f"{cfg.out}/unet (LoRA: --init_lora {cfg.out}/lora), with a lower --lr or --beta, "
-                         f"or --precision bf16 or fp32")
-            if signalled and step < cfg.max_steps:
-                stopped_by = asked["signal"] or "a signal to another rank"
-                break
-    asked["training"] = False
-    if run.device.type == "cuda":
-        torch.cuda.synchronize(run.device)  # every pair-embedding interval is done
-    end = time.perf_counter()
-    timing = dict(steps=step - start_step, seconds=end - t0, timed=end - t_first - saving, saving=saving,
-                  step_seconds=step_seconds, clip_seconds=clip_seconds + seconds_done(clip_in_flight))
-    return history, timing, pairs if step > start_step else None, stopped_by
-
-
-def step_vector(sums, counts, flags, device):
-    """What a step logs, as names and one float64 tensor on the training device (metrics, skip counts, then
-    the flags `signalled` and `due`): one all-reduce, one copy to the host."""
-    names = sorted(sums) + list(SKIP_KEYS) + ["signalled", "due"]
-    counted = [float(counts[k]) for k in SKIP_KEYS] + [float(flag) for flag in flags]
-    counted = torch.tensor(counted, dtype=torch.float64, device=device)
-    return names, torch.cat([torch.stack([sums[k] for k in sorted(sums)]).double(), counted])
-
-
-# the exit status of a run that a signal stopped, with a checkpoint: EX_TEMPFAIL, "try again later"
-PREEMPTED = 75
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
-
-
-@contextmanager
-def stop_requests():
-    """SIGTERM, SIGINT or SIGUSR1 asks the run to stop: while training, after the optimizer step it is in,
-    with a checkpoint of that step (a second SIGINT stops it at once); before and after, at once (nothing to
-    checkpoint; a cache file being written is written again), with the same exit status. Yields
-    {"signal": the name, or None, "training": whether the loop runs}."""
-    asked = dict(signal=None, training=False)
-
-    def ask(signum, frame):  # while training only a flag: the loop reads it once per step
-        if signum == signal.SIGINT and asked["signal"]:
-            raise KeyboardInterrupt
-        asked["signal"] = signal.Signals(signum).name
-        if not asked["training"]:
-            print(f"rpo.py: stopped by {asked['signal']} outside the training loop; nothing to checkpoint",
-                  file=sys.stderr)
-            sys.exit(PREEMPTED)
-    previous = {s: signal.signal(s, ask) for s in STOP_SIGNALS}
-    try:
-        yield asked
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-
-
-def finish_save_point(cfg, m, run, heldout, step):
-    """A save point after its checkpoint, on rank 0: the weights (DIR/unet or DIR/lora), the held-out metrics
-    (returned, to log) and the sample grid."""
-    if not run.master:
-        return {}
-    save_weights(m, os.path.join(cfg.out, "lora" if m.lora else "unet"))
-    logged = {}
-    if heldout is not None:
-        logged = {"heldout_" + k: v for k, v in evaluate(cfg, m, heldout, run.autocast).items()}
-    if cfg.sample_steps:
-        save_samples(cfg, m, samples_path(cfg, step), run.autocast)
-    return logged
-
-
-def samples_path(cfg, step):
-    return os.path.join(cfg.out, f"samples_{step}.png")
-
-
-class Tracker(NamedTuple):
-    log: object  # log(step, values, grid path or None)
-    close: object
-
-
-def open_tracker(cfg, step):
-    """--report_to's writer (rank 0), continuing at `step`: log(step, values, grid path) and close(). Each key
-    of metrics.jsonl is a scalar of the same name; each sample grid an image; the config a text."""
-    config = dataclasses.asdict(cfg)
-
-    def numbers(values):  # a record's scalars: the step is the axis, strings and nulls have no curve
-        return {k: v for k, v in values.items() if k != "step" and isinstance(v, (int, float))}
-    if cfg.report_to == "tensorboard":
-        from torch.utils.tensorboard import SummaryWriter
-        # purge_step: TensorBoard drops what an interrupted run logged after its checkpoint, as metrics.jsonl
-        writer = SummaryWriter(os.path.join(cfg.out, "tensorboard"), purge_step=step + 1 if step else 0)
-        if not step:
-            writer.add_text("config", "    " + json.dumps(config, indent=1).replace("\n", "\n    "), 0)
-
-        def log(step, values, grid=None):
-            for k, v in numbers(values).items():
-                writer.add_scalar(k, v, step)
-            if grid:
-                image = np.asarray(Image.open(grid).convert("RGB"))
-                writer.add_image("samples", image, step, dataformats="HWC")
-            writer.flush()  # the curves are current while the run goes on
-        return Tracker(log, writer.close)
-    if cfg.report_to == "wandb":
-        import wandb
-        # one W&B run per run folder (its id kept in DIR/wandb_id.json), so --resume continues it; W&B's
-        # steps only go forward, so what an interrupted run logged after its last checkpoint stays (README)
-        id_path = os.path.join(cfg.out, "wandb_id.json")
-        run_id = json.load(open(id_path)) if os.path.exists(id_path) else os.urandom(6).hex()
-        atomic_save(run_id, id_path)
-        wb = wandb.init(project=os.environ.get("WANDB_PROJECT", "diffusion-rpo"), id=run_id, resume="allow",
-                        name=os.path.basename(cfg.out), dir=cfg.out, config=config)
-
-        def log(step, values, grid=None):
-            wb.log(dict(numbers(values), **({"samples": wandb.Image(grid)} if grid else {})), step=step)
-        return Tracker(log, wb.finish)
-    return None
-
-
-def json_line(record):
-    """Strict JSON: a value that is not a finite number (a skipped step's loss, SFT's accuracy) is null."""
-    return json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v
-                       for k, v in record.items()}, allow_nan=False)
-
-
-def log_step(cfg, record, bar, tracker, save_point):
-    """A step's record in metrics.jsonl and the tracker (with a save point's sample grid), and the bar."""
-    with open(os.path.join(cfg.out, "metrics.jsonl"), "a") as fh:
-        fh.write(json_line(record) + "\n")
-    if tracker:
-        step = record["step"]
-        tracker.log(step, record, samples_path(cfg, step) if save_point and cfg.sample_steps else None)
-    if bar:
-        bar.update(1)
-        skipped = sum(record[k] for k in SKIP_KEYS if k not in ("ties", "small"))
-        bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record.get('accuracy', float('nan')):.2f}",
-                        skipped=skipped)
-
-
-# micro-step FLOPs = 4 x one UNet forward over its 2M images: policy forward + backward 3, reference 1
-# (SFT: 1.5); LoRA: 3 (SFT: 1): the frozen UNet's backward computes activation gradients, not weight ones
-@torch.no_grad()
-def step_flops(cfg, m, pairs):
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
-    # the counter misses CPU's fused attention; on CUDA it counts the fused kernels (MATH would take GBs)
-    math_attention = sdpa_kernel(SDPBackend.MATH) if m.device.type == "cpu" else nullcontext()
-    with FlopCounterMode(display=False) as counter, math_attention, reference(m) as ref_unet:
-        unet = getattr(ref_unet, "_orig_mod", ref_unet)  # the eager module under --compile
-        pair_errors(unet, m, pairs, [f"flops-{i}" for i in pairs.index])
-    policy = 1 + (1 if m.lora else 2)
-    return counter.get_total_flops() * (policy / 2 if cfg.loss == "sft" else policy + 1)
-
-
-def end_of_run(cfg, m, run, history, timing, pairs):
-    """The end-of-run summary: throughput, FLOPs and peak memory (what benchmarks read), final metrics."""
-    n_timed = max(timing["steps"] - 1, 0)
-    steps_per_s = n_timed / timing["timed"] if n_timed else timing["steps"] / timing["seconds"]
-    if run.device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(run.device)
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    flops_per_s = step_flops(cfg, m, pairs) * cfg.grad_accum * steps_per_s  # per rank; counted after the peak
-    last = [r["accuracy"] for r in history[-10:] if "accuracy" in r]  # SFT has none
-    step_ms = 1000 * statistics.median(timing["step_seconds"][1:] or timing["step_seconds"])
-    return dict(steps=timing["steps"], seconds=round(timing["seconds"], 2), steps_per_s=round(steps_per_s, 4),
-                pairs_per_s=round(steps_per_s * cfg.batch * cfg.grad_accum * run.world, 2),
-                median_step_ms=round(step_ms, 2), tflops_per_s=round(flops_per_s / 1e12, 4),
-                mfu=round(flops_per_s / PEAK_BF16_FLOPS, 4) if run.device.type == "cuda" else None,
-                peak_mem_mb=round(peak / 2**20, 1),
-                weight_time_share=round(timing["clip_seconds"] / (timing["seconds"] - timing["saving"]), 4),
-                loss=history[-1]["loss"], train_accuracy=round(statistics.fmean(last), 4) if last else None,
-                heldout_accuracy=history[-1].get("heldout_accuracy"),
-                heldout_margin=history[-1].get("heldout_margin"),
-                model=cfg.model, loss_type=cfg.loss, batch=cfg.batch, world=run.world,
-                precision=run.precision)
-
-
-def main(argv=None):
-    cfg = parse_config(argv)
-    # JPEG decoders are forked first, before a process group or CUDA state exists
-    pool = Decoders(cfg.workers) if cfg.workers > 0 else None
-    run = set_up(cfg)
-    try:  # the run folder's lock and the decoders go with this call, however it ends
-        with stop_requests() as asked:
-            stopped = stages(cfg, run, pool, asked)
-    finally:
-        if pool:
-            pool.shutdown()
-        if run.lock:
-            run.lock.close()
-    if stopped:  # by a signal: the step it was in is checkpointed
-        signal_name, step = stopped
-        given = list(sys.argv[1:] if argv is None else argv)
-        args = [a for i, a in enumerate(given) if not (a == "--resume" or i and given[i - 1] == "--resume"
-                                                       and a.lower() in ("1", "0", "true", "false", "yes",
-                                                                         "no", "on", "off"))]
-        if not any(a == "--out" or a.startswith("--out=") for a in args):
-            args += ["--out", cfg.out]
-        launch = "torchrun [the same options] " if run.ddp else "python "
-        if run.master:
-            print(f"rpo.py: stopped by {signal_name} at step {step} with a checkpoint in {cfg.out}; continue "
-                  f"with: {launch}{shlex.join(['rpo.py', *args, '--resume'])}", file=sys.stderr)
-        sys.exit(PREEMPTED)
-
-
-def stages(cfg, run, pool, asked):
-    """The run, from the models to the summary line. Returns (signal, step) if a signal stopped it early."""
-    for source, split in ((cfg.data, cfg.split), heldout_source(cfg)):
-        if source:  # a source rpo.py cannot read stops here, in one line, before the models load
-            files = source_files(cfg, source, split)
-            if run.master:
-                check_files(files)
-    m = load_models(cfg, run.device, run.dtype)
-    trainer = make_trainer(cfg, m, run)
-    step, nonfinite, data_states, ckpt = resume(cfg, m, trainer, run)
-    if run.master:  # the run's settings as plain JSON: what an evaluation reads, never the checkpoint
-        atomic_save(dataclasses.asdict(cfg), os.path.join(cfg.out, SETTINGS_FILE))
-    logged_to = cut_metrics_log(cfg.out, step) if run.master else step
-    tracker = open_tracker(cfg, step) if run.master else None
-    if cfg.cache:
-        build_cache(cfg, m, run.rank, run.world, pool)
-    heldout = heldout_pairs(cfg, m) if run.master else None
-    if logged_to < step:  # the run died between its last checkpoint and that step's log line: finish them
-        record = dict(ckpt["record"])
-        if ckpt["save_point"]:
-            record.update(finish_save_point(cfg, m, run, heldout, step))
-        log_step(cfg, record, None, tracker, ckpt["save_point"])
-    start = data_states[run.rank] if data_states else None
-    batches = training_batches(cfg, m, run.rank, run.world, start, pool)
-    if run.master:
-        print(describe(cfg, m, run, trainer), file=sys.stderr)
-    if run.master and step == 0 and cfg.sample_steps:  # the grid before any training, to compare with
-        save_samples(cfg, m, samples_path(cfg, 0), run.autocast)
-        if tracker:
-            tracker.log(0, {}, samples_path(cfg, 0))
-
-    history, timing, last_pairs, stopped_by = train(cfg, m, run, trainer, batches, heldout, step, nonfinite,
-                                                    tracker, asked)
-
-    if run.master and history and not stopped_by:
-        summary = end_of_run(cfg, m, run, history, timing, last_pairs)
-        print(json_line(summary), flush=True)
-        if tracker:  # throughput, FLOPs and peak memory, at the last step
-            tracker.log(history[-1]["step"], {"end/" + k: v for k, v in summary.items() if k != "steps"})
-    if tracker:
-        tracker.close()
-    if run.ddp:
-        # DDP's Reducer holds the process group. Freed after destroy_process_group, it would be the last
-        # holder and destroy gloo's group with the GIL held, while a gloo worker thread may need the GIL to
-        # free a finished collective's tensors: a deadlock at exit. Freed first, the group goes with
-        # destroy_process_group, which releases the GIL.
-        if cfg.compile:
-            torch.compiler.reset()  # compiled code may keep the module it was compiled from alive
-        del trainer  # the only holder of the DDP module
-        dist.destroy_process_group()
-    return (stopped_by, history[-1]["step"]) if stopped_by else None
-
-
-# ------------------------------------------------------------------------------------------ saving
+# ------------------------------------------------------------------------------------ checkpoints
 def save_checkpoint(cfg, m, trainer, step, nonfinite, state, run, record, save_point):
     """DIR/ckpt-STEP.pt: what --resume needs, the step's record (which a resume logs if the run died before
     it did) and a digest of its content, checked when it is loaded. Written whole and synced before it counts
@@ -2034,87 +1929,6 @@ def link_newest(path, link):
     os.symlink(os.path.basename(path), link + ".tmp")
     os.replace(link + ".tmp", link)
     fsync_folder(os.path.dirname(link))
-
-
-def atomic_save(obj, path):
-    """Write under a temporary name, fsync, rename, fsync the folder: a kill or a power cut at any moment
-    leaves the previous file whole, and the new one counts only once it is on disk. Text and bytes as they
-    are, JSON for .json, else torch.save. A write that fails (a full disk) leaves nothing behind and stops the
-    run."""
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, "w" if isinstance(obj, str) or path.endswith(".json") else "wb") as fh:
-            if isinstance(obj, (str, bytes)):
-                fh.write(obj)
-            elif path.endswith(".json"):
-                json.dump(obj, fh)
-            else:
-                torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        fsync_folder(os.path.dirname(path))
-    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
-        cannot_write(path, tmp, e)
-
-
-def fsync_folder(folder):
-    """Sync a folder's entries: a rename counts once the folder that holds it is on disk."""
-    fd = os.open(folder or ".", os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def cannot_write(path, tmp, error):
-    """One line for a write that failed, after removing what it left. torch.save reports a full disk as a
-    bare RuntimeError: the free space says it."""
-    if os.path.isdir(tmp):
-        shutil.rmtree(tmp, ignore_errors=True)
-    elif os.path.lexists(tmp):
-        os.remove(tmp)
-    folder = os.path.dirname(path) or "."
-    free = shutil.disk_usage(folder).free / 2**20
-    sys.exit(f"rpo.py: cannot write {path} ({first_line(error)}; {free:.0f} MB free there); nothing of it is "
-             f"left, and what was there before is whole. Free space in {folder} and start again (a run: with "
-             f"--resume)")
-
-
-def save_weights(m, folder):
-    """DIR/unet (diffusers) or, with LoRA, DIR/lora (what a diffusers pipeline's load_lora_weights reads):
-    written whole and synced beside `folder`, then swapped in; a start after a kill mid-swap finishes it
-    (clean_leftovers)."""
-    tmp = folder + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        if m.lora:
-            save_lora(m, tmp)
-        else:
-            m.unet.save_pretrained(tmp)
-        for name in os.listdir(tmp):
-            with open(os.path.join(tmp, name), "rb") as fh:
-                os.fsync(fh.fileno())
-        fsync_folder(tmp)
-    except Exception as e:  # OSError, torch's RuntimeError, safetensors' SafetensorError (a full disk)
-        cannot_write(folder, tmp, e)
-    shutil.rmtree(folder + ".old", ignore_errors=True)
-    if os.path.exists(folder):
-        os.replace(folder, folder + ".old")
-    os.replace(tmp, folder)
-    fsync_folder(os.path.dirname(folder))
-    shutil.rmtree(folder + ".old", ignore_errors=True)
-
-
-def save_lora(m, folder):
-    """The trained adapters in diffusers' LoRA format, with rank and alpha: pipe.load_lora_weights(folder)."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft.utils import get_peft_model_state_dict
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(m.unet, adapter_name="default"))
-    pipeline = StableDiffusionXLPipeline if m.xl else StableDiffusionPipeline
-    pipeline.save_lora_weights(folder, unet_lora_layers=layers, weight_name=LORA_FILE,
-                               unet_lora_adapter_metadata=m.unet.peft_config["default"].to_dict())
 
 
 def checkpoints(out):
@@ -2210,6 +2024,111 @@ def convert_checkpoint(path):
     print(f"rpo.py: converted {path}; it now loads safely")
 
 
+# ----------------------------------------------------------------------------------------- saving
+def finish_save_point(cfg, m, run, heldout, step):
+    """A save point after its checkpoint, on rank 0: the weights (DIR/unet or DIR/lora), the held-out metrics
+    (returned, to log) and the sample grid."""
+    if not run.master:
+        return {}
+    save_weights(m, os.path.join(cfg.out, "lora" if m.lora else "unet"))
+    logged = {}
+    if heldout is not None:
+        logged = {"heldout_" + k: v for k, v in evaluate(cfg, m, heldout, run.autocast).items()}
+    if cfg.sample_steps:
+        save_samples(cfg, m, samples_path(cfg, step), run.autocast)
+    return logged
+
+
+def atomic_save(obj, path):
+    """Write under a temporary name, fsync, rename, fsync the folder: a kill or a power cut at any moment
+    leaves the previous file whole, and the new one counts only once it is on disk. Text and bytes as they
+    are, JSON for .json, else torch.save. A write that fails (a full disk) leaves nothing behind and stops the
+    run."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "w" if isinstance(obj, str) or path.endswith(".json") else "wb") as fh:
+            if isinstance(obj, (str, bytes)):
+                fh.write(obj)
+            elif path.endswith(".json"):
+                json.dump(obj, fh)
+            else:
+                torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        fsync_folder(os.path.dirname(path))
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+        cannot_write(path, tmp, e)
+
+
+def fsync_folder(folder):
+    """Sync a folder's entries: a rename counts once the folder that holds it is on disk."""
+    fd = os.open(folder or ".", os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def cannot_write(path, tmp, error):
+    """One line for a write that failed, after removing what it left. torch.save reports a full disk as a
+    bare RuntimeError: the free space says it."""
+    if os.path.isdir(tmp):
+        shutil.rmtree(tmp, ignore_errors=True)
+    elif os.path.lexists(tmp):
+        os.remove(tmp)
+    folder = os.path.dirname(path) or "."
+    free = shutil.disk_usage(folder).free / 2**20
+    sys.exit(f"rpo.py: cannot write {path} ({first_line(error)}; {free:.0f} MB free there); nothing of it is "
+             f"left, and what was there before is whole. Free space in {folder} and start again (a run: with "
+             f"--resume)")
+
+
+def first_line(error):
+    """An exception's message cut to one line, for one-line errors."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+
+
+def save_weights(m, folder):
+    """DIR/unet (diffusers) or, with LoRA, DIR/lora (what a diffusers pipeline's load_lora_weights reads):
+    written whole and synced beside `folder`, then swapped in; a start after a kill mid-swap finishes it
+    (clean_leftovers)."""
+    tmp = folder + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        if m.lora:
+            save_lora(m, tmp)
+        else:
+            m.unet.save_pretrained(tmp)
+        for name in os.listdir(tmp):
+            with open(os.path.join(tmp, name), "rb") as fh:
+                os.fsync(fh.fileno())
+        fsync_folder(tmp)
+    except Exception as e:  # OSError, torch's RuntimeError, safetensors' SafetensorError (a full disk)
+        cannot_write(folder, tmp, e)
+    shutil.rmtree(folder + ".old", ignore_errors=True)
+    if os.path.exists(folder):
+        os.replace(folder, folder + ".old")
+    os.replace(tmp, folder)
+    fsync_folder(os.path.dirname(folder))
+    shutil.rmtree(folder + ".old", ignore_errors=True)
+
+
+def save_lora(m, folder):
+    """The trained adapters in diffusers' LoRA format, with rank and alpha: pipe.load_lora_weights(folder)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(m.unet, adapter_name="default"))
+    pipeline = StableDiffusionXLPipeline if m.xl else StableDiffusionPipeline
+    pipeline.save_lora_weights(folder, unet_lora_layers=layers, weight_name=LORA_FILE,
+                               unet_lora_adapter_metadata=m.unet.peft_config["default"].to_dict())
+
+
+def samples_path(cfg, step):
+    return os.path.join(cfg.out, f"samples_{step}.png")
+
+
 SAMPLE_PROMPTS = ["a photo of a corgi wearing sunglasses on a beach",
                   "an oil painting of a lighthouse in a storm", "a bowl of ramen, studio lighting",
                   "a watercolor fox in a snowy forest"]
@@ -2245,6 +2164,159 @@ def sample_pipeline(m):
                                        requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+# --------------------------------------------------------------- tracking and the end-of-run line
+class Tracker(NamedTuple):
+    log: object  # log(step, values, grid path or None)
+    close: object
+
+
+def open_tracker(cfg, step):
+    """--report_to's writer (rank 0), continuing at `step`: log(step, values, grid path) and close(). Each key
+    of metrics.jsonl is a scalar of the same name; each sample grid an image; the config a text."""
+    config = dataclasses.asdict(cfg)
+
+    def numbers(values):  # a record's scalars: the step is the axis, strings and nulls have no curve
+        return {k: v for k, v in values.items() if k != "step" and isinstance(v, (int, float))}
+    if cfg.report_to == "tensorboard":
+        from torch.utils.tensorboard import SummaryWriter
+        # purge_step: TensorBoard drops what an interrupted run logged after its checkpoint, as metrics.jsonl
+        writer = SummaryWriter(os.path.join(cfg.out, "tensorboard"), purge_step=step + 1 if step else 0)
+        if not step:
+            writer.add_text("config", "    " + json.dumps(config, indent=1).replace("\n", "\n    "), 0)
+
+        def log(step, values, grid=None):
+            for k, v in numbers(values).items():
+                writer.add_scalar(k, v, step)
+            if grid:
+                image = np.asarray(Image.open(grid).convert("RGB"))
+                writer.add_image("samples", image, step, dataformats="HWC")
+            writer.flush()  # the curves are current while the run goes on
+        return Tracker(log, writer.close)
+    if cfg.report_to == "wandb":
+        import wandb
+        # one W&B run per run folder (its id kept in DIR/wandb_id.json), so --resume continues it; W&B's
+        # steps only go forward, so what an interrupted run logged after its last checkpoint stays (README)
+        id_path = os.path.join(cfg.out, "wandb_id.json")
+        run_id = json.load(open(id_path)) if os.path.exists(id_path) else os.urandom(6).hex()
+        atomic_save(run_id, id_path)
+        wb = wandb.init(project=os.environ.get("WANDB_PROJECT", "diffusion-rpo"), id=run_id, resume="allow",
+                        name=os.path.basename(cfg.out), dir=cfg.out, config=config)
+
+        def log(step, values, grid=None):
+            wb.log(dict(numbers(values), **({"samples": wandb.Image(grid)} if grid else {})), step=step)
+        return Tracker(log, wb.finish)
+    return None
+
+
+def json_line(record):
+    """Strict JSON: a value that is not a finite number (a skipped step's loss, SFT's accuracy) is null."""
+    return json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v
+                       for k, v in record.items()}, allow_nan=False)
+
+
+def log_step(cfg, record, bar, tracker, save_point):
+    """A step's record in metrics.jsonl and the tracker (with a save point's sample grid), and the bar."""
+    with open(os.path.join(cfg.out, "metrics.jsonl"), "a") as fh:
+        fh.write(json_line(record) + "\n")
+    if tracker:
+        step = record["step"]
+        tracker.log(step, record, samples_path(cfg, step) if save_point and cfg.sample_steps else None)
+    if bar:
+        bar.update(1)
+        skipped = sum(record[k] for k in SKIP_KEYS if k not in ("ties", "small"))
+        bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record.get('accuracy', float('nan')):.2f}",
+                        skipped=skipped)
+
+
+PEAK_BF16_FLOPS = 989e12  # one H100 SXM, dense bf16; the end-of-run MFU on any CUDA device is against it
+
+
+def clock(device):
+    if device.type == "cuda":
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+    return time.perf_counter()
+
+
+def seconds_done(in_flight, interval=None):
+    """Seconds of the (start, end) intervals in in_flight (interval added) that are done, taken out of it:
+    perf_counter seconds at once, CUDA events once the GPU has passed them (a query, never a sync), so only
+    the few intervals still in flight stay."""
+    if interval:
+        in_flight.append(interval)
+    seconds = 0.0
+    while in_flight and (isinstance(in_flight[0][1], float) or in_flight[0][1].query()):
+        start, end = in_flight.popleft()
+        seconds += end - start if isinstance(start, float) else start.elapsed_time(end) / 1000
+    return seconds
+
+
+@contextmanager
+def pair_embedding_clock(m):
+    """Seconds the pair-weight CLIP computes while the body runs, for the end-of-run weight_time_share: its
+    two towers timed by forward hooks (perf_counter on the CPU, CUDA events on a GPU, queried, never synced),
+    so neither the batches nor the data path carry a timing. Yields a function: the seconds so far."""
+    in_flight, started, total = deque(), [], [0.0]
+
+    def start(module, args):
+        started.append(clock(m.device))
+
+    def end(module, args, output):
+        total[0] += seconds_done(in_flight, (started.pop(), clock(m.device)))
+
+    def so_far():
+        total[0] += seconds_done(in_flight)
+        return total[0]
+    towers = (m.clip.text_model, m.clip.vision_model)
+    hooks = [tower.register_forward_pre_hook(start) for tower in towers]
+    hooks += [tower.register_forward_hook(end) for tower in towers]
+    try:
+        yield so_far
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+# micro-step FLOPs = 4 x one UNet forward over its 2M images: policy forward + backward 3, reference 1
+# (SFT: 1.5); LoRA: 3 (SFT: 1): the frozen UNet's backward computes activation gradients, not weight ones
+@torch.no_grad()
+def step_flops(cfg, m, pairs):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    # the counter misses CPU's fused attention; on CUDA it counts the fused kernels (MATH would take GBs)
+    math_attention = sdpa_kernel(SDPBackend.MATH) if m.device.type == "cpu" else nullcontext()
+    with FlopCounterMode(display=False) as counter, math_attention, reference(m) as ref_unet:
+        unet = getattr(ref_unet, "_orig_mod", ref_unet)  # the eager module under --compile
+        pair_errors(unet, m, pairs, [f"flops-{i}" for i in pairs.index])
+    policy = 1 + (1 if m.lora else 2)
+    return counter.get_total_flops() * (policy / 2 if cfg.loss == "sft" else policy + 1)
+
+
+def end_of_run(cfg, m, run, history, timing, pairs):
+    """The end-of-run summary: throughput, FLOPs and peak memory (what benchmarks read), final metrics."""
+    n_timed = max(timing["steps"] - 1, 0)
+    steps_per_s = n_timed / timing["timed"] if n_timed else timing["steps"] / timing["seconds"]
+    if run.device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(run.device)
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    flops_per_s = step_flops(cfg, m, pairs) * cfg.grad_accum * steps_per_s  # per rank; counted after the peak
+    last = [r["accuracy"] for r in history[-10:] if "accuracy" in r]  # SFT has none
+    step_ms = 1000 * statistics.median(timing["step_seconds"][1:] or timing["step_seconds"])
+    return dict(steps=timing["steps"], seconds=round(timing["seconds"], 2), steps_per_s=round(steps_per_s, 4),
+                pairs_per_s=round(steps_per_s * cfg.batch * cfg.grad_accum * run.world, 2),
+                median_step_ms=round(step_ms, 2), tflops_per_s=round(flops_per_s / 1e12, 4),
+                mfu=round(flops_per_s / PEAK_BF16_FLOPS, 4) if run.device.type == "cuda" else None,
+                peak_mem_mb=round(peak / 2**20, 1),
+                weight_time_share=round(timing["clip_seconds"] / (timing["seconds"] - timing["saving"]), 4),
+                loss=history[-1]["loss"], train_accuracy=round(statistics.fmean(last), 4) if last else None,
+                heldout_accuracy=history[-1].get("heldout_accuracy"),
+                heldout_margin=history[-1].get("heldout_margin"),
+                model=cfg.model, loss_type=cfg.loss, batch=cfg.batch, world=run.world,
+                precision=run.precision)
 
 
 if __name__ == "__main__":

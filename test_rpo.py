@@ -1,4 +1,5 @@
 """The specification of rpo.py, as tests: CPU, offline, tiny random models, data the tests write."""
+import ast
 import collections
 import copy
 import dataclasses
@@ -190,6 +191,84 @@ def test_gradients_lower_winner_error_and_raise_loser_error():
     weights = rpo.contrast_weights(torch.randn(4, 8), torch.randn(4, 8), 0.5)
     rpo.rpo_loss(err_w, err_l, ref_w, ref_l, 5000, weights).backward()
     assert (err_w.grad > 0).all() and (err_l.grad < 0).all()  # descent lowers err_w, raises err_l
+
+
+def the_copy_block():
+    """rpo.py's method block, from its `copy from here` line to its `copy to here` line, executed alone in a
+    namespace of its own: what a reader who copies it gets."""
+    source = open(os.path.join(HERE, "rpo.py")).read()
+    start, end = (re.search(rf"^#.*{marker}$", source, re.M) for marker in ("copy from here", "copy to here"))
+    block = source[start.end() + 1:end.start()]
+    imported = {alias.name for node in ast.walk(ast.parse(block)) if isinstance(node, ast.Import)
+                for alias in node.names}
+    assert imported == {"torch", "torch.nn.functional"}
+    assert not any(isinstance(node, ast.ImportFrom) for node in ast.walk(ast.parse(block)))
+    namespace = {}
+    exec(compile(block, "the copy block", "exec"), namespace)
+    return namespace, len(block.splitlines())
+
+
+def test_the_copy_block_alone_gives_the_hand_computed_weights_and_loss_of_two_pairs():
+    method, _ = the_copy_block()
+    f_w, f_l = torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([[1.0, 0.0], [-1.0, 0.0]])
+    # row 0: d = (0, 2), row 1: d = (1, 1); tau 0.5: w_0 = softmax(0, -4), w_1 = (1/2, 1/2)
+    w00 = 1 / (1 + math.exp(-4))
+    weights = [[w00, 1 - w00], [0.5, 0.5]]
+    assert torch.allclose(method["contrast_weights"](f_w, f_l, 0.5), torch.tensor(weights), atol=1e-7)
+    err_w, err_l = torch.tensor([0.30, 0.50]), torch.tensor([0.40, 0.20])
+    ref_w, ref_l = torch.tensor([0.35, 0.45]), torch.tensor([0.35, 0.25])
+    s_w, s_l = [0.30 - 0.35, 0.50 - 0.45], [0.40 - 0.35, 0.20 - 0.25]
+    beta = 40.0
+
+    def minus_log_sigmoid(x):
+        return math.log(1 + math.exp(-x))
+    by_hand = sum(minus_log_sigmoid(-(beta / 2) * weights[i][j] * (s_w[i] - s_l[j]))
+                  for i in range(2) for j in range(2)) / 4
+    loss = method["rpo_loss"](err_w, err_l, ref_w, ref_l, beta, method["contrast_weights"](f_w, f_l, 0.5))
+    assert loss.item() == pytest.approx(by_hand, rel=1e-6)
+    dpo = sum(minus_log_sigmoid(-(beta / 2) * (s_w[i] - s_l[i])) for i in range(2)) / 2
+    assert method["rpo_loss"](err_w, err_l, ref_w, ref_l, beta).item() == pytest.approx(dpo, rel=1e-6)
+
+
+def test_the_copy_blocks_forward_process_is_diffusers_add_noise_bit_for_bit():
+    from diffusers import DDPMScheduler
+    method, _ = the_copy_block()
+    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        x0, noise = (torch.randn(6, 4, 8, 8, generator=g).to(dtype) for _ in range(2))
+        t = torch.randint(0, 1000, (6,), generator=g)
+        x_t, target = method["noise_target"](x0, noise, t, scheduler.alphas_cumprod)
+        assert torch.equal(x_t, scheduler.add_noise(x0, noise, t)) and target is noise
+
+
+def test_rpo_pys_step_on_one_micro_batch_is_the_copy_blocks_method():
+    method, _ = the_copy_block()
+    cfg, m = tiny_models("tiny", "--drop_prompt", "0", "--batch", "4")
+    with torch.no_grad():
+        for p in m.unet.parameters():  # a policy that has moved away from the reference
+            p.add_(0.01 * torch.randn_like(p))
+    pairs = toy_batch(cfg, m, n=4)
+    step_loss, metrics = rpo.preference_step(cfg, m, m.unet, pairs, epoch=3)
+    # the method from the block alone, fed the same models and pairs as a diffusers script would feed it
+    seeds = [random.Random(f"noise-{cfg.seed}-3-{i}").getrandbits(63) for i in pairs.index]
+    noise, t = method["pair_noise"](seeds, pairs.latents_w.shape[1:], 1000)
+
+    def noised(x0, eps, t):
+        return method["noise_target"](x0, eps, t, m.scheduler.alphas_cumprod)
+
+    def denoiser(unet):
+        return lambda x_t, t: unet(x_t, t, torch.cat([pairs.prompt] * 2)).sample
+    latents = pairs.latents_w, pairs.latents_l
+    err_w, err_l = method["denoiser_errors"](denoiser(m.unet), *latents, noise, t, noised)
+    with torch.no_grad():
+        ref_w, ref_l = method["denoiser_errors"](denoiser(m.ref_unet), *latents, noise, t, noised)
+    weights = method["contrast_weights"](pairs.f_w, pairs.f_l, cfg.tau)
+    loss = method["rpo_loss"](err_w, err_l, ref_w, ref_l, cfg.beta, weights)
+    assert step_loss.item() != pytest.approx(math.log(2))  # the policy differs from the reference
+    assert torch.equal(loss, step_loss)
+    assert torch.equal(method["preference_metrics"](err_w, err_l, ref_w, ref_l, cfg.beta, weights)["accuracy"],
+                       metrics["accuracy"])
 
 
 # ------------------------------------------------------------------------------------------- the data
@@ -925,7 +1004,7 @@ def test_each_step_logs_the_diagonals_effective_beta_beside_w_diag(tmp_path):
 def test_winner_and_loser_of_a_pair_share_noise_and_timestep_and_pairs_differ():
     cfg, m = tiny_models()
     enc = toy_batch(cfg, m, n=4)
-    noise, t = rpo.pair_noise(["a", "b", "a"], enc.latents_w[:3], 1000)
+    noise, t = rpo.pair_noise([11, 22, 11], enc.latents_w.shape[1:], 1000)
     assert torch.equal(noise[0], noise[2]) and t[0] == t[2] and not torch.equal(noise[0], noise[1])
     # one forward of [winners; losers] with the noise repeated: identical winner and loser give
     # identical errors
@@ -1469,8 +1548,8 @@ AS_TWO_RANKS = """
                 yield a, state
                 yield b, state
                 continue
-            yield type(a)(*(x + y if name == "index" else None if x is None or name == "clip_time"
-                            else torch.cat([x, y]) for name, x, y in zip(a._fields, a, b))), state
+            yield type(a)(*(x + y if name == "index" else None if x is None else torch.cat([x, y])
+                            for name, x, y in zip(a._fields, a, b))), state
     rpo.training_batches = as_two_ranks
 """
 
@@ -3080,7 +3159,7 @@ class OpensAMarker:
 
 
 def crafted(path, marker, protocol=2):
-    """A .pt file whose unpickling creates `marker`, shaped like a checkpoint (a full load would then read on)."""
+    """A .pt file whose unpickling creates `marker`, shaped like a checkpoint."""
     torch.save(dict(step=1, config={}, rng=OpensAMarker(marker)), path, pickle_protocol=protocol)
 
 
@@ -3150,7 +3229,8 @@ def test_a_checkpoint_of_an_earlier_rpo_is_refused_with_a_command_that_converts_
     path = out / "ckpt-0000004.pt"
     ckpt = torch.load(path, weights_only=True)
     n = ckpt["rng"]["numpy"]  # as an earlier rpo.py saved it: numpy's own state, an ndarray inside
-    ckpt["rng"]["numpy"] = (n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"])
+    keys = n["keys"].numpy().astype(np.uint32)
+    ckpt["rng"]["numpy"] = (n["name"], keys, n["pos"], n["has_gauss"], n["gauss"])
     ckpt["digest"] = rpo.content_digest(ckpt)
     torch.save(ckpt, path)
     with pytest.raises(SystemExit) as refused:
