@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import eval_prefer
 import eval_style
 import rpo
 import toy
@@ -2581,12 +2582,20 @@ def test_on_a_gpu_sdxl_lora_rank_64_at_1024_px_trains_m4_within_a_24_gb_card(tmp
 
 # ------------------------------------------------------------------- style alignment (eval_style.py)
 
-def run_style(*argv):
-    """eval_style.py's main in this process; returns its stdout."""
+def run_script(main, *argv):
+    """A script's main in this process; returns its stdout."""
     buf = io.StringIO()
     with redirect_stdout(buf):
-        eval_style.main([str(a) for a in argv])
+        main([str(a) for a in argv])
     return buf.getvalue()
+
+
+def run_style(*argv):  # eval_style.py
+    return run_script(eval_style.main, *argv)
+
+
+def run_prefer(*argv):  # eval_prefer.py
+    return run_script(eval_prefer.main, *argv)
 
 
 @pytest.fixture(scope="module")
@@ -2772,8 +2781,8 @@ def test_missing_prompts_file_exits_with_one_line(tmp_path):
 def test_each_preference_scorer_is_its_published_formula_on_fixed_features():
     image, text = torch.tensor([[3.0, 4.0], [1.0, 0.0]]), torch.tensor([[4.0, 3.0], [-1.0, 0.0]])
     # cosines 24/25 and -1
-    assert eval_style.hps(image, text).tolist() == pytest.approx([0.96, -1.0])
-    assert eval_style.pickscore(image, text, math.log(100.0)).tolist() == pytest.approx([96.0, -100.0])
+    assert eval_prefer.hps(image, text).tolist() == pytest.approx([0.96, -1.0])
+    assert eval_prefer.pickscore(image, text, math.log(100.0)).tolist() == pytest.approx([96.0, -100.0])
     assert eval_style.clip_scores(image, text).tolist() == pytest.approx([96.0, 0.0])
     # the aesthetic predictor: its five linear layers applied by hand to the normalised features
     g = torch.Generator().manual_seed(0)
@@ -2784,12 +2793,12 @@ def test_each_preference_scorer_is_its_published_formula_on_fixed_features():
     x = (image / image.norm(dim=-1, keepdim=True)).double()
     for W, b in weights:
         x = x @ W.double().T + b.double()
-    assert eval_style.aesthetic(eval_style.aesthetic_mlp(state), image).tolist() == pytest.approx(
+    assert eval_prefer.aesthetic(eval_prefer.aesthetic_mlp(state), image).tolist() == pytest.approx(
         x.squeeze(-1).tolist(), rel=1e-5)
 
 
 def test_a_win_is_a_higher_score_on_the_same_prompt_and_a_tie_counts_half():
-    assert eval_style.outcomes([1, 2, 3, 4], [0, 2, 5, 4]).tolist() == [1, 0.5, 0, 0.5]
+    assert eval_prefer.outcomes([1, 2, 3, 4], [0, 2, 5, 4]).tolist() == [1, 0.5, 0, 0.5]
 
 
 def test_the_bootstrap_interval_of_a_share_is_the_binomial_one():
@@ -2797,18 +2806,18 @@ def test_the_bootstrap_interval_of_a_share_is_the_binomial_one():
     n = 400
     cdf = np.cumsum([math.comb(n, k) / 2 ** n for k in range(n + 1)])
     exact = [np.searchsorted(cdf, q) / n for q in (0.025, 0.975)]
-    assert eval_style.bootstrap_ci([1] * 200 + [0] * 200, draws=20000) == pytest.approx(exact, abs=0.004)
-    assert eval_style.bootstrap_ci([0.7] * 50) == pytest.approx([0.7, 0.7])
+    assert eval_prefer.bootstrap_ci([1] * 200 + [0] * 200, draws=20000) == pytest.approx(exact, abs=0.004)
+    assert eval_prefer.bootstrap_ci([0.7] * 50) == pytest.approx([0.7, 0.7])
 
 
 def test_the_sign_test_is_the_two_sided_binomial_tail_over_prompts_that_are_not_ties():
     # 9 wins and 1 loss of 10: 2 (C(10, 0) + C(10, 1)) / 2^10 = 22 / 1024; ties (1/2) count for neither side
-    assert eval_style.sign_test([1] * 9 + [0] + [0.5] * 5) == 22 / 1024
-    assert eval_style.sign_test([0] * 9 + [1]) == 22 / 1024
-    assert eval_style.sign_test([1, 0] * 20) == 1.0 and eval_style.sign_test([0.5] * 7) == 1.0
+    assert eval_prefer.sign_test([1] * 9 + [0] + [0.5] * 5) == 22 / 1024
+    assert eval_prefer.sign_test([0] * 9 + [1]) == 22 / 1024
+    assert eval_prefer.sign_test([1, 0] * 20) == 1.0 and eval_prefer.sign_test([0.5] * 7) == 1.0
     # outcomes pooled over seeds, as README's comparison of rpo and dpo pools them: above one half is a win
-    assert eval_style.sign_test([2 / 3] * 6) == 2 / 64
-    assert eval_style.sign_test([1] * 3000 + [0] * 2000) < 1e-40  # exact even where 2^n overflows a float
+    assert eval_prefer.sign_test([2 / 3] * 6) == 2 / 64
+    assert eval_prefer.sign_test([1] * 3000 + [0] * 2000) < 1e-40  # exact even where 2^n overflows a float
 
 
 def test_hpsv2s_square_places_the_image_as_its_resize_max_size_does_at_any_aspect_ratio():
@@ -2828,12 +2837,12 @@ def test_hpsv2s_square_places_the_image_as_its_resize_max_size_does_at_any_aspec
 
 
 def test_hpsv2s_captions_are_cleaned_as_openclip_cleans_them_before_tokenizing():
-    assert eval_style.openclip_clean("Tom &amp; Jerry") == "tom & jerry"
+    assert eval_prefer.openclip_clean("Tom &amp; Jerry") == "tom & jerry"
     # unescaped twice after ftfy, which leaves entities alone in text with markup
-    assert eval_style.openclip_clean("<i>fish &amp;amp; chips</i>") == "<i>fish & chips</i>"
-    assert eval_style.openclip_clean("  a\tcat\n\non  a mat ") == "a cat on a mat"
-    assert eval_style.openclip_clean("cafÃ© au lait") == "café au lait"  # ftfy undoes the mojibake
-    assert eval_style.openclip_clean("&lt;b&gt;bold&lt;/b&gt;") == "<b>bold</b>"
+    assert eval_prefer.openclip_clean("<i>fish &amp;amp; chips</i>") == "<i>fish & chips</i>"
+    assert eval_prefer.openclip_clean("  a\tcat\n\non  a mat ") == "a cat on a mat"
+    assert eval_prefer.openclip_clean("cafÃ© au lait") == "café au lait"  # ftfy undoes the mojibake
+    assert eval_prefer.openclip_clean("&lt;b&gt;bold&lt;/b&gt;") == "<b>bold</b>"
 
 
 def openclip_state(v_width=160, t_width=128, layers=2, patch=8, image=32, vocab=514, embed=32, seed=0):
@@ -2902,7 +2911,7 @@ def openclip_forward(p, pixels, ids):
 
 def test_hpsv2s_openclip_checkpoint_maps_into_clipmodel_with_the_features_openclip_computes():
     state = openclip_state()
-    clip = eval_style.openclip_as_clip(state)
+    clip = eval_prefer.openclip_as_clip(state)
     heads = clip.config.vision_config.num_attention_heads, clip.config.text_config.num_attention_heads
     assert heads == (2, 2)  # widths 160 and 128 over head widths 80 and 64
     pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
@@ -2914,7 +2923,7 @@ def test_hpsv2s_openclip_checkpoint_maps_into_clipmodel_with_the_features_opencl
         assert torch.allclose(clip.get_text_features(input_ids=ids).pooler_output, text, atol=1e-4)
     assert clip.logit_scale.item() == pytest.approx(math.log(100.0))
     with pytest.raises(SystemExit, match="holds 'visual.attnpool.weight', which has no place in CLIPModel"):
-        eval_style.openclip_as_clip(dict(state, **{"visual.attnpool.weight": torch.zeros(1)}))
+        eval_prefer.openclip_as_clip(dict(state, **{"visual.attnpool.weight": torch.zeros(1)}))
 
 
 def test_the_toy_judge_picks_the_winner_of_held_out_pairs_and_gives_noise_no_style():
@@ -2941,7 +2950,7 @@ class RecordingPipeline:
 
 
 def test_every_model_draws_each_prompt_from_the_same_initial_noise(tmp_path):
-    args = eval_style.parse_args(["prefer", "--batch", "3", "--seed", "5"])
+    args = eval_prefer.parse_args(["--batch", "3", "--seed", "5"])
     args.resolution, args.steps = 32, 2
     base, tuned = RecordingPipeline(), RecordingPipeline()
     prompts = ["a", "b", "c", "d", "e"]
@@ -2964,7 +2973,7 @@ def test_prompt_sets_read_pick_a_pic_partiprompts_and_text_files_unique_and_in_o
     (tmp_path / "p.txt").write_text("one\n\ntwo\n")
 
     def prompts(*flags):
-        return eval_style.prompt_set(eval_style.parse_args(["prefer", *map(str, flags)]))
+        return eval_prefer.prompt_set(eval_prefer.parse_args([*map(str, flags)]))
     assert prompts("--prompts", "pickapic", "--data_id", "someone/pickapic") == ["a cat", "a dog", "a fox"]
     assert prompts("--prompts", tmp_path / "PartiPrompts.tsv") == ["a red cube", "bread"]
     assert prompts("--prompts", tmp_path / "p.txt") == ["one", "two"]
@@ -3005,20 +3014,20 @@ def scorer_hub(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     tokenizer = saved_files(toy.byte_level_tokenizer().save_pretrained, tmp_path / "tokenizer")
     shape = toy.SHAPES["tiny"]
-    for k, repo_id in enumerate((eval_style.PICKSCORE, eval_style.CLIP_L14)):
+    for k, repo_id in enumerate((eval_prefer.PICKSCORE, eval_prefer.CLIP_L14)):
         torch.manual_seed(k)
         clip = CLIPModel(CLIPConfig(text_config=shape["text"][0], vision_config=shape["clip_vision"],
                                     projection_dim=32))
         in_hub_cache(cache, repo_id, {**saved_files(clip.save_pretrained, tmp_path / f"clip{k}"),
-                                      **(tokenizer if repo_id == eval_style.CLIP_L14 else {})})
-    in_hub_cache(cache, eval_style.CLIP_H14, tokenizer)
-    hps_repo, hps_file = eval_style.HPS
+                                      **(tokenizer if repo_id == eval_prefer.CLIP_L14 else {})})
+    in_hub_cache(cache, eval_prefer.CLIP_H14, tokenizer)
+    hps_repo, hps_file = eval_prefer.HPS
     in_hub_cache(cache, hps_repo, {hps_file: torch_bytes(dict(state_dict=openclip_state()))})
     mlp = torch.nn.Sequential(torch.nn.Linear(32, 1024), torch.nn.Dropout(), torch.nn.Linear(1024, 128),
                               torch.nn.Dropout(), torch.nn.Linear(128, 64), torch.nn.Dropout(),
                               torch.nn.Linear(64, 16), torch.nn.Linear(16, 1))
     state = {f"layers.{k}": v for k, v in mlp.state_dict().items()}
-    in_hub_cache(cache, eval_style.AESTHETIC[0], {eval_style.AESTHETIC[1]: torch_bytes(state)})
+    in_hub_cache(cache, eval_prefer.AESTHETIC[0], {eval_prefer.AESTHETIC[1]: torch_bytes(state)})
     return cache
 
 
@@ -3030,8 +3039,8 @@ def test_prefer_loads_the_published_scorers_from_the_hub_and_a_run_equal_to_the_
     (tmp_path / "prompts.txt").write_text("a red circle on a blue background\na green square\na cat\n")
     scorers = ["pickscore", "hps", "aesthetic", "clip"]
     prompts = tmp_path / "prompts.txt"
-    out = run_style("prefer", "--model", "tiny", "--runs", tmp_path / "same", "--prompts", prompts,
-                    "--scorers", *scorers, "--steps", 2, "--out", tmp_path / "r.json")
+    out = run_prefer("--model", "tiny", "--runs", tmp_path / "same", "--prompts", prompts,
+                     "--scorers", *scorers, "--steps", 2, "--out", tmp_path / "r.json")
     report, same = json.load(open(tmp_path / "r.json")), "same"  # a run is named by its folder
     assert set(report["runs"]) == {"base", same} and "win rate against the base" in out
     for scorer in scorers:
@@ -3043,7 +3052,7 @@ def test_prefer_loads_the_published_scorers_from_the_hub_and_a_run_equal_to_the_
 
 
 def test_the_hps_scorer_reads_each_caption_as_openclip_cleans_it(scorer_hub):
-    score = eval_style.load_scorers(["hps"], None, None)["hps"]
+    score = eval_prefer.load_scorers(["hps"], None, None)["hps"]
     image = Image.new("RGB", (48, 32), (200, 40, 90))
     captions = ["Tom &amp; Jerry", "tom & jerry", "tom  &amp;amp;  JERRY\n", "tom and jerry"]
     scores = score([image] * 4, captions, torch.device("cpu"), torch.float32, 3)
@@ -3052,18 +3061,18 @@ def test_the_hps_scorer_reads_each_caption_as_openclip_cleans_it(scorer_hub):
 
 def test_hpsv2s_benchmark_is_read_from_the_hub_by_style_and_reported_per_style_and_over_all_four(
         tmp_path, scorer_hub):
-    styles = eval_style.HPSV2_STYLES
+    styles = eval_prefer.HPSV2_STYLES
     published = {style: [f"{style} prompt {k}" for k in range(3)] + [f"{style} prompt 0"] for style in styles}
-    in_hub_cache(scorer_hub, eval_style.HPSV2_BENCHMARK,
+    in_hub_cache(scorer_hub, eval_prefer.HPSV2_BENCHMARK,
                  {f"benchmark/{style}.json": json.dumps(p).encode() for style, p in published.items()},
                  repo_type="dataset")
 
     def sets(*flags):
-        return eval_style.prompt_sets(eval_style.parse_args(["prefer", "--prompts", "hpsv2", *flags]))
+        return eval_prefer.prompt_sets(eval_prefer.parse_args(["--prompts", "hpsv2", *flags]))
     assert sets("--n", "2") == {style: p[:2] for style, p in published.items()}
     assert sets("--n", "0") == published  # as published: in order, duplicates kept
-    out = run_style("prefer", "--model", "tiny", "--prompts", "hpsv2", "--n", 2, "--scorers", "pickscore",
-                    "--steps", 1, "--sheet", 0, "--out", tmp_path / "h.json")
+    out = run_prefer("--model", "tiny", "--prompts", "hpsv2", "--n", 2, "--scorers", "pickscore",
+                     "--steps", 1, "--sheet", 0, "--out", tmp_path / "h.json")
     report = json.load(open(tmp_path / "h.json"))
     assert report["protocol"]["styles"] == dict.fromkeys(styles, 2) and report["protocol"]["prompts"] == 8
     scores = report["scores"]["base"]["pickscore"]
@@ -3081,7 +3090,7 @@ def test_hpsv2s_benchmark_is_read_from_the_hub_by_style_and_reported_per_style_a
     assert table[1].split()[1:] == [f"{m:.4g}" for m in [*style_means, np.mean(style_means)]]
     assert not (tmp_path / "h.png").exists()  # --sheet 0
     # a benchmark file that is no list of prompts is one line
-    dataset = f"datasets--{eval_style.HPSV2_BENCHMARK.replace('/', '--')}"
+    dataset = f"datasets--{eval_prefer.HPSV2_BENCHMARK.replace('/', '--')}"
     snapshot = scorer_hub / dataset / "snapshots" / ("0" * 40)
     for bad in ("not json", "[]", '["a prompt", "  "]'):
         (snapshot / "benchmark" / "photo.json").write_text(bad)
@@ -3096,9 +3105,9 @@ def test_the_tiny_round_trip_trains_a_unet_and_lora_then_reports_means_and_win_r
     train(tmp_path / "unet_run", *flags)
     train(tmp_path / "lora_run", *flags, *LORA)
     runs = ["unet_run", "lora_run"]
-    out = run_style("prefer", "--model", "tiny", "--runs", *(tmp_path / run for run in runs), "--n", 4,
-                    "--per_prompt", 2, "--steps", 2, "--out", tmp_path / "prefer.json",
-                    "--save", tmp_path / "images")
+    out = run_prefer("--model", "tiny", "--runs", *(tmp_path / run for run in runs), "--n", 4,
+                     "--per_prompt", 2, "--steps", 2, "--out", tmp_path / "prefer.json",
+                     "--save", tmp_path / "images")
     report = json.load(open(tmp_path / "prefer.json"))
     for scorer in ("judge", "clip"):
         for name in ("base", *runs):
@@ -3107,9 +3116,9 @@ def test_the_tiny_round_trip_trains_a_unet_and_lora_then_reports_means_and_win_r
         for name, other in [(run, "base") for run in runs] + [tuple(runs)]:
             won = (report["win_rate_vs_base"][name] if other == "base" else
                    report["win_rates"][f"{name} vs {other}"])[scorer]
-            outcomes = eval_style.outcomes(report["scores"][name][scorer], report["scores"][other][scorer])
+            outcomes = eval_prefer.outcomes(report["scores"][name][scorer], report["scores"][other][scorer])
             assert won["ci"][0] <= won["rate"] <= won["ci"][1] and won["rate"] == np.mean(outcomes)
-            assert won["p"] == eval_style.sign_test(outcomes)
+            assert won["p"] == eval_prefer.sign_test(outcomes)
     assert report["protocol"]["judge_accuracy"] >= 0.95
     assert sorted(os.listdir(tmp_path / "images")) == sorted(["base", *runs])
     # the sheet beside the report: image 0 of each prompt (of 2 each), base first
@@ -3126,23 +3135,29 @@ def test_the_tiny_round_trip_trains_a_unet_and_lora_then_reports_means_and_win_r
 def test_for_tiny_runs_prefer_judges_the_toy_world_they_were_trained_in(tmp_path):
     flags = ["--max_steps", 1, "--batch", 2, "--toy_pairs", 16, "--eval_pairs", 0, "--sample_steps", 0]
     train(tmp_path / "subject", *flags, "--data", "toy-subject")
-    run_style("prefer", "--model", "tiny", "--runs", tmp_path / "subject", "--n", 2, "--steps", 1,
-              "--scorers", "judge", "--out", tmp_path / "r.json")
+    run_prefer("--model", "tiny", "--runs", tmp_path / "subject", "--n", 2, "--steps", 1,
+               "--scorers", "judge", "--out", tmp_path / "r.json")
     assert json.load(open(tmp_path / "r.json"))["protocol"]["prompt_set"] == "toy-subject"
     train(tmp_path / "plain", *flags)
     with pytest.raises(SystemExit, match="trained on different data .toy, toy-subject.; pass --prompts"):
-        run_style("prefer", "--model", "tiny", "--runs", tmp_path / "subject", tmp_path / "plain")
+        run_prefer("--model", "tiny", "--runs", tmp_path / "subject", tmp_path / "plain")
 
 
 def test_a_negative_sheet_is_one_line_before_any_work():
-    for command in ("prefer", "score"):
+    for run, command in ((run_prefer, []), (run_style, ["score"])):
         with pytest.raises(SystemExit, match="--sheet -1: the number of prompts in the sheet, 0 for none"):
-            run_style(command, "--model", "tiny", "--sheet", -1)
+            run(*command, "--model", "tiny", "--sheet", -1)
 
 
 def test_a_folder_that_is_not_a_run_is_one_line_before_any_work(tmp_path):
     with pytest.raises(SystemExit, match="is not a run: it holds neither a diffusers UNet .unet/. nor LoRA"):
-        run_style("prefer", "--model", "tiny", "--runs", tmp_path)
+        run_prefer("--model", "tiny", "--runs", tmp_path)
+
+
+def test_neither_evaluation_script_imports_toy_py_until_something_of_the_toy_world_is_asked_for():
+    code, stdout, stderr = ended(start([sys.executable, "-c",
+                                        "import sys, eval_prefer, eval_style; print('toy' in sys.modules)"]))
+    assert code == 0 and stdout.strip() == "False", stderr[-3000:]
 
 
 # ------------------------------------------------------------------------ files from others run no code
@@ -3185,17 +3200,17 @@ def test_a_crafted_file_given_as_a_run_to_the_preference_evaluation_runs_no_code
     marker = tmp_path / "MARKER"
     (tmp_path / "lone").mkdir()
     crafted(tmp_path / "lone" / "ckpt.pt", marker)
-    code, _, stderr = ended(start([sys.executable, "eval_style.py", "prefer", "--model", "tiny", "--runs",
+    code, _, stderr = ended(start([sys.executable, "eval_prefer.py", "--model", "tiny", "--runs",
                                    str(tmp_path / "lone")]))
     assert not marker.exists() and code == 1
-    assert_one_line(stderr, f"eval_style.py: {str(tmp_path / 'lone')!r} is not a run")
+    assert_one_line(stderr, f"eval_prefer.py: {str(tmp_path / 'lone')!r} is not a run")
     # a real run whose checkpoint was swapped for the crafted file: its world comes from DIR/settings.json
     train(tmp_path / "run", *RUN, "--max_steps", 1, "--data", "toy-subject", "--toy_pairs", 16)
     assert json.load(open(tmp_path / "run" / "settings.json"))["data"] == "toy-subject"
     (tmp_path / "run" / "ckpt.pt").unlink()
     crafted(tmp_path / "run" / "ckpt.pt", marker)
-    run_style("prefer", "--model", "tiny", "--runs", tmp_path / "run", "--n", 2, "--steps", 1, "--scorers",
-              "judge", "--sheet", 0, "--out", tmp_path / "r.json")
+    run_prefer("--model", "tiny", "--runs", tmp_path / "run", "--n", 2, "--steps", 1, "--scorers",
+               "judge", "--sheet", 0, "--out", tmp_path / "r.json")
     assert not marker.exists()
     assert json.load(open(tmp_path / "r.json"))["protocol"]["prompt_set"] == "toy-subject"
     # and one whose weights file is the crafted pickle: diffusers loads .bin weights safely too
@@ -3205,8 +3220,8 @@ def test_a_crafted_file_given_as_a_run_to_the_preference_evaluation_runs_no_code
                 tmp_path / "run" / "unet")
     crafted(tmp_path / "run" / "unet" / "diffusion_pytorch_model.bin", marker)
     with pytest.raises(SystemExit, match="cannot load UNet2DConditionModel from .*run/unet"):
-        run_style("prefer", "--model", "tiny", "--runs", tmp_path / "run", "--n", 2, "--steps", 1,
-                  "--scorers", "judge", "--sheet", 0, "--out", tmp_path / "r.json")
+        run_prefer("--model", "tiny", "--runs", tmp_path / "run", "--n", 2, "--steps", 1,
+                   "--scorers", "judge", "--sheet", 0, "--out", tmp_path / "r.json")
     assert not marker.exists()
 
 

@@ -6,7 +6,7 @@
 - Tiny models: SD1.5- and SDXL-shaped pipelines a few MB in size, with random weights (built once under
   RPO_HOME), or trained to draw the toy world (`tiny-drawn`: the folder toy-drawn/ beside this file). The
   same builder makes sd15/sdxl-shaped random folders for rpo.py's --random_init benchmarks.
-- The judge: a small CNN that tells which style an image is drawn in, so eval_style.py can score what a tuned
+- The judge: a small CNN that tells which style an image is drawn in, so eval_prefer.py can score what a tuned
   tiny model draws; and a random InstructPix2Pix for eval_style.py's offline style pairs.
 
     python toy.py   # rebuilds toy-drawn/ from scratch, bit for bit (one thread; about 25 minutes)
