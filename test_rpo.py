@@ -3257,3 +3257,46 @@ def test_a_checkpoint_of_an_earlier_rpo_is_refused_with_a_command_that_converts_
     stdout, _ = finish(proc)
     assert stdout.strip() == f"rpo.py: converted {path}; it now loads safely"
     assert train(out, *QUICK, "--resume")[1] == quick_run
+
+
+def github_anchors(markdown):
+    """The anchors GitHub gives a markdown file's headings: lowercase, punctuation dropped but for hyphens,
+    underscores and spaces, spaces to hyphens; a repeated heading gets -1, -2, ..."""
+    anchors, seen, fenced = set(), collections.Counter(), False
+    for line in markdown.splitlines():
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+        heading = None if fenced else re.match(r" {0,3}#{1,6}\s+(.*?)\s*#*\s*$", line)
+        if heading:
+            slug = re.sub(r"[^\w\- ]", "", heading.group(1).lower()).replace(" ", "-")
+            anchors.add(slug if not seen[slug] else f"{slug}-{seen[slug]}")
+            seen[slug] += 1
+    return anchors
+
+
+def relative_links(markdown):
+    """The targets of markdown links [text](target) and <img src="target"> outside code, that are relative."""
+    prose = re.sub(r"(?ms)^\s*```.*?^\s*```", "", markdown)  # fenced code blocks
+    prose = re.sub(r"`[^`\n]*`", "", prose)  # inline code
+    targets = re.findall(r"\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)", prose)
+    targets += re.findall(r"<img\b[^>]*?\bsrc\s*=\s*[\"']([^\"']+)[\"']", prose)
+    return [t for t in targets if not re.match(r"(?i)(https?:|mailto:|//)", t)]
+
+
+def test_every_relative_link_in_readme_and_docs_resolves():
+    pages = [os.path.join(HERE, "README.md")] + sorted(glob.glob(os.path.join(HERE, "docs", "*.md")))
+    assert len(pages) > 1
+    broken, checked = [], 0
+    for page in pages:
+        for target in relative_links(open(page, encoding="utf-8").read()):
+            checked += 1
+            path, _, anchor = target.partition("#")
+            resolved = os.path.normpath(os.path.join(os.path.dirname(page), path)) if path else page
+            where = f"{os.path.relpath(page, HERE)}: {target}"
+            if not os.path.exists(resolved):
+                broken.append(f"{where} (no {os.path.relpath(resolved, HERE)})")
+            elif anchor and resolved.endswith(".md"):
+                if anchor not in github_anchors(open(resolved, encoding="utf-8").read()):
+                    broken.append(f"{where} (no heading #{anchor})")
+    assert checked > 0
+    assert not broken, "broken links:\n" + "\n".join(broken)
