@@ -8,40 +8,54 @@ sheet (PNG) shows the images side by side.
     python eval_prefer.py --runs out_dpo out_rpo --n 16 --out prefer.json   # offline, CPU
 
 With --model sd15 or sdxl the same command uses the real scorers, Pick-a-Pic and Stable Diffusion. Drawing
-with a run's weights, CLIP and the comparison sheet are eval_style.py's.
+with a run's weights, CLIP and the comparison sheet live here; eval_style.py uses them too.
 """
 import argparse
 import functools
 import html
+import io
 import itertools
 import json
 import math
 import os
 import sys
+import textwrap
+from contextlib import contextmanager
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont, ImageOps
+from tqdm import tqdm
 
-import eval_style
 import rpo
 
-SCRIPT = "eval_prefer.py"  # the one-line errors' prefix, also where eval_style.py's helpers stop
+SCRIPT = "eval_prefer.py"  # the one-line errors' prefix
 
 
-def fail(msg):
-    eval_style.fail(msg, SCRIPT)
+def fail(msg, script=SCRIPT):  # eval_style.py passes its own name, also to the helpers it uses
+    sys.exit(f"{script}: {msg}")
 
 
 # -------------------------------------------------------------------------- scores and statistics
+def cosine(a, b):  # row by row; a [1, D] pairs with every row of the other
+    a, b = (F.normalize(torch.as_tensor(x).double(), dim=-1) for x in (a, b))
+    return (a * b).sum(-1)
+
+
+# CLIP score = 100 * max(cos(image features, text features), 0), per image
+def clip_scores(image_features, text_features):
+    return 100 * cosine(image_features, text_features).clamp(min=0)
+
+
 # PickScore = exp(logit_scale) * cos(image, prompt)   (its authors' inference code)
 def pickscore(image_features, text_features, logit_scale):
-    return float(np.exp(logit_scale)) * eval_style.cosine(image_features, text_features)
+    return float(np.exp(logit_scale)) * cosine(image_features, text_features)
 
 
 # HPSv2 = cos(image, prompt)   (hpsv2's img_score: the diagonal of normalised image @ text features)
 def hps(image_features, text_features):
-    return eval_style.cosine(image_features, text_features)
+    return cosine(image_features, text_features)
 
 
 # aesthetic = MLP(image / |image|), image: CLIP ViT-L/14 image features   (LAION's aesthetic predictor v2)
@@ -187,7 +201,7 @@ def load_scorers(names, world, clip_id):
 
     def shared(clip_id):  # aesthetic and clip both use CLIP ViT-L/14 by default: it loads once
         if clip_id not in clips:
-            clips[clip_id] = eval_style.load_clip(clip_id, torch.device("cpu"))
+            clips[clip_id] = load_clip(clip_id, torch.device("cpu"))
         return clips[clip_id]
     for name in names:
         if name == "judge":
@@ -209,7 +223,7 @@ def load_scorers(names, world, clip_id):
             formula = functools.partial(aesthetic_of_images, mlp)
             scorers[name] = functools.partial(scored_by_clip, *shared(CLIP_L14), formula)
         elif name == "clip":
-            scorers[name] = functools.partial(scored_by_clip, *shared(clip_id), eval_style.clip_scores)
+            scorers[name] = functools.partial(scored_by_clip, *shared(clip_id), clip_scores)
         else:
             fail(f"unknown scorer {name!r}; known: {', '.join(SCORERS)}")
     return scorers
@@ -228,7 +242,7 @@ def scored_by_clip(clip, tokenizer, formula, images, prompts, device, dtype, bat
     prompts = [openclip_clean(p) for p in prompts] if hpsv2 else prompts
     size = clip.config.vision_config.image_size
     for i in range(0, len(images), batch):
-        x = eval_style.clip_inputs(images[i:i + batch], size, device, hpsv2).to(dtype)
+        x = clip_inputs(images[i:i + batch], size, device, hpsv2).to(dtype)
         ids = tokenizer(prompts[i:i + batch], padding="max_length", truncation=True, return_tensors="pt",
                         max_length=clip.config.text_config.max_position_embeddings).input_ids.to(device)
         image = clip.get_image_features(pixel_values=x).pooler_output.float().cpu()
@@ -240,6 +254,173 @@ def scored_by_clip(clip, tokenizer, formula, images, prompts, device, dtype, bat
 
 def scored_by_judge(judge, world, images, prompts, device, dtype, batch):
     return rpo.toy_world().judge_scores(judge, images, prompts, world).numpy()
+
+
+# Below: CLIP, generation from a run's weights and the comparison sheet, which eval_style.py uses too.
+# ------------------------------------------------------------------------------------------- CLIP
+# the HPSv2 scorer sees its images as HPSv2's ResizeMaxSize makes them: each side to
+# round(side x size / long side), then black padding to a square, pad // 2 before the content (left, top) and
+# the rest after it (HPSv2 skips the padding when the long side is already size, leaving a non-square image
+# its ViT cannot take; this pads it)
+def hps_square(image, size):
+    scale = size / max(image.size)
+    if scale != 1:
+        image = image.resize([round(side * scale) for side in image.size], Image.BICUBIC)
+    square = Image.new(image.mode, (size, size))
+    square.paste(image, ((size - image.width) // 2, (size - image.height) // 2))
+    return square
+
+
+def clip_inputs(images, size, device, hpsv2=False):
+    """CLIP's preprocessing: short side to size, centre crop (hpsv2: HPSv2's padded square instead), then
+    CLIP's mean and std."""
+    mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (rpo.CLIP_MEAN, rpo.CLIP_STD))
+    squares = [hps_square(im.convert("RGB"), size) if hpsv2 else
+               ImageOps.fit(im.convert("RGB"), (size, size), Image.BICUBIC) for im in images]
+    x = np.stack([np.asarray(im) for im in squares])
+    return (torch.from_numpy(x).permute(0, 3, 1, 2).to(device).float() / 255 - mean) / std
+
+
+def load_clip(clip_id, device):
+    from transformers import CLIPModel, CLIPTokenizer
+    return rpo.pretrained(CLIPModel, clip_id).to(device).eval(), rpo.pretrained(CLIPTokenizer, clip_id)
+
+
+# ------------------------------------------------------------------------------------- generation
+def device_dtype():
+    cuda = torch.cuda.is_available()
+    return torch.device("cuda" if cuda else "cpu"), torch.float16 if cuda else torch.float32
+
+
+def run_weights(path, script=SCRIPT):
+    """("unet", folder) or ("lora", folder) of a tuned run: rpo.py's OUT (its unet/ or lora/), or the folder
+    itself."""
+    for kind, folder in (("unet", os.path.join(path, "unet")), ("lora", os.path.join(path, "lora")),
+                         ("unet", path), ("lora", path)):
+        if os.path.isfile(os.path.join(folder, "config.json" if kind == "unet" else rpo.LORA_FILE)):
+            return kind, folder
+    fail(f"{path!r} is not a run: it holds neither a diffusers UNet (unet/) nor LoRA adapters (lora/)", script)
+
+
+@contextmanager
+def drawing_with(pipe, weights, device, dtype):
+    """The pipeline drawing with a run's weights (None: the base's own): its UNet swapped in, or its LoRA
+    adapters loaded; the base's UNet is back afterwards."""
+    from diffusers import UNet2DConditionModel
+    if weights is None:
+        yield
+        return
+    kind, folder = weights
+    if kind == "lora":
+        pipe.load_lora_weights(folder, weight_name=rpo.LORA_FILE)
+        try:
+            yield
+        finally:
+            pipe.unload_lora_weights()
+        return
+    base_unet, pipe.unet = pipe.unet, rpo.pretrained(UNet2DConditionModel, folder, dtype=dtype).to(device)
+    try:
+        yield
+    finally:
+        pipe.unet = base_unet
+
+
+def load_pipeline(model, base, device, dtype):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+    if rpo.IS_XL[model]:
+        pipe = rpo.pretrained(StableDiffusionXLPipeline, base, dtype=dtype, add_watermarker=False)
+    else:
+        pipe = rpo.pretrained(StableDiffusionPipeline, base, dtype=dtype, safety_checker=None,
+                              requires_safety_checker=False)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)  # as rpo.py's samples
+    pipe.to(device).set_progress_bar_config(disable=True)
+    return pipe
+
+
+def initial_noise(pipe, seeds, resolution):
+    """Image k's initial latents from its own seed, drawn on the CPU: the same for every model and device."""
+    scale = pipe.vae_scale_factor
+    shape = (pipe.unet.config.in_channels, resolution // scale, resolution // scale)
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+
+
+@torch.no_grad()
+def generate(pipe, captions, args, device, desc="generating"):
+    """One image per caption, caption k from the noise of seed args.seed + k, whatever the model."""
+    images = []
+    for i in tqdm(range(0, len(captions), args.batch), desc=desc):
+        seeds = range(args.seed + i, args.seed + min(i + args.batch, len(captions)))
+        latents = initial_noise(pipe, seeds, args.resolution).to(device, pipe.unet.dtype)
+        images += pipe(captions[i:i + args.batch], num_inference_steps=args.steps, latents=latents,
+                       guidance_scale=args.guidance, height=args.resolution, width=args.resolution).images
+    return images
+
+
+def save_images(sets, folder):
+    for name, images in sets.items():
+        os.makedirs(os.path.join(folder, name), exist_ok=True)
+        for k, img in enumerate(images):
+            img.save(os.path.join(folder, name, f"{k:05d}.png"))
+
+
+# ------------------------------------------------------------------------------- comparison sheet
+SHEET_CELL, SHEET_LINE = 192, 16  # px: each image of the sheet is scaled to this width; one line of text
+
+
+def comparison_sheet(columns, captions):
+    """PNG bytes: a row per caption, under it each model's image, labelled with its lines; columns: {model:
+    (images, labels)}, as sheet_column makes them."""
+    font = ImageFont.load_default(size=13)
+    cells = {name: [im.resize((SHEET_CELL, max(1, SHEET_CELL * im.height // im.width)),
+                              Image.NEAREST if im.width < SHEET_CELL else Image.LANCZOS) for im in ims]
+             for name, (ims, _) in columns.items()}
+    labels = {name: lines for name, (_, lines) in columns.items()}
+    width = SHEET_CELL * len(cells)
+
+    def fitted(text, room):  # cut to the room it has, ending in ... where cut
+        while font.getlength(text) > room and len(text) > 1:
+            text = text[:-2] + "…"
+        return text
+    wrapped = []
+    for caption in captions:
+        lines = textwrap.wrap(str(caption), max(width // 7, 20)) or [""]
+        wrapped.append([fitted(line, width - 8) for line in lines[:2]] +
+                       [fitted(" ".join(lines[2:]), width - 8)] * (len(lines) > 2))
+    label_height = SHEET_LINE * max(len(lines) for ls in labels.values() for lines in ls)
+    heights = [SHEET_LINE * len(w) + max(cells[n][k].height for n in cells) + label_height + 8
+               for k, w in enumerate(wrapped)]
+    sheet = Image.new("RGB", (width, sum(heights)), "white")
+    draw, y = ImageDraw.Draw(sheet), 0
+    for k, (lines, height) in enumerate(zip(wrapped, heights)):
+        for i, line in enumerate(lines):
+            draw.text((4, y + SHEET_LINE * i), line, fill="black", font=font)
+        top = y + SHEET_LINE * len(lines)
+        below = top + max(cells[name][k].height for name in cells)  # the labels, in one line across the row
+        for column, name in enumerate(cells):
+            x = SHEET_CELL * column
+            sheet.paste(cells[name][k], (x, top))
+            for i, line in enumerate(labels[name][k]):
+                draw.text((x + 4, below + SHEET_LINE * i), fitted(line, SHEET_CELL - 8), fill="black",
+                          font=font)
+        y += height
+    buf = io.BytesIO()
+    sheet.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def sheet_column(name, images, per_image, per_prompt, k):
+    """A model's column of the sheet: image 0 of each of the first k prompts (per_prompt images each), and its
+    label, the model's name and then each scorer's score of that image, in the order of the scorers."""
+    first = images[::per_prompt][:k]
+    return first, [[name, *(f"{s} {v[::per_prompt][j]:.4g}" for s, v in per_image.items())]
+                   for j in range(len(first))]
+
+
+def save_sheet(out, columns, captions):
+    """The comparison sheet of these captions beside the report OUT.json, as OUT.png."""
+    png = out.removesuffix(".json") + ".png"
+    rpo.atomic_save(comparison_sheet(columns, captions), png)
+    print(f"-> {png} (the first {len(captions)} prompts, image 0 of each)", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------- prompts
@@ -346,7 +527,7 @@ def trained_world(paths, default):
     path is checked to be a run first; nothing in it is loaded but that JSON file."""
     worlds = set()
     for path in paths:
-        eval_style.run_weights(path, SCRIPT)
+        run_weights(path)
         settings = os.path.join(path, rpo.SETTINGS_FILE)
         if os.path.isfile(settings):
             try:
@@ -360,11 +541,11 @@ def trained_world(paths, default):
 
 
 def prefer(args, cfg):
-    device, dtype = eval_style.device_dtype()
+    device, dtype = device_dtype()
     base = args.base or rpo.model_folder(cfg)
     paths = [os.path.normpath(path) for path in args.runs]
     names = [os.path.basename(path) for path in paths]  # a run is named by its folder, or its path if need be
-    tuned = [eval_style.run_weights(path, SCRIPT) for path in paths]
+    tuned = [run_weights(path) for path in paths]
     runs = dict(zip(names if len(set(names)) == len(names) else paths, tuned))
     if len(runs) != len(paths) or "base" in runs:
         fail("--runs must name each run once, and none 'base'")
@@ -374,17 +555,17 @@ def prefer(args, cfg):
         fail(f"--prompts {args.prompts!r} has no prompts")
     world = args.prompts if args.prompts in rpo.TOY_WORLDS else None
     scorers = load_scorers(args.scorers, world, args.clip or cfg.clip or os.path.join(base, "clip"))
-    pipe = eval_style.load_pipeline(args.model, base, device, dtype)
+    pipe = load_pipeline(args.model, base, device, dtype)
     each = [p for p in prompts for _ in range(args.per_prompt)]  # prompt k, image j: seed k x per_prompt + j
     scores, sheet = {}, {}
     for name, weights in {"base": None, **runs}.items():
-        with eval_style.drawing_with(pipe, weights, device, dtype):
-            images = eval_style.generate(pipe, each, args, device, desc=name)
+        with drawing_with(pipe, weights, device, dtype):
+            images = generate(pipe, each, args, device, desc=name)
         if args.save:
-            eval_style.save_images({name.replace(os.sep, "_"): images}, args.save)
+            save_images({name.replace(os.sep, "_"): images}, args.save)
         per_image = {s: score(images, each, device, dtype, args.batch) for s, score in scorers.items()}
         scores[name] = {s: v.reshape(len(prompts), -1).mean(1) for s, v in per_image.items()}
-        sheet[name] = eval_style.sheet_column(name, images, per_image, args.per_prompt, args.sheet)
+        sheet[name] = sheet_column(name, images, per_image, args.per_prompt, args.sheet)
     protocol = dict(model=args.model, base=base, prompts=len(prompts), prompt_set=args.prompts,
                     per_prompt=args.per_prompt, steps=args.steps, guidance=args.guidance,
                     resolution=args.resolution, seed=args.seed, scorers=list(scorers))
@@ -403,14 +584,29 @@ def prefer(args, cfg):
     rpo.atomic_save(report, args.out)
     print(f"-> {args.out}", file=sys.stderr)
     if args.sheet:
-        eval_style.save_sheet(args.out, sheet, prompts[:args.sheet])
+        save_sheet(args.out, sheet, prompts[:args.sheet])
     return report
 
 
 # ------------------------------------------------------------------------------------------- main
+def model_flags():
+    """The flags of the model and how it draws, which eval_style.py takes too."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--model", default="tiny-drawn", choices=list(rpo.IS_XL),
+                        help="tiny-drawn, tiny, tiny-xl: toy.py's models, offline")
+    common.add_argument("--steps", type=int, help="denoising steps; default 50 for eval_prefer.py, else "
+                                                  "rpo.py's sample_steps for --model")
+    common.add_argument("--guidance", type=float, default=7.5)
+    common.add_argument("--resolution", type=int,
+                        help="default rpo.py's for --model (512 for make-data unless tiny)")
+    common.add_argument("--batch", type=int, default=8)
+    common.add_argument("--seed", type=int, default=0)
+    return common
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                parents=[eval_style.model_flags()])
+                                parents=[model_flags()])
     p.add_argument("--runs", nargs="*", default=[],
                    help="tuned runs: rpo.py's OUT folders (unet/ or lora/); the base model is always scored")
     p.add_argument("--prompts", help="toy | toy-subject | pickapic | parti | hpsv2 | a .txt, .tsv or parquet "
@@ -431,6 +627,21 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
+def check_report(args, script=SCRIPT):
+    """--out and --sheet of a command that writes a report and its sheet (eval_prefer.py, eval_style.py score),
+    before any work."""
+    if not args.out.endswith(".json"):
+        fail(f"--out {args.out!r}: the report is JSON, name it *.json (the sheet goes beside it, as .png)",
+             script)
+    if args.sheet < 0:
+        fail(f"--sheet {args.sheet}: the number of prompts in the sheet, 0 for none", script)
+
+
+def presets(model):
+    """rpo.py's settings for --model: its base, CLIP, resolution and sample steps."""
+    return rpo.parse_config(["--model", model, "--max_pairs", "0", "--report_to", "none"])
+
+
 def fill_defaults(args, cfg):
     """The defaults that depend on --model, as the flags' help texts say."""
     tiny = args.model.startswith("tiny")
@@ -443,8 +654,8 @@ def fill_defaults(args, cfg):
 
 def main(argv=None):
     args = parse_args(argv)
-    eval_style.check_report(args, SCRIPT)
-    cfg = eval_style.presets(args.model)
+    check_report(args)
+    cfg = presets(args.model)
     fill_defaults(args, cfg)
     return prefer(args, cfg)
 

@@ -10,8 +10,8 @@ the Frechet distance of their CLIP embeddings, the Gram distance of CLIP's visio
     python eval_style.py score --model tiny --unet out_style --prompts style_test.parquet --style "van gogh"
 
 With --model sd15 or sdxl the same commands use InstructPix2Pix, Pick-a-Pic, Stable Diffusion and CLIP
-ViT-L/14. The preference evaluation is eval_prefer.py; it draws, loads CLIP and writes its comparison sheet
-with this file's functions.
+ViT-L/14. The preference evaluation is eval_prefer.py; this file draws, loads CLIP and writes its comparison
+sheet with eval_prefer.py's functions.
 """
 import argparse
 import glob
@@ -20,15 +20,13 @@ import itertools
 import json
 import os
 import sys
-import textwrap
-from contextlib import contextmanager
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont, ImageOps
+from PIL import Image
 from tqdm import tqdm
 
+import eval_prefer
 import rpo
 
 # style -> (InstructPix2Pix instruction, the phrase the CLIP score compares generations with)
@@ -37,10 +35,11 @@ STYLES = {"van gogh": ("turn it into a Van Gogh painting", "a painting in the st
           "winter": ("make it winter", "a snowy winter scene")}
 IP2P = "timbrooks/instruct-pix2pix"
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+SCRIPT = "eval_style.py"  # the one-line errors' prefix, also of the eval_prefer.py helpers it calls
 
 
-def fail(msg, script="eval_style.py"):  # eval_prefer.py passes its own name, also to the helpers it uses
-    sys.exit(f"{script}: {msg}")
+def fail(msg):
+    eval_prefer.fail(msg, SCRIPT)
 
 
 # ---------------------------------------------------------------------------------------- metrics
@@ -82,212 +81,24 @@ def gram_distance(grams_a, grams_b):
                           for a, b in zip(grams_a, grams_b)]))
 
 
-def cosine(a, b):  # row by row; a [1, D] pairs with every row of the other
-    a, b = (F.normalize(torch.as_tensor(x).double(), dim=-1) for x in (a, b))
-    return (a * b).sum(-1)
-
-
-# CLIP score = 100 * max(cos(image features, text features), 0), per image
-def clip_scores(image_features, text_features):
-    return 100 * cosine(image_features, text_features).clamp(min=0)
-
-
 # the style's CLIP score: the mean over images of their CLIP scores against the style phrase
 def clip_score(image_features, text_features):
-    return float(clip_scores(image_features, text_features).mean())
+    return float(eval_prefer.clip_scores(image_features, text_features).mean())
 
 
 # ------------------------------------------------------------------------------------------- CLIP
-# eval_prefer.py's HPSv2 scorer sees its images as HPSv2's ResizeMaxSize makes them: each side to
-# round(side x size / long side), then black padding to a square, pad // 2 before the content (left, top) and
-# the rest after it (HPSv2 skips the padding when the long side is already size, leaving a non-square image
-# its ViT cannot take; this pads it)
-def hps_square(image, size):
-    scale = size / max(image.size)
-    if scale != 1:
-        image = image.resize([round(side * scale) for side in image.size], Image.BICUBIC)
-    square = Image.new(image.mode, (size, size))
-    square.paste(image, ((size - image.width) // 2, (size - image.height) // 2))
-    return square
-
-
-def clip_inputs(images, size, device, hpsv2=False):
-    """CLIP's preprocessing: short side to size, centre crop (hpsv2: HPSv2's padded square instead), then
-    CLIP's mean and std."""
-    mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (rpo.CLIP_MEAN, rpo.CLIP_STD))
-    squares = [hps_square(im.convert("RGB"), size) if hpsv2 else
-               ImageOps.fit(im.convert("RGB"), (size, size), Image.BICUBIC) for im in images]
-    x = np.stack([np.asarray(im) for im in squares])
-    return (torch.from_numpy(x).permute(0, 3, 1, 2).to(device).float() / 255 - mean) / std
-
-
 @torch.no_grad()
 def clip_stats(clip, images, batch):
     """CLIP image embeddings [N, D], and per layer the mean Gram matrix of the vision blocks' patch tokens."""
     feats, grams = [], None
     for i in range(0, len(images), batch):
-        x = clip_inputs(images[i:i + batch], clip.config.vision_config.image_size, clip.device)
+        x = eval_prefer.clip_inputs(images[i:i + batch], clip.config.vision_config.image_size, clip.device)
         out = clip.get_image_features(pixel_values=x, output_hidden_states=True)
         feats.append(out.pooler_output.float().cpu().numpy())
         # every block's output, patch tokens only: the class token summarises content, not texture
         g = [s * len(x) for s in mean_grams([h[:, 1:] for h in out.hidden_states[1:]])]
         grams = g if grams is None else [a + b for a, b in zip(grams, g)]
     return np.concatenate(feats), [g / len(images) for g in grams]
-
-
-def load_clip(clip_id, device):
-    from transformers import CLIPModel, CLIPTokenizer
-    return rpo.pretrained(CLIPModel, clip_id).to(device).eval(), rpo.pretrained(CLIPTokenizer, clip_id)
-
-
-# ------------------------------------------------------------------------------------- generation
-def device_dtype():
-    cuda = torch.cuda.is_available()
-    return torch.device("cuda" if cuda else "cpu"), torch.float16 if cuda else torch.float32
-
-
-def run_weights(path, script="eval_style.py"):
-    """("unet", folder) or ("lora", folder) of a tuned run: rpo.py's OUT (its unet/ or lora/), or the folder
-    itself."""
-    for kind, folder in (("unet", os.path.join(path, "unet")), ("lora", os.path.join(path, "lora")),
-                         ("unet", path), ("lora", path)):
-        if os.path.isfile(os.path.join(folder, "config.json" if kind == "unet" else rpo.LORA_FILE)):
-            return kind, folder
-    fail(f"{path!r} is not a run: it holds neither a diffusers UNet (unet/) nor LoRA adapters (lora/)", script)
-
-
-@contextmanager
-def drawing_with(pipe, weights, device, dtype):
-    """The pipeline drawing with a run's weights (None: the base's own): its UNet swapped in, or its LoRA
-    adapters loaded; the base's UNet is back afterwards."""
-    from diffusers import UNet2DConditionModel
-    if weights is None:
-        yield
-        return
-    kind, folder = weights
-    if kind == "lora":
-        pipe.load_lora_weights(folder, weight_name=rpo.LORA_FILE)
-        try:
-            yield
-        finally:
-            pipe.unload_lora_weights()
-        return
-    base_unet, pipe.unet = pipe.unet, rpo.pretrained(UNet2DConditionModel, folder, dtype=dtype).to(device)
-    try:
-        yield
-    finally:
-        pipe.unet = base_unet
-
-
-def load_pipeline(model, base, device, dtype):
-    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
-    if rpo.IS_XL[model]:
-        pipe = rpo.pretrained(StableDiffusionXLPipeline, base, dtype=dtype, add_watermarker=False)
-    else:
-        pipe = rpo.pretrained(StableDiffusionPipeline, base, dtype=dtype, safety_checker=None,
-                              requires_safety_checker=False)
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)  # as rpo.py's samples
-    pipe.to(device).set_progress_bar_config(disable=True)
-    return pipe
-
-
-def initial_noise(pipe, seeds, resolution):
-    """Image k's initial latents from its own seed, drawn on the CPU: the same for every model and device."""
-    scale = pipe.vae_scale_factor
-    shape = (pipe.unet.config.in_channels, resolution // scale, resolution // scale)
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
-
-
-@torch.no_grad()
-def generate(pipe, captions, args, device, desc="generating"):
-    """One image per caption, caption k from the noise of seed args.seed + k, whatever the model."""
-    images = []
-    for i in tqdm(range(0, len(captions), args.batch), desc=desc):
-        seeds = range(args.seed + i, args.seed + min(i + args.batch, len(captions)))
-        latents = initial_noise(pipe, seeds, args.resolution).to(device, pipe.unet.dtype)
-        images += pipe(captions[i:i + args.batch], num_inference_steps=args.steps, latents=latents,
-                       guidance_scale=args.guidance, height=args.resolution, width=args.resolution).images
-    return images
-
-
-def generate_sets(args, base, captions, weights, device, dtype):
-    """The base model's images for the captions, then the tuned run's in the same pipeline, same noise."""
-    if not captions:
-        fail(f"--prompts {args.prompts!r} has no captions")
-    captions = captions[:args.n or None]
-    pipe = load_pipeline(args.model, base, device, dtype)
-    sets = {"base": generate(pipe, captions, args, device)}
-    if weights:
-        with drawing_with(pipe, weights, device, dtype):
-            sets["tuned"] = generate(pipe, captions, args, device)
-    return sets
-
-
-def save_images(sets, folder):
-    for name, images in sets.items():
-        os.makedirs(os.path.join(folder, name), exist_ok=True)
-        for k, img in enumerate(images):
-            img.save(os.path.join(folder, name, f"{k:05d}.png"))
-
-
-# ------------------------------------------------------------------------------- comparison sheet
-SHEET_CELL, SHEET_LINE = 192, 16  # px: each image of the sheet is scaled to this width; one line of text
-
-
-def comparison_sheet(columns, captions):
-    """PNG bytes: a row per caption, under it each model's image, labelled with its lines; columns: {model:
-    (images, labels)}, as sheet_column makes them."""
-    font = ImageFont.load_default(size=13)
-    cells = {name: [im.resize((SHEET_CELL, max(1, SHEET_CELL * im.height // im.width)),
-                              Image.NEAREST if im.width < SHEET_CELL else Image.LANCZOS) for im in ims]
-             for name, (ims, _) in columns.items()}
-    labels = {name: lines for name, (_, lines) in columns.items()}
-    width = SHEET_CELL * len(cells)
-
-    def fitted(text, room):  # cut to the room it has, ending in ... where cut
-        while font.getlength(text) > room and len(text) > 1:
-            text = text[:-2] + "…"
-        return text
-    wrapped = []
-    for caption in captions:
-        lines = textwrap.wrap(str(caption), max(width // 7, 20)) or [""]
-        wrapped.append([fitted(line, width - 8) for line in lines[:2]] +
-                       [fitted(" ".join(lines[2:]), width - 8)] * (len(lines) > 2))
-    label_height = SHEET_LINE * max(len(lines) for ls in labels.values() for lines in ls)
-    heights = [SHEET_LINE * len(w) + max(cells[n][k].height for n in cells) + label_height + 8
-               for k, w in enumerate(wrapped)]
-    sheet = Image.new("RGB", (width, sum(heights)), "white")
-    draw, y = ImageDraw.Draw(sheet), 0
-    for k, (lines, height) in enumerate(zip(wrapped, heights)):
-        for i, line in enumerate(lines):
-            draw.text((4, y + SHEET_LINE * i), line, fill="black", font=font)
-        top = y + SHEET_LINE * len(lines)
-        below = top + max(cells[name][k].height for name in cells)  # the labels, in one line across the row
-        for column, name in enumerate(cells):
-            x = SHEET_CELL * column
-            sheet.paste(cells[name][k], (x, top))
-            for i, line in enumerate(labels[name][k]):
-                draw.text((x + 4, below + SHEET_LINE * i), fitted(line, SHEET_CELL - 8), fill="black",
-                          font=font)
-        y += height
-    buf = io.BytesIO()
-    sheet.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def sheet_column(name, images, per_image, per_prompt, k):
-    """A model's column of the sheet: image 0 of each of the first k prompts (per_prompt images each), and its
-    label, the model's name and then each scorer's score of that image, in the order of the scorers."""
-    first = images[::per_prompt][:k]
-    return first, [[name, *(f"{s} {v[::per_prompt][j]:.4g}" for s, v in per_image.items())]
-                   for j in range(len(first))]
-
-
-def save_sheet(out, columns, captions):
-    """The comparison sheet of these captions beside the report OUT.json, as OUT.png."""
-    png = out.removesuffix(".json") + ".png"
-    rpo.atomic_save(comparison_sheet(columns, captions), png)
-    print(f"-> {png} (the first {len(captions)} prompts, image 0 of each)", file=sys.stderr)
 
 
 # -------------------------------------------------------------------------------------- make-data
@@ -375,7 +186,7 @@ def make_data(args, cfg):
     instruction, _ = style_of(args)
     if not instruction:
         fail(f"unknown style {args.style!r} (known: {', '.join(STYLES)}); pass --instruction \"make it ...\"")
-    device, dtype = device_dtype()
+    device, dtype = eval_prefer.device_dtype()
     pipe = load_editor(args, device, dtype)
     test_out = args.test_out or args.out.removesuffix(".parquet") + "_test.parquet"
     chunks = edited_chunks(pipe, source_images(args, cfg), instruction, args, device)
@@ -391,6 +202,19 @@ def make_data(args, cfg):
 
 
 # ------------------------------------------------------------------------------------------ score
+def generate_sets(args, base, captions, weights, device, dtype):
+    """The base model's images for the captions, then the tuned run's in the same pipeline, same noise."""
+    if not captions:
+        fail(f"--prompts {args.prompts!r} has no captions")
+    captions = captions[:args.n or None]
+    pipe = eval_prefer.load_pipeline(args.model, base, device, dtype)
+    sets = {"base": eval_prefer.generate(pipe, captions, args, device)}
+    if weights:
+        with eval_prefer.drawing_with(pipe, weights, device, dtype):
+            sets["tuned"] = eval_prefer.generate(pipe, captions, args, device)
+    return sets
+
+
 def style_set(path, cfg, what):
     """Captions and style images from a Pick-a-Pic-schema parquet (the winners), a folder of images, or a .txt
     of captions."""
@@ -425,7 +249,7 @@ def style_scores(clip, text, ref, sets, batch):
         feats, grams = clip_stats(clip, images, batch)
         scores[name] = dict(images=len(images), fd=frechet_distance(feats, ref_feats),
                             gram=gram_distance(grams, ref_grams), clip_score=clip_score(feats, text),
-                            clip_scores=clip_scores(feats, text).tolist())
+                            clip_scores=eval_prefer.clip_scores(feats, text).tolist())
     return scores
 
 
@@ -436,7 +260,7 @@ def print_table(rows):
 
 
 def score(args, cfg):
-    device, dtype = device_dtype()
+    device, dtype = eval_prefer.device_dtype()
     _, phrase = style_of(args)
     base = args.base or rpo.model_folder(cfg)
     captions, ref = style_set(args.prompts, cfg, "--prompts")
@@ -444,14 +268,14 @@ def score(args, cfg):
         ref = style_set(args.ref, cfg, "--ref")[1]
     if ref is None:
         fail("no style reference images: pass --ref, a parquet from make-data or a folder of images")
-    weights = run_weights(args.unet) if args.unet else None
+    weights = eval_prefer.run_weights(args.unet, SCRIPT) if args.unet else None
     if args.images:
         sets = {os.path.basename(os.path.normpath(d)): style_set(d, cfg, "--images")[1] for d in args.images}
     else:
         sets = generate_sets(args, base, captions, weights, device, dtype)
     if args.save:
-        save_images(sets, args.save)
-    clip, tok = load_clip(args.clip or cfg.clip or os.path.join(base, "clip"), device)
+        eval_prefer.save_images(sets, args.save)
+    clip, tok = eval_prefer.load_clip(args.clip or cfg.clip or os.path.join(base, "clip"), device)
     result = {"style": args.style, "phrase": phrase,
               **style_scores(clip, text_features(clip, tok, phrase), ref, sets, args.batch)}
     print(f"style {args.style!r}, CLIP score against {phrase!r}; distances to {len(ref)} reference images")
@@ -462,30 +286,15 @@ def score(args, cfg):
     print(f"-> {args.out}", file=sys.stderr)
     rows = min(args.sheet, *map(len, sets.values()))
     if rows:
-        save_sheet(args.out, {name: sheet_column(name, images, {"CLIP score": result[name]["clip_scores"]}, 1,
-                                                 rows) for name, images in sets.items()},
-                   (captions or [f"image {k}" for k in range(rows)])[:rows])
+        columns = {name: eval_prefer.sheet_column(name, images, {"CLIP score": result[name]["clip_scores"]}, 1,
+                                                  rows) for name, images in sets.items()}
+        eval_prefer.save_sheet(args.out, columns, (captions or [f"image {k}" for k in range(rows)])[:rows])
     return result
 
 
 # ------------------------------------------------------------------------------------------- main
-def model_flags():
-    """The flags of the model and how it draws, which eval_prefer.py takes too."""
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--model", default="tiny-drawn", choices=list(rpo.IS_XL),
-                        help="tiny-drawn, tiny, tiny-xl: toy.py's models, offline")
-    common.add_argument("--steps", type=int, help="denoising steps; default 50 for eval_prefer.py, else "
-                                                  "rpo.py's sample_steps for --model")
-    common.add_argument("--guidance", type=float, default=7.5)
-    common.add_argument("--resolution", type=int,
-                        help="default rpo.py's for --model (512 for make-data unless tiny)")
-    common.add_argument("--batch", type=int, default=8)
-    common.add_argument("--seed", type=int, default=0)
-    return common
-
-
 def parse_args(argv):
-    common = model_flags()
+    common = eval_prefer.model_flags()
     style = argparse.ArgumentParser(add_help=False)
     style.add_argument("--style", default="van gogh",
                        help=f"one of {list(STYLES)} or any, with --instruction")
@@ -528,21 +337,6 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def check_report(args, script="eval_style.py"):
-    """--out and --sheet of a command that writes a report and its sheet (score, eval_prefer.py), before any
-    work."""
-    if not args.out.endswith(".json"):
-        fail(f"--out {args.out!r}: the report is JSON, name it *.json (the sheet goes beside it, as .png)",
-             script)
-    if args.sheet < 0:
-        fail(f"--sheet {args.sheet}: the number of prompts in the sheet, 0 for none", script)
-
-
-def presets(model):
-    """rpo.py's settings for --model: its base, CLIP, resolution and sample steps."""
-    return rpo.parse_config(["--model", model, "--max_pairs", "0", "--report_to", "none"])
-
-
 def fill_defaults(args, cfg):
     """The defaults that depend on --model, as the flags' help texts say."""
     tiny = args.model.startswith("tiny")
@@ -558,8 +352,8 @@ def fill_defaults(args, cfg):
 def main(argv=None):
     args = parse_args(argv)
     if args.command == "score":
-        check_report(args)
-    cfg = presets(args.model)
+        eval_prefer.check_report(args, SCRIPT)
+    cfg = eval_prefer.presets(args.model)
     fill_defaults(args, cfg)
     if args.command == "score":
         return score(args, cfg)

@@ -2703,17 +2703,17 @@ def test_rpo_trains_on_the_style_parquet(trained):
 def test_a_sheet_column_is_image_0_of_each_prompt_labelled_with_its_own_scores_in_the_scorers_order():
     images = [f"image {k}" for k in range(6)]  # 3 prompts x 2 images
     per_image = {"judge": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6], "clip": [10, 20, 30, 40, 50, 60]}
-    first, labels = eval_style.sheet_column("rpo", images, per_image, 2, 2)
+    first, labels = eval_prefer.sheet_column("rpo", images, per_image, 2, 2)
     assert first == ["image 0", "image 2"]
     assert labels == [["rpo", "judge 0.1", "clip 10"], ["rpo", "judge 0.3", "clip 30"]]
-    assert eval_style.sheet_column("base", images, per_image, 2, 8)[0] == ["image 0", "image 2", "image 4"]
+    assert eval_prefer.sheet_column("base", images, per_image, 2, 8)[0] == ["image 0", "image 2", "image 4"]
 
 
 def assert_sheet_shows(sheet, columns):
     """The comparison sheet shows image k of column c (files), scaled to the sheet's cell width, whole in its
     column; the images of one prompt side by side in one row, the rows in prompt order, with text under each
     image (its label) and above each row (the caption)."""
-    cell, line = eval_style.SHEET_CELL, eval_style.SHEET_LINE
+    cell, line = eval_prefer.SHEET_CELL, eval_prefer.SHEET_LINE
     sheet = np.asarray(Image.open(sheet).convert("RGB")).astype(int)
     assert sheet.shape[1] == cell * len(columns)
     tops = []
@@ -2783,7 +2783,7 @@ def test_each_preference_scorer_is_its_published_formula_on_fixed_features():
     # cosines 24/25 and -1
     assert eval_prefer.hps(image, text).tolist() == pytest.approx([0.96, -1.0])
     assert eval_prefer.pickscore(image, text, math.log(100.0)).tolist() == pytest.approx([96.0, -100.0])
-    assert eval_style.clip_scores(image, text).tolist() == pytest.approx([96.0, 0.0])
+    assert eval_prefer.clip_scores(image, text).tolist() == pytest.approx([96.0, 0.0])
     # the aesthetic predictor: its five linear layers applied by hand to the normalised features
     g = torch.Generator().manual_seed(0)
     sizes = [(1024, 2), (128, 1024), (64, 128), (16, 64), (1, 16)]
@@ -2828,7 +2828,7 @@ def test_hpsv2s_square_places_the_image_as_its_resize_max_size_does_at_any_aspec
                (224, 224): ((0, 223), (0, 223)), (40, 1000): ((0, 223), (107, 115))}
     black = torch.tensor([(0 - m) / s for m, s in zip(rpo.CLIP_MEAN, rpo.CLIP_STD)]).view(3, 1, 1)
     for (w, h), (rows, cols) in content.items():
-        x = eval_style.clip_inputs([Image.new("RGB", (w, h), "white")], 224, "cpu", hpsv2=True)[0]
+        x = eval_prefer.clip_inputs([Image.new("RGB", (w, h), "white")], 224, "cpu", hpsv2=True)[0]
         inside = (x - black).abs().amax(0) > 0.1
         assert x.shape == (3, 224, 224)
         got_rows, got_cols = inside.any(1).nonzero().flatten(), inside.any(0).nonzero().flatten()
@@ -2954,8 +2954,8 @@ def test_every_model_draws_each_prompt_from_the_same_initial_noise(tmp_path):
     args.resolution, args.steps = 32, 2
     base, tuned = RecordingPipeline(), RecordingPipeline()
     prompts = ["a", "b", "c", "d", "e"]
-    eval_style.generate(base, prompts, args, torch.device("cpu"))
-    eval_style.generate(tuned, prompts[:2] + ["other", "prompts", "here"], args, torch.device("cpu"))
+    eval_prefer.generate(base, prompts, args, torch.device("cpu"))
+    eval_prefer.generate(tuned, prompts[:2] + ["other", "prompts", "here"], args, torch.device("cpu"))
     noise, again = torch.cat(base.latents), torch.cat(tuned.latents)
     assert noise.shape == (5, 4, 4, 4) and torch.equal(noise, again)  # image k: seed + k, whatever is drawn
     assert not torch.equal(noise[0], noise[1])
