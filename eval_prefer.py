@@ -207,7 +207,7 @@ def load_scorers(names, world, clip_id):
         if name == "judge":
             if not world:
                 fail("the judge scores toy-world prompts only: pass --prompts toy or toy-subject")
-            scorers[name] = functools.partial(scored_by_judge, rpo.toy_world().load_judge(), world)
+            scorers[name] = functools.partial(scored_by_judge, toy_world().load_judge(), world)
         elif name == "pickscore":
             clip = rpo.pretrained(CLIPModel, PICKSCORE).eval()
             formula = functools.partial(pickscore, logit_scale=clip.logit_scale.item())
@@ -253,7 +253,7 @@ def scored_by_clip(clip, tokenizer, formula, images, prompts, device, dtype, bat
 
 
 def scored_by_judge(judge, world, images, prompts, device, dtype, batch):
-    return rpo.toy_world().judge_scores(judge, images, prompts, world).numpy()
+    return toy_world().judge_scores(judge, images, prompts, world).numpy()
 
 
 # Below: CLIP, generation from a run's weights and the comparison sheet, which eval_style.py uses too.
@@ -453,8 +453,8 @@ def prompt_set(args):
     """The prompts, in order: a toy world's captions of --split, or unique captions read from Pick-a-Pic's
     --split (hub id --data_id), PartiPrompts, or a file: .txt (one per line), .tsv (PartiPrompts' own) or
     parquet files with a caption column."""
-    if args.prompts in rpo.TOY_WORLDS:
-        return rpo.toy_world().captions_of(args.split or "test")
+    if args.prompts in toy_world().WORLDS:
+        return toy_world().captions_of(args.split or "test")
     if args.prompts.endswith(".txt"):
         if not os.path.isfile(args.prompts):
             fail(f"--prompts {args.prompts!r} does not exist")
@@ -531,18 +531,19 @@ def trained_world(paths, default):
         settings = os.path.join(path, rpo.SETTINGS_FILE)
         if os.path.isfile(settings):
             try:
-                worlds.add(json.load(open(settings))["data"])
+                data = json.load(open(settings))["data"]
+                worlds.add(toy_world().world_of(data) or data)  # a toy world's data folder: the world
             except (ValueError, KeyError, TypeError) as e:
                 fail(f"{settings} is not the settings file rpo.py writes ({rpo.first_line(e)})")
     if len(worlds) > 1:
         fail(f"the runs were trained on different data ({', '.join(sorted(map(str, worlds)))}); pass --prompts")
     world = worlds.pop() if worlds else default
-    return world if world in rpo.TOY_WORLDS else default
+    return world if world in toy_world().WORLDS else default
 
 
 def prefer(args, cfg):
     device, dtype = device_dtype()
-    base = args.base or rpo.model_folder(cfg)
+    base = args.base or cfg.pretrained
     paths = [os.path.normpath(path) for path in args.runs]
     names = [os.path.basename(path) for path in paths]  # a run is named by its folder, or its path if need be
     tuned = [run_weights(path) for path in paths]
@@ -553,7 +554,7 @@ def prefer(args, cfg):
     prompts = [p for ps in sets.values() for p in ps]
     if not prompts:
         fail(f"--prompts {args.prompts!r} has no prompts")
-    world = args.prompts if args.prompts in rpo.TOY_WORLDS else None
+    world = args.prompts if args.prompts in toy_world().WORLDS else None
     scorers = load_scorers(args.scorers, world, args.clip or cfg.clip or os.path.join(base, "clip"))
     pipe = load_pipeline(args.model, base, device, dtype)
     each = [p for p in prompts for _ in range(args.per_prompt)]  # prompt k, image j: seed k x per_prompt + j
@@ -570,7 +571,7 @@ def prefer(args, cfg):
                     per_prompt=args.per_prompt, steps=args.steps, guidance=args.guidance,
                     resolution=args.resolution, seed=args.seed, scorers=list(scorers))
     if "judge" in scorers:
-        toy = rpo.toy_world()
+        toy = toy_world()
         protocol["judge_accuracy"] = toy.judge_accuracy(toy.load_judge(), world)
     report = dict(protocol=protocol, **summarize(scores))
     if args.prompts == "hpsv2":  # each style on its own, as HPSv2's benchmark table
@@ -638,8 +639,16 @@ def check_report(args, script=SCRIPT):
 
 
 def presets(model):
-    """rpo.py's settings for --model: its base, CLIP, resolution and sample steps."""
-    return rpo.parse_config(["--model", model, "--max_pairs", "0", "--report_to", "none"])
+    """rpo.py's settings for --model: its base, CLIP, resolution and sample steps; the tiny shapes' base is
+    toy.py's random one."""
+    tiny_base = ["--pretrained", toy_world().model_folder(model)] if model in ("tiny", "tiny-xl") else []
+    return rpo.parse_config(["--model", model, "--max_pairs", "0", "--report_to", "none", *tiny_base])
+
+
+def toy_world():
+    """toy.py, imported only when something of the toy world is asked for: its judge, prompts or tiny models."""
+    import toy
+    return toy
 
 
 def fill_defaults(args, cfg):

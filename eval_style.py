@@ -5,8 +5,9 @@ loser is the original. score: how close a tuned model's generations come to held
 the Frechet distance of their CLIP embeddings, the Gram distance of CLIP's vision features and the CLIP score.
 
     python eval_style.py make-data --model tiny --style "van gogh" --n 64 --out style.parquet  # offline, CPU
-    python rpo.py --model tiny --data style.parquet --eval_data style_test.parquet --eval_pairs 7 \
-        --out out_style
+    python toy.py model tiny --out tiny  # the tiny shape's random weights, as eval_style.py's --model tiny
+    python rpo.py --model tiny --pretrained tiny --data style.parquet --eval_data style_test.parquet \
+        --eval_pairs 7 --out out_style
     python eval_style.py score --model tiny --unet out_style --prompts style_test.parquet --style "van gogh"
 
 With --model sd15 or sdxl the same commands use InstructPix2Pix, Pick-a-Pic, Stable Diffusion and CLIP
@@ -117,7 +118,7 @@ def source_images(args, cfg):
     """(caption, original image) for each new caption of the source, in order; the original is the row's
     preferred image."""
     seen, counts = set(), {k: 0 for k in rpo.SKIP_KEYS}
-    # toy rows, a parquet or Pick-a-Pic, ties dropped
+    # a data folder (the toy world's too), a parquet or Pick-a-Pic, ties dropped
     for _, row in rpo.rows_in_order(cfg, args.source, args.split, counts):
         if row["caption"] in seen or not row["caption"].strip():
             continue
@@ -131,7 +132,7 @@ def source_images(args, cfg):
 
 def load_editor(args, device, dtype):
     from diffusers import StableDiffusionInstructPix2PixPipeline
-    editor = args.editor or (rpo.toy_world().tiny_editor() if args.model.startswith("tiny") else IP2P)
+    editor = args.editor or (eval_prefer.toy_world().tiny_editor() if args.model.startswith("tiny") else IP2P)
     pipe = rpo.pretrained(StableDiffusionInstructPix2PixPipeline, editor, dtype=dtype, safety_checker=None,
                           requires_safety_checker=False).to(device)
     pipe.set_progress_bar_config(disable=True)
@@ -262,7 +263,7 @@ def print_table(rows):
 def score(args, cfg):
     device, dtype = eval_prefer.device_dtype()
     _, phrase = style_of(args)
-    base = args.base or rpo.model_folder(cfg)
+    base = args.base or cfg.pretrained
     captions, ref = style_set(args.prompts, cfg, "--prompts")
     if args.ref:
         ref = style_set(args.ref, cfg, "--ref")[1]
@@ -307,7 +308,8 @@ def parse_args(argv):
                        help="edit source images into the style: style.parquet")
     m.add_argument("--instruction", help="InstructPix2Pix instruction; default from the style table")
     m.add_argument("--source",
-                   help="toy | pickapic | parquet path; default toy for tiny models, else pickapic")
+                   help="pickapic | a data folder or parquet path; default rpo.py's default data (the toy "
+                        "world) for tiny models, else pickapic")
     m.add_argument("--data_id", default=rpo.Config.data_id)
     m.add_argument("--split", default="train")
     m.add_argument("--n", type=int, default=1000, help="captions to edit, train and test together")
@@ -342,7 +344,7 @@ def fill_defaults(args, cfg):
     tiny = args.model.startswith("tiny")
     args.steps = args.steps or cfg.sample_steps
     if args.command == "make-data":
-        args.source = args.source or ("toy" if tiny else "pickapic")
+        args.source = args.source or (rpo.Config.data if tiny else "pickapic")
         # InstructPix2Pix is an SD1.5 at 512
         args.resolution = args.resolution or (cfg.resolution if tiny else 512)
     else:

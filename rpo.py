@@ -2,7 +2,7 @@
 1.5 / SDXL UNet that contrasts every winner with every loser of a micro-batch, each pair weighted by how alike
 the two prompt-image pairs are in CLIP space.
 
-    python rpo.py                                  # the toy world (toy.py): CPU, 75 to 85 s on 2 cores
+    python rpo.py                                  # toy-drawn/ on toy-data/ (shipped): CPU, 75 to 85 s
     python rpo.py --model sdxl --data pickapic     # the real thing
     torchrun --nproc_per_node=8 rpo.py --model sd15 --data /data/pickapic --global_contrast
 
@@ -10,7 +10,7 @@ Top to bottom: the method (between "copy from here" and "copy to here": the pape
 config; the training step and loop (preference_step, train); models; main. Below the divider, what a reader of
 the method need not read: data layouts, sharding and exact resume, decoding, the cache, the run folder and its
 lock, signals, checkpoints, saving, tracking. Every field of Config is a flag: --key value (booleans: --key, or
---key false).
+--key false). toy.py writes the toy world's data and tiny models as folders, which rpo.py reads like any other.
 """
 
 # ================================================================================= copy from here
@@ -135,26 +135,27 @@ from tqdm import tqdm
 
 
 # ----------------------------------------------------------------------------------------- config
+HERE = os.path.dirname(os.path.abspath(__file__))  # the default run's model and data ship beside rpo.py
+
+
 @dataclass
 class Config:
-    model: str = "tiny-drawn"  # tiny-drawn | tiny | tiny-xl (toy.py's) | sd15 | sdxl
-    pretrained: str = None  # hub id or local diffusers folder; default from the preset
-    random_init: bool = False  # sd15/sdxl shapes with random weights, no download (benchmarks)
+    model: str = "tiny-drawn"  # tiny-drawn | tiny | tiny-xl (toy.py's shapes) | sd15 | sdxl
+    pretrained: str = None  # hub id or local diffusers folder; default from the preset (tiny, tiny-xl: none)
     init_unet: str = None  # start policy and reference from this UNet folder (e.g. an SFT run's DIR/unet)
     lora_rank: int = 0  # > 0: train LoRA adapters of this rank on a frozen UNet instead of the whole UNet
     lora_modules: str = "to_q,to_k,to_v,to_out.0"  # UNet layers that get adapters: the attention projections
     init_lora: str = None  # start the adapters from a previous run's DIR/lora, for policy and reference
-    data: str = "toy"  # toy | toy-subject | pickapic (a hub id) | a file, folder or glob of data files
+    data: str = os.path.join(HERE, "toy-data")  # pickapic (a hub id) | a file, folder or glob of data files
     layout: str = None  # --data's layout (LAYOUTS: pickapic, pickapic-wds, hpdv3, ...); default: recognised
     image_root: str = None  # where hpdv2/hpdv3 image paths resolve; default the JSON file's folder
     data_id: str = "yuvalkirstain/pickapic_v2"
     split: str = "train"
-    eval_data: str = None  # held-out pairs: default toy's held-out captions, pickapic's validation_unique
-    eval_split: str = None  # default: heldout (toy; its halves: validation, test), validation_unique, train
+    eval_data: str = None  # held-out pairs: default --data's validation_unique (pickapic, a local copy)
+    eval_split: str = None  # default: validation_unique, else validation (a folder's), else train
     eval_pairs: int = 64
     eval_draws: int = 8  # fixed (noise, t) draws averaged per held-out pair
     max_pairs: int = 0  # 0 = all
-    toy_pairs: int = 4000
     loss: str = "rpo"  # rpo | dpo | sft
     beta: float = 5000.0
     tau: float = 0.5
@@ -206,7 +207,8 @@ PRESETS = {
 }
 PRESETS["tiny-xl"] = PRESETS["tiny"]
 # the default run: 300 steps at 1e-4 move toy.py's drawing model visibly towards the preferred style
-PRESETS["tiny-drawn"] = dict(PRESETS["tiny"], lr_per_pair=1e-4 / 8, sample_steps=30)
+PRESETS["tiny-drawn"] = dict(PRESETS["tiny"], pretrained=os.path.join(HERE, "toy-drawn"),
+                             lr_per_pair=1e-4 / 8, sample_steps=30)
 # What may change on --resume: the rest shapes the data order, the model or the loss, and must match.
 FREE_ON_RESUME = ("max_steps", "save_every", "save_every_minutes", "keep", "workers", "eval_data",
                   "eval_split", "eval_pairs", "eval_draws", "sample_steps", "max_nonfinite", "compile",
@@ -216,15 +218,14 @@ CHOICES = dict(model=IS_XL, loss=("rpo", "dpo", "sft"), embed=("text", "image", 
                precision=(None, "bf16", "fp16", "fp32"), optimizer=(None, "adamw", "adafactor"),
                time_ids=("constant", "image"), report_to=("tensorboard", "wandb", "none"))
 # what each numeric flag may be, checked before any work ("0..1": a share)
-RANGES = dict(lora_rank=">= 0", eval_pairs=">= 0", eval_draws=">= 1", max_pairs=">= 0", toy_pairs=">= 1",
-              beta="> 0", tau="> 0", resolution=">= 8", batch=">= 1", grad_accum=">= 1", lr="> 0",
-              lr_per_pair="> 0", warmup_steps=">= 0", max_steps=">= 1", drop_prompt="0..1", workers=">= 0",
+RANGES = dict(lora_rank=">= 0", eval_pairs=">= 0", eval_draws=">= 1", max_pairs=">= 0", beta="> 0",
+              tau="> 0", resolution=">= 8", batch=">= 1", grad_accum=">= 1", lr="> 0", lr_per_pair="> 0",
+              warmup_steps=">= 0", max_steps=">= 1", drop_prompt="0..1", workers=">= 0",
               shuffle_buffer=">= 1", save_every=">= 1", save_every_minutes=">= 0", keep=">= 1", seed=">= 0",
               max_nonfinite=">= 1", sample_steps=">= 0")
 for lib in (diffusers, transformers):  # their load-time chatter would bury the training log
     lib.utils.logging.set_verbosity_error()
     lib.utils.logging.disable_progress_bar()
-RPO_HOME = os.environ.get("RPO_HOME", os.path.expanduser("~/.cache/rpo"))  # random-init model folders
 
 
 def as_bool(text):
@@ -253,11 +254,15 @@ def parse_config(argv=None):
         if getattr(cfg, name) not in allowed:
             sys.exit(f"rpo.py: --{name} must be one of {[a for a in allowed if a]}, "
                      f"got {getattr(cfg, name)!r}")
+    own_clip = cfg.pretrained and os.path.isdir(os.path.join(cfg.pretrained, "clip"))
     for k, v in PRESETS[cfg.model].items():
-        if cfg.random_init and k in ("pretrained", "clip"):  # random weights: the build's CLIP too
+        if k == "clip" and own_clip:  # a folder that brings its pair-weight CLIP (toy.py's) is weighted by it
             continue
         if getattr(cfg, k) is None:
             setattr(cfg, k, v)
+    if cfg.pretrained is None:
+        sys.exit(f"rpo.py: --model {cfg.model} has no weights of its own: pass --pretrained DIR, a diffusers "
+                 f"folder of its shape (python toy.py model {cfg.model} --out DIR writes one)")
     for name, rule in RANGES.items():
         value = getattr(cfg, name)
         if value is not None and not in_range(value, rule):
@@ -524,21 +529,6 @@ def step_vector(sums, counts, flags, device):
 
 
 # ----------------------------------------------------------------------------------------- models
-def model_folder(cfg):
-    """Where the base pipeline lives: a hub id or folder; tiny models and --random_init's come from toy.py."""
-    return cfg.pretrained or toy_world().model_folder(cfg.model)
-
-
-def toy_world():
-    """toy.py (the toy world, tiny models, random-weight folders), imported only when they are asked for."""
-    try:
-        import toy
-    except ImportError:
-        sys.exit("rpo.py: tiny models, toy data and --random_init need toy.py beside rpo.py; pass --model "
-                 "sd15 or sdxl and --data PATH")
-    return toy
-
-
 def pretrained(cls, name, **kw):
     """cls.from_pretrained, with one line instead of a traceback when the id or folder cannot be loaded."""
     try:
@@ -550,7 +540,7 @@ def pretrained(cls, name, **kw):
 
 @dataclass
 class Models:
-    """What load_models gives the training step."""
+    """What load_models gives the training step, and the sample grid its prompts."""
     base: str  # the pipeline's hub id or folder
     xl: bool
     device: torch.device
@@ -567,19 +557,21 @@ class Models:
     noised: object = None  # the forward process of the method's denoiser_errors: (x_0, eps, t) -> (x_t, target)
     empty_prompt: torch.Tensor = None  # what prompt dropout conditions on
     empty_pooled: torch.Tensor = None
+    sample_prompts: list = None  # read at the first grid (see sample_prompts), the same at every save point
 
 
 def load_models(cfg, device, dtype):
     """Policy and reference UNets, VAE, text encoders and the pair-weight CLIP, all but the policy frozen."""
     from diffusers import AutoencoderKL, DDPMScheduler
     from transformers import CLIPModel, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-    base, xl = model_folder(cfg), IS_XL[cfg.model]
+    base, xl = cfg.pretrained, IS_XL[cfg.model]
     scheduler = pretrained(DDPMScheduler, base, subfolder="scheduler")
     if scheduler.config.prediction_type != "epsilon":
         sys.exit(f"rpo.py: {base} predicts {scheduler.config.prediction_type}; this script trains epsilon "
                  f"models")
     unet, ref_unet = load_unets(cfg, base, device, dtype)
-    if cfg.model == "sdxl" and dtype == torch.float16 and not cfg.random_init:  # SDXL's VAE overflows in fp16
+    # SDXL's VAE overflows in fp16; the fix is the hub's, for the hub's SDXL: a folder keeps its own VAE
+    if base == HUB_SDXL and dtype == torch.float16:
         vae = pretrained(AutoencoderKL, "madebyollin/sdxl-vae-fp16-fix")
     else:
         vae = pretrained(AutoencoderKL, base, subfolder="vae")
@@ -764,8 +756,7 @@ class Run:
 
 
 def set_up(cfg):
-    """Device, process group (under torchrun) and precision; then the random-init model folder, built once
-    per machine, and the seeds."""
+    """Device, process group (under torchrun), precision and the seeds."""
     ddp = int(os.environ.get("RANK", -1)) != -1
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
@@ -786,11 +777,7 @@ def set_up(cfg):
     cfg.precision = precision = cfg.precision or default_precision(device)  # the checkpoint keeps it
     dtype = dict(bf16=torch.bfloat16, fp16=torch.float16, fp32=torch.float32)[precision]
     autocast = torch.autocast(device.type, dtype=dtype) if precision != "fp32" else nullcontext()
-    if local_rank == 0:
-        model_folder(cfg)  # builds the random-init folder once per machine
-    if ddp:
-        dist.barrier()
-    # seeded after any folder build, which draws random weights: new LoRA adapters depend on the seed only
+    # new LoRA adapters depend on the seed only
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -914,10 +901,10 @@ def describe(cfg, m, run, trainer):
 # ----------------------------------------------------------------- data: layouts, reading, checks
 # Rows follow Pick-a-Pic v2: caption, jpg_0, jpg_1 (encoded images, or {"path": file}), label_0 (1, 0.5, 0).
 # A source is a list of DataFiles: parquet files or tar shards (local, or a hub dataset's through hf:// URLs),
-# JSON files split into virtual files, toy.py's generated files, cache files. Whatever their layout, rows go
-# through the same sharding, shuffling, checks and decoding.
+# JSON files split into virtual files, cache files. Whatever their layout, rows go through the same sharding,
+# shuffling, checks and decoding.
 SKIP_KEYS = ("ties", "bad_caption", "bad_label", "bad_image", "missing_image", "unreadable", "small")
-TOY_WORLDS = ("toy", "toy-subject")  # generated by toy.py
+SPLIT_NAMES = ("train", "validation", "test")  # a local folder whose file or folder names hold one has splits
 DATA_EXTENSIONS = (".parquet", ".tar", ".json")
 JSON_FILE_ROWS = 4096  # pairs per virtual file of a JSON source: the unit dealt to the ranks
 COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")  # Pick-a-Pic's, which every layout's rows are mapped to
@@ -933,14 +920,12 @@ class DataFile(NamedTuple):
     """One file of a source, and how to read it."""
     path: str  # JSON: path#first pair of the virtual file
     rows: int = None  # None: the whole file, counted when it is read to its end
-    layout: str = "pickapic"  # a key of LAYOUTS, or toy, cache
+    layout: str = "pickapic"  # a key of LAYOUTS, or cache
     image_root: str = None  # where an hpdv2/hpdv3 row's image paths resolve
 
 
 def source_files(cfg, source, split, max_rows=0):
     """The DataFiles of a source, in a fixed order. max_rows keeps the first rows in file order."""
-    if source in TOY_WORLDS:
-        return toy_world().files(source, split, max_rows or cfg.toy_pairs)
     paths = dataset_paths(cfg, source, split)
     layout = (cfg.layout if source == cfg.data else None) or detect_layout(paths, source)
     others = [p for p in paths if file_kind(p) != LAYOUTS[layout][0]]
@@ -970,9 +955,9 @@ def source_files(cfg, source, split, max_rows=0):
 
 
 def dataset_paths(cfg, source, split):
-    """The data files of a local source (a file, a folder searched recursively, or a glob), or of a hub
-    dataset's split: the ones `datasets` resolves for it, as hf:// URLs pinned to the dataset's current
-    commit."""
+    """The data files of a local source (a file, a folder searched recursively, or a glob; of a folder whose
+    names carry splits, those of the split), or of a hub dataset's split: the ones `datasets` resolves for
+    it, as hf:// URLs pinned to the dataset's current commit."""
     where = cfg.data_id if source == "pickapic" else source
     try:
         if source == "pickapic":
@@ -981,7 +966,12 @@ def dataset_paths(cfg, source, split):
                 raise KeyError(f"no split {split!r}, only {sorted(data_files)}")
             paths = list(data_files[split])
         else:
-            paths = local_files(source, DATA_EXTENSIONS)
+            paths, splits = local_files(source, DATA_EXTENSIONS), folder_splits(source)
+            if {*SPLIT_NAMES, split} & set(splits):  # training never reads another split's files
+                if split not in splits:
+                    sys.exit(f"rpo.py: dataset {source!r} has no split {split!r}, only {sorted(splits)} (as "
+                             f"its file and folder names say)")
+                paths = splits[split]
         if not paths:
             raise FileNotFoundError(f"no {', '.join(DATA_EXTENSIONS)} files there")
     except Exception as e:  # any network, auth or format error: one line, with what to do instead
@@ -1001,6 +991,20 @@ def local_files(source, extensions):
     """The files of a local source with these endings: a folder's, searched recursively, or a glob's."""
     pattern = os.path.join(source, "**", "*") if os.path.isdir(source) else source
     return sorted(p for p in glob.glob(pattern, recursive=True) if p.endswith(extensions))
+
+
+def folder_splits(source):
+    """{split: its data files, sorted} of a local folder, each file's split named by its path under the folder
+    in the forms `datasets` resolves ({split}/, data/{split}-*, {split}-*): the first folder (after a leading
+    data/), else the file name up to its first '-' or '.' (train-00000-of-00645.parquet: train;
+    validation_unique-00000-of-00001.parquet: validation_unique, not validation). {} for anything that is not
+    a local folder."""
+    splits = {}
+    for path in local_files(source, DATA_EXTENSIONS) if os.path.isdir(source) else []:
+        parts = os.path.relpath(path, source).split(os.sep)
+        parts = parts[1:] if parts[0] == "data" and len(parts) > 1 else parts
+        splits.setdefault(parts[0] if len(parts) > 1 else re.split(r"[-.]", parts[0])[0], []).append(path)
+    return splits
 
 
 def detect_layout(paths, where):
@@ -1154,8 +1158,8 @@ def tar_records(path, a, b):
 
 
 def file_length(file):
-    """A file's rows: known for parquet (its footer; 0 for one without), JSON, toy and cache files; a tar
-    shard's is not."""
+    """A file's rows: known for parquet (its footer; 0 for one without), JSON and cache files; a tar shard's is
+    not."""
     if file.rows is not None:
         return file.rows
     try:
@@ -1173,8 +1177,6 @@ def read_rows(file, a, b):
     b = min(b, file.rows) if file.rows is not None else b
     if a >= b:
         return []
-    if file.layout == "toy":
-        return toy_world().read(file.path, a, b)
     if file.layout == "cache":  # see build_cache
         return [(cache_file(file.path), r) for r in range(a, b)]
     try:
@@ -1380,9 +1382,10 @@ def training_batches(cfg, m, rank, world, start, pool):
 
 def heldout_pairs(cfg, m):
     """Up to eval_pairs held-out pairs in file order, unflipped, encoded once in micro-batches of --batch
-    pairs (one VAE call over all of them does not fit a GPU at 1024 px); None without a held-out source."""
+    pairs (one VAE call over all of them does not fit a GPU at 1024 px); None without a held-out source or
+    with --eval_pairs 0."""
     source, split = heldout_source(cfg)
-    if not source:
+    if not source or cfg.eval_pairs <= 0:
         return None
     rows = itertools.islice(rows_in_order(cfg, source, split), cfg.eval_pairs)
     prepared = decoded([PairJob(row, i, cfg.resolution, time_ids=cfg.time_ids) for i, row in rows])
@@ -1394,16 +1397,18 @@ def heldout_pairs(cfg, m):
 
 
 def heldout_source(cfg):
-    """(source, split) of the held-out pairs; (None, None) without them. Default: toy's held-out captions,
-    Pick-a-Pic's validation_unique split."""
-    source = cfg.eval_data or (cfg.data if cfg.data in (*TOY_WORLDS, "pickapic") else None)
-    if not source or cfg.eval_pairs <= 0:
-        return None, None
-    if cfg.eval_split:
-        return source, cfg.eval_split
-    if source in TOY_WORLDS:
-        return source, "heldout"
-    return source, "validation_unique" if source == "pickapic" else "train"
+    """(source, split) of the held-out data, evaluated or not (the sample prompts come from it too); (None,
+    None) without it. Default: Pick-a-Pic's validation_unique split, and so a local folder's whose names carry
+    splits (validation_unique, else validation, else none); --eval_data whole (train) where they carry none."""
+    source = cfg.eval_data or cfg.data
+    if source == "pickapic":
+        return source, cfg.eval_split or "validation_unique"
+    splits = folder_splits(source)
+    named = next((s for s in ("validation_unique", "validation") if s in splits), None)
+    if cfg.eval_data:
+        return source, cfg.eval_split or named or "train"
+    split = cfg.eval_split or named
+    return (source, split) if split and set(SPLIT_NAMES) & set(splits) else (None, None)
 
 
 # --------------------------------------------------------------------------------- data: decoding
@@ -2134,10 +2139,23 @@ SAMPLE_PROMPTS = ["a photo of a corgi wearing sunglasses on a beach",
                   "a watercolor fox in a snowy forest"]
 
 
+def sample_prompts(cfg):
+    """The sample grid's prompts: the first 4 distinct captions of the held-out data, which the run never
+    trains on, whatever the source; SAMPLE_PROMPTS without held-out data."""
+    source, split = heldout_source(cfg)
+    captions = []
+    for _, row in rows_in_order(cfg, source, split) if source else ():
+        if row["caption"] not in captions:
+            captions.append(row["caption"])
+        if len(captions) == 4:
+            break
+    return captions or SAMPLE_PROMPTS
+
+
 @torch.no_grad()
 def save_samples(cfg, m, path, autocast):
     """A grid of images from fixed prompts and seeds with the current policy UNet."""
-    prompts = toy_world().captions_of("heldout")[::7][:4] if cfg.data in TOY_WORLDS else SAMPLE_PROMPTS
+    m.sample_prompts = prompts = m.sample_prompts or sample_prompts(cfg)  # a hub file: read once, not each time
     pipe = sample_pipeline(m)
     m.unet.eval()
     with autocast:

@@ -42,8 +42,22 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 @pytest.fixture(autouse=True, scope="session")
 def private_model_home(tmp_path_factory):
     home = str(tmp_path_factory.mktemp("rpo_home"))
-    rpo.RPO_HOME, os.environ["RPO_HOME"] = home, home
+    toy.RPO_HOME, os.environ["RPO_HOME"] = home, home
     yield
+
+
+def tiny(model="tiny"):
+    """The flags of a tiny shape with toy.py's random weights (a folder built once this session)."""
+    return ["--model", model, "--pretrained", toy.model_folder(model)]
+
+
+@pytest.fixture(scope="session")
+def subject_data(tmp_path_factory):
+    """The toy-subject world as toy.py writes it, small: 64 training pairs (tests take the first few with
+    --max_pairs) and 64 pairs of the held-out captions. The toy world's is the shipped default, toy-data/."""
+    folder = tmp_path_factory.mktemp("data") / "toy-subject"
+    toy.write_data("toy-subject", str(folder), pairs=64, held_out=64)
+    return folder
 
 
 TRAIN_DEFAULTS = ["--workers", "0", "--eval_pairs", "8", "--eval_draws", "2"]  # train's, unless flags say
@@ -394,6 +408,70 @@ def test_toy_winners_carry_the_style_losers_lack():
         assert dark(pair["winner"]) > dark(pair["loser"])
 
 
+SHIPPED_DATA = os.path.join(HERE, "toy-data")  # python toy.py data toy --out toy-data
+
+
+def test_the_shipped_toy_data_is_what_toy_py_writes_the_toy_worlds_pairs_in_order_under_pick_a_pics_names(
+        tmp_path):
+    toy.write_data("toy", str(tmp_path / "d"), pairs=40, held_out=40)
+    shipped, written = rpo.folder_splits(SHIPPED_DATA), rpo.folder_splits(str(tmp_path / "d"))
+    # 4000 training pairs; 512 of the held-out captions, and 256 of each half of them
+    assert {split: len(paths) for split, paths in shipped.items()} == dict(test=16, train=250, validation=16,
+                                                                          validation_unique=32)
+    assert os.path.basename(shipped["train"][0]) == "train-00000-of-00250.parquet"
+    for split, paths in written.items():  # a smaller folder is the shipped one's start
+        for path, whole in zip(paths, shipped[split]):
+            rows = pq.read_table(path).to_pylist()
+            assert rows == pq.read_table(whole).to_pylist()[:len(rows)]
+    # pair k:r (file k, row r) is toy.py's pair 16 k + r of its split: training on the folder is training on
+    # the toy world in toy.py's order, and rpo.py evaluates the first pairs of the held-out captions
+    cfg = rpo.parse_config([])
+    for toy_split, split in [("train", "train"), ("heldout", "validation_unique"), ("validation", "validation"),
+                             ("test", "test")]:
+        for pid, row in itertools.islice(rpo.rows_in_order(cfg, SHIPPED_DATA, split), 20):
+            k, r = map(int, pid.split(":"))
+            assert row == toy.pair_row("toy", toy_split, toy.TOY_FILE_ROWS * k + r)
+    assert toy.world_of(SHIPPED_DATA) == "toy" and toy.world_of(str(tmp_path / "d")) == "toy"
+
+
+def test_toy_py_writes_a_worlds_data_and_a_model_folder_from_the_command_line_and_replaces_only_its_own(
+        tmp_path):
+    data = [sys.executable, "toy.py", "data", "toy-subject", "--out", str(tmp_path / "d"), "--pairs", "20"]
+    finish(start(data))
+    splits = rpo.folder_splits(str(tmp_path / "d"))
+    assert {split: len(paths) for split, paths in splits.items()} == dict(train=2, validation_unique=32,
+                                                                         validation=16, test=16)
+    assert toy.world_of(str(tmp_path / "d")) == "toy-subject"
+    assert pq.read_table(splits["train"][1]).to_pylist() == list(toy.pair_rows("train", 20, "toy-subject"))[16:]
+    toy.main(["model", "tiny", "--out", str(tmp_path / "m")])  # the same weights as the tests' tiny folder
+    for part in ("unet", "vae", "text_encoder", "clip"):
+        ours, cached = (glob.glob(os.path.join(folder, part, "*.safetensors"))
+                        for folder in (str(tmp_path / "m"), toy.model_folder("tiny")))
+        assert ours and [open(f, "rb").read() for f in ours] == [open(f, "rb").read() for f in cached]
+    toy.main(["data", "toy-subject", "--out", str(tmp_path / "d"), "--pairs", "16"])  # its own folder: replaced
+    assert len(rpo.folder_splits(str(tmp_path / "d"))["train"]) == 1
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit, match="holds something toy.py did not write; choose another folder"):
+        toy.main(["data", "toy", "--out", str(tmp_path / "other"), "--pairs", 16])
+    assert os.listdir(tmp_path / "other") == ["notes.txt"]
+
+
+def test_the_default_run_reads_the_shipped_parquet_trains_on_its_train_split_and_evaluates_validation_unique(
+        tmp_path, monkeypatch):
+    reads = counted_reads(monkeypatch)
+    summary, _ = train(tmp_path, "--max_steps", 1, "--sample_steps", 2)
+    settings = json.load(open(tmp_path / "settings.json"))
+    assert settings["data"] == SHIPPED_DATA and settings["pretrained"] == os.path.join(HERE, "toy-drawn")
+    splits = {path: split for split, paths in rpo.folder_splits(SHIPPED_DATA).items() for path in paths}
+    assert {splits[path] for path, _, _ in reads} == {"train", "validation_unique"}
+    assert counts_pairs(summary["heldout_accuracy"], 8)  # TRAIN_DEFAULTS' 8 pairs
+    # the sample prompts: the held-out data's first captions
+    first = list(dict.fromkeys(toy.pair_row("toy", "heldout", i)["caption"] for i in range(16)))[:4]
+    assert rpo.sample_prompts(rpo.parse_config([])) == first
+    assert Image.open(tmp_path / "samples_1.png").size == (4 * 32, 32)
+
+
 def test_winner_comes_first_whatever_label_0_says():
     first, second = png((250, 0, 0)), png((0, 0, 250))
     for label, winner_red in ((1.0, True), (0.0, False)):
@@ -444,11 +522,11 @@ def test_a_source_where_no_image_decodes_is_one_clear_error_not_an_endless_loop(
 
 def test_a_rank_with_fewer_cached_pairs_than_the_batch_is_one_clear_error_not_an_endless_loop(tmp_path):
     with deadline(120), pytest.raises(SystemExit, match="3 trainable pairs for rank 0 in cache"):
-        train(tmp_path, "--toy_pairs", 3, "--batch", 4, "--cache", tmp_path / "cache", "--eval_pairs", 0)
+        train(tmp_path, "--max_pairs", 3, "--batch", 4, "--cache", tmp_path / "cache", "--eval_pairs", 0)
 
 
 def test_a_cache_built_for_other_settings_is_one_clear_error(tmp_path):
-    flags = ["--toy_pairs", 8, "--batch", 4, "--max_steps", 1, "--eval_pairs", 0, "--sample_steps", 0,
+    flags = ["--max_pairs", 8, "--batch", 4, "--max_steps", 1, "--eval_pairs", 0, "--sample_steps", 0,
              "--cache", tmp_path / "cache"]
     train(tmp_path / "a", *flags)
     with pytest.raises(SystemExit, match="cache .* was built for .* use another --cache folder"):
@@ -518,7 +596,7 @@ def test_tiny_xl_trains_from_local_pickapic_shards_counting_the_corrupt_row(tmp_
     rows[0]["jpg_0"] = b"\xff\xd8 truncated jpeg"
     folder = write_shards(tmp_path / "shards", rows, 2)
     # 19 usable pairs: 4 micro-batches of 4 an epoch, so step 5 is in the second epoch, every row seen once
-    flags = ["--model", "tiny-xl", "--data", folder, "--batch", 4, "--eval_data", folder]
+    flags = [*tiny("tiny-xl"), "--data", folder, "--batch", 4, "--eval_data", folder]
     summary, metrics = train(tmp_path / "out", *flags, "--max_steps", 5, "--save_every", 100,
                              "--sample_steps", 0)
     assert summary["steps"] == 5 and all(math.isfinite(r["loss"]) for r in metrics)
@@ -596,6 +674,68 @@ def test_fewer_files_than_ranks_is_one_clear_error_before_training(tmp_path):
     cfg = rpo.parse_config(["--data", str(quirky_shards(tmp_path / "d", [10, 10]))])
     with pytest.raises(SystemExit, match="2 data file.s. for 3 ranks.*at least 3 files"):
         next(rpo.pair_batches(cfg, 0, 3))
+
+
+PICKAPIC_SPLITS = ("train", "validation", "test", "validation_unique", "test_unique")  # Pick-a-Pic v2's files
+
+
+def pickapic_copy(folder, form, splits=PICKAPIC_SPLITS):
+    """A local copy of Pick-a-Pic v2, one 4-row file per split, in one of the forms `datasets` resolves:
+    {split}-*, {split}/ or data/{split}-*. Each row's caption names its split."""
+    for split in splits:
+        rows = [dict(r, caption=f"{split} {i}") for i, r in enumerate(pickapic_rows(4))]  # no ties in 4
+        name = dict(top=f"{split}-00000-of-00001-0a1b2c.parquet", folders=f"{split}/part-0.parquet",
+                    data=f"data/{split}-00000-of-00001.parquet")[form]
+        os.makedirs(os.path.dirname(folder / name), exist_ok=True)
+        pq.write_table(pa.Table.from_pylist(rows), folder / name)
+    return str(folder)
+
+
+@pytest.mark.parametrize("form", ["top", "folders", "data"])
+def test_a_local_pick_a_pic_copy_trains_on_its_train_split_alone_and_holds_out_validation_unique(
+        tmp_path, monkeypatch, form):
+    data = pickapic_copy(tmp_path / "pickapic_v2", form)
+    reads = counted_reads(monkeypatch)
+
+    def captions(*flags):
+        reads.clear()
+        pairs, _ = one_epoch(rpo.parse_config(["--data", data, "--batch", "1", *flags]))
+        return sorted(caption for caption, _, _ in pairs), {path for path, _, _ in reads}
+    for split in ("train", "test"):  # the split's rows, and nothing read from another split's files
+        assert captions("--split", split) == ([f"{split} {i}" for i in range(4)],
+                                              set(rpo.folder_splits(data)[split]))
+    cfg = rpo.parse_config(["--data", data])
+    assert rpo.heldout_source(cfg) == (data, "validation_unique")
+    held_out = [row["caption"] for _, row in rpo.rows_in_order(cfg, *rpo.heldout_source(cfg))]
+    assert held_out == [f"validation_unique {i}" for i in range(4)]
+    # --eval_data names the copy's split the same way
+    other = write_shards(tmp_path / "other", pickapic_rows(4), 1)
+    other = rpo.parse_config(["--data", str(other), "--eval_data", data])
+    assert rpo.heldout_source(other) == (data, "validation_unique")
+
+
+def test_a_run_on_a_local_pick_a_pic_copy_reports_held_out_accuracy_on_validation_unique(tmp_path):
+    data = pickapic_copy(tmp_path / "pickapic_v2", "top")
+    summary, _ = train(tmp_path / "o", "--data", data, "--batch", 2, "--max_steps", 1, "--sample_steps", 0)
+    assert counts_pairs(summary["heldout_accuracy"], 4)  # validation_unique's 4 pairs
+    assert json.load(open(tmp_path / "o" / "settings.json"))["split"] == "train"
+
+
+def test_a_folder_whose_names_carry_no_split_is_read_whole_without_held_out_pairs(tmp_path):
+    data = write_shards(tmp_path / "d", pickapic_rows(8), 2)  # part-0.parquet, part-1.parquet
+    cfg = rpo.parse_config(["--data", str(data), "--batch", "1"])
+    assert [f.path for f in rpo.source_files(cfg, cfg.data, "train")] == [str(data / "part-0.parquet"),
+                                                                          str(data / "part-1.parquet")]
+    assert rpo.heldout_source(cfg) == (None, None) and rpo.sample_prompts(cfg) == rpo.SAMPLE_PROMPTS
+
+
+def test_a_split_the_folder_does_not_hold_is_one_line_naming_the_splits_it_holds(tmp_path):
+    data = pickapic_copy(tmp_path / "d", "top", splits=("train", "test"))
+    assert rpo.heldout_source(rpo.parse_config(["--data", data])) == (None, None)  # no validation split
+    with pytest.raises(SystemExit) as e:
+        rpo.main(["--data", data, "--split", "validation", "--out", str(tmp_path / "o"), "--workers", "0"])
+    assert str(e.value) == (f"rpo.py: dataset {data!r} has no split 'validation', only ['test', 'train'] (as "
+                            f"its file and folder names say)")
 
 
 # --------------------------------------------------------------------------- the layouts people have
@@ -774,10 +914,10 @@ def test_an_unknown_layout_is_one_line_naming_what_it_holds_and_the_known_layout
 
 
 def test_a_folder_that_mixes_file_kinds_is_one_clear_error_before_training(tmp_path):
-    folder = write_shards(tmp_path / "d", pickapic_rows(4), 1)
-    json.dump([dict(prompt="a", path1="1.jpg", path2="2.jpg")], open(folder / "train.json", "w"))
+    folder = write_shards(tmp_path / "d", pickapic_rows(4), 1)  # names that carry no split: read whole
+    json.dump([dict(prompt="a", path1="1.jpg", path2="2.jpg")], open(folder / "rows.json", "w"))
     cfg = rpo.parse_config(["--data", str(folder)])
-    with pytest.raises(SystemExit, match=r"is pickapic \(parquet files\) but also holds 1 other.*train.json"):
+    with pytest.raises(SystemExit, match=r"is pickapic \(parquet files\) but also holds 1 other.*rows.json"):
         rpo.source_files(cfg, cfg.data, cfg.split)
 
 
@@ -859,7 +999,7 @@ def test_with_image_time_ids_a_flipped_image_is_conditioned_on_its_mirrored_crop
 def test_by_default_sdxl_conditions_winner_and_loser_alike_as_uncropped_images_of_the_training_size(tmp_path):
     # Pick-a-Pic's original sizes tell which generator made an image, and so correlate with the label
     data = write_shards(tmp_path / "d", pickapic_rows(10))
-    cfg = rpo.parse_config(["--model", "tiny-xl", "--data", str(data)])
+    cfg = rpo.parse_config([*tiny("tiny-xl"), "--data", str(data)])
     jobs = [job for _, job in rpo.epoch_jobs(cfg, rpo.source_files(cfg, cfg.data, cfg.split), 0, 0, 1, None)]
 
     def usable(jobs):
@@ -889,7 +1029,7 @@ def test_the_cache_holds_each_flips_own_time_ids_as_the_uncached_path_makes_them
 # ------------------------------------------------------------------------------------------ training
 
 def tiny_models(model="tiny", *flags):
-    cfg = rpo.parse_config(["--model", model, *flags])
+    cfg = rpo.parse_config([*tiny(model), *flags])
     m = rpo.load_models(cfg, torch.device("cpu"), torch.float32)
     return cfg, m
 
@@ -951,7 +1091,7 @@ def test_sdxl_prompt_dropout_blanks_the_pooled_embedding_with_the_prompt():
         seen.append((args[2], kwargs["added_cond_kwargs"]["text_embeds"]))
     probe = m.unet.register_forward_pre_hook(record, with_kwargs=True)
     for drop in ("1.0", "0"):
-        cfg = rpo.parse_config(["--model", "tiny-xl", "--drop_prompt", drop])
+        cfg = rpo.parse_config([*tiny("tiny-xl"), "--drop_prompt", drop])
         rpo.preference_step(cfg, m, m.unet, enc, 0)
     probe.remove()
     (prompt, pooled), (kept_prompt, kept_pooled) = seen
@@ -977,8 +1117,8 @@ def test_the_learning_rate_is_the_presets_rate_per_pair_times_the_effective_batc
     assert rpo.learning_rate(sdxl, 1) == pytest.approx(1e-8 * 256)
     assert rpo.learning_rate(sdxl, 8) == pytest.approx(2.048e-5)
     assert rpo.learning_rate(rpo.parse_config(["--model", "sdxl", "--lr", "3e-6"]), 8) == 3e-6
-    assert rpo.learning_rate(rpo.parse_config(["--model", "tiny"]), 1) == 1e-5  # the toy's rate at 8 pairs
-    _, metrics = train(tmp_path, "--model", "tiny", "--batch", 2, "--grad_accum", 3, "--warmup_steps", 1,
+    assert rpo.learning_rate(rpo.parse_config(tiny()), 1) == 1e-5  # the toy's rate at 8 pairs
+    _, metrics = train(tmp_path, *tiny(), "--batch", 2, "--grad_accum", 3, "--warmup_steps", 1,
                        "--max_steps", 1, "--sample_steps", 0, "--eval_pairs", 0)
     assert metrics[0]["lr"] == pytest.approx(1e-5 / 8 * 6)
     assert "= 6 pairs a step, lr 7.5e-06 = 1.25e-06 per pair x 6" in capsys.readouterr().err
@@ -1039,12 +1179,12 @@ def test_prompt_dropout_blanks_the_conditioning_but_not_the_pair_weights():
 def test_tiny_models_train_end_to_end_save_a_diffusers_unet_and_resume_at_the_saved_step(tmp_path, model):
     from diffusers import DiffusionPipeline, UNet2DConditionModel
     out = tmp_path / model
-    summary, metrics = train(out, "--model", model, "--max_steps", 4, "--save_every", 2, "--batch", 4)
+    summary, metrics = train(out, *tiny(model), "--max_steps", 4, "--save_every", 2, "--batch", 4)
     assert summary["steps"] == 4 and math.isfinite(summary["loss"])
-    assert_heldout_is_the_saved_unets(summary, out, "--model", model, "--batch", 4)
+    assert_heldout_is_the_saved_unets(summary, out, *tiny(model), "--batch", 4)
     assert [r["step"] for r in metrics] == [1, 2, 3, 4] and all(math.isfinite(r["loss"]) for r in metrics)
     assert (out / "samples_4.png").exists() and (out / "ckpt.pt").exists()
-    base = rpo.model_folder(rpo.parse_config(["--model", model]))
+    base = toy.model_folder(model)
     tuned = UNet2DConditionModel.from_pretrained(out / "unet")
     original = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
     assert any(not torch.equal(a, b)
@@ -1052,7 +1192,7 @@ def test_tiny_models_train_end_to_end_save_a_diffusers_unet_and_resume_at_the_sa
     pipe = DiffusionPipeline.from_pretrained(base, unet=tuned)
     image = pipe("a red circle on a blue background", num_inference_steps=2, height=32, width=32).images[0]
     assert image.size == (32, 32)
-    summary, metrics = train(out, "--model", model, "--max_steps", 6, "--save_every", 2, "--batch", 4,
+    summary, metrics = train(out, *tiny(model), "--max_steps", 6, "--save_every", 2, "--batch", 4,
                              "--resume")
     assert summary["steps"] == 2 and [r["step"] for r in metrics] == [1, 2, 3, 4, 5, 6]
 
@@ -1082,7 +1222,7 @@ def test_cached_and_uncached_training_give_the_same_losses(tmp_path):
     # differently leaves
     # 36 toy pairs: 3 files (16, 16, 4 rows) read in windows of 5 rows, 9 steps an epoch, then a
     # reshuffled epoch
-    flags = ["--toy_pairs", 36, "--batch", 4, "--max_steps", 11, "--save_every", 100, "--eval_pairs", 0,
+    flags = ["--max_pairs", 36, "--batch", 4, "--max_steps", 11, "--save_every", 100, "--eval_pairs", 0,
              "--shuffle_buffer", 5, "--beta", 100]
     _, plain = train(tmp_path / "plain", *flags)
     _, cached = train(tmp_path / "cached", *flags, "--cache", tmp_path / "cache")
@@ -1096,7 +1236,7 @@ def test_cached_and_uncached_training_give_the_same_losses(tmp_path):
 def test_only_uncached_rpo_spends_training_time_on_pair_embeddings(tmp_path):
     # what an RPO step adds to a DPO step: CLIP, which --cache moves out of the loop, and an M x M
     # matrix of scalars
-    flags = ["--toy_pairs", 8, "--batch", 4, "--max_steps", 3, "--save_every", 100, "--eval_pairs", 0,
+    flags = ["--max_pairs", 8, "--batch", 4, "--max_steps", 3, "--save_every", 100, "--eval_pairs", 0,
              "--sample_steps", 0]
     runs = [train(tmp_path / name, *flags, *extra)[0] for name, extra in
             [("rpo", []), ("dpo", ["--loss", "dpo"]), ("cached", ["--cache", tmp_path / "cache"])]]
@@ -1239,7 +1379,7 @@ def test_no_encoder_or_unet_call_sees_more_than_one_micro_batch(tmp_path, monkey
         return m
     monkeypatch.setattr(rpo, "load_models", load_with_probes)
     # 2 pairs a micro-batch and 12 held-out pairs (24 images): the held-out set goes in micro-batches too
-    summary, _ = train(tmp_path, "--model", "tiny-xl", "--batch", 2, "--max_steps", 2, "--eval_pairs", 12,
+    summary, _ = train(tmp_path, *tiny("tiny-xl"), "--batch", 2, "--max_steps", 2, "--eval_pairs", 12,
                        "--sample_steps", 0)
     assert summary["heldout_accuracy"] is not None
     assert sizes == dict(unet=4, ref_unet=4, vae=4, clip_text=2, clip_image=4, text=2, text_2=2)
@@ -1316,7 +1456,7 @@ def same_curves(a, b):
 
 
 def test_tensorboard_holds_every_value_of_metrics_jsonl_at_its_step_each_sample_grid_and_the_config(tmp_path):
-    summary, records = train(tmp_path / "o", "--model", "tiny", "--batch", 2, "--max_steps", 4,
+    summary, records = train(tmp_path / "o", *tiny(), "--batch", 2, "--max_steps", 4,
                              "--save_every", 2, "--sample_steps", 2)
     scalars, grids, config = tensorboard_log(tmp_path / "o")
     end = {k: v for k, v in scalars.items() if k.startswith("end/")}
@@ -1329,11 +1469,11 @@ def test_tensorboard_holds_every_value_of_metrics_jsonl_at_its_step_each_sample_
 @pytest.mark.parametrize("lost", ["the last checkpoint", "every checkpoint"])
 def test_a_resumed_run_continues_the_tensorboard_curves_holding_each_step_once(tmp_path, lost):
     out = tmp_path / "o"
-    train(out, "--model", "tiny", "--batch", 2, "--max_steps", 5, "--save_every", 2, "--sample_steps", 0)
+    train(out, *tiny(), "--batch", 2, "--max_steps", 5, "--save_every", 2, "--sample_steps", 0)
     # as if killed after logging step 5, before its checkpoint (or before the first one)
     for ckpt in sorted(glob.glob(str(out / "ckpt-*.pt")))[-1 if lost == "the last checkpoint" else 0:]:
         os.remove(ckpt)
-    _, records = train(out, "--model", "tiny", "--batch", 2, "--max_steps", 6, "--save_every", 2,
+    _, records = train(out, *tiny(), "--batch", 2, "--max_steps", 6, "--save_every", 2,
                        "--sample_steps", 0, "--resume")
     scalars, _, _ = tensorboard_log(out)
     assert [step for step, _ in scalars["loss"]] == [1, 2, 3, 4, 5, 6]
@@ -1344,11 +1484,11 @@ def test_report_to_wandb_in_offline_mode_writes_a_run_folder_that_a_resume_conti
     pytest.importorskip("wandb")  # optional: not in requirements.txt
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    run_script(tmp_path / "o", "--model", "tiny", "--batch", 2, "--max_steps", 2, "--sample_steps", 2,
+    run_script(tmp_path / "o", *tiny(), "--batch", 2, "--max_steps", 2, "--sample_steps", 2,
                "--eval_pairs", 0, "--report_to", "wandb", timeout=300)
     runs = glob.glob(str(tmp_path / "o" / "wandb" / "offline-run-*"))
     assert len(runs) == 1 and glob.glob(os.path.join(runs[0], "*.wandb"))
-    run_script(tmp_path / "o", "--model", "tiny", "--batch", 2, "--max_steps", 3, "--sample_steps", 2,
+    run_script(tmp_path / "o", *tiny(), "--batch", 2, "--max_steps", 3, "--sample_steps", 2,
                "--eval_pairs", 0, "--report_to", "wandb", "--resume", timeout=300)
     run_id = json.load(open(tmp_path / "o" / "wandb_id.json"))
     runs = glob.glob(str(tmp_path / "o" / "wandb" / "offline-run-*"))
@@ -1413,7 +1553,7 @@ def test_every_json_line_rpo_writes_is_strict_json_with_null_for_a_value_that_is
     summary, _ = train(tmp_path / "sft", *RUN, "--loss", "sft", "--max_steps", 2)
     assert summary["train_accuracy"] is None  # SFT has no implicit accuracy
     infinite_loss(monkeypatch)
-    summary, metrics = train(tmp_path / "inf", *RUN, "--model", "tiny", "--max_steps", 2)
+    summary, metrics = train(tmp_path / "inf", *RUN, *tiny(), "--max_steps", 2)
     assert summary["loss"] is None and [r["loss"] for r in metrics] == [None, None]
 
 
@@ -1511,7 +1651,7 @@ def final_unet(out):
 # beta 100, not 5000: forwards of different batch sizes round differently in the last bit, and beta/2
 # magnifies that. lr 1e-5 whatever the batch: a smaller step would leave s at the rounding level, where the
 # implicit accuracy is a coin toss
-DDP_FLAGS = ["--max_steps", 3, "--save_every", 3, "--eval_pairs", 0, "--toy_pairs", 64, "--beta", 100,
+DDP_FLAGS = ["--max_steps", 3, "--save_every", 3, "--eval_pairs", 0, "--max_pairs", 64, "--beta", 100,
              "--sample_steps", 0, "--lr", 1e-5]
 
 
@@ -1616,27 +1756,38 @@ def free_port():
         return s.getsockname()[1]
 
 
-def test_rpo_py_copied_alone_trains_a_model_folder_on_parquet_data_and_needs_toy_py_only_for_the_toy_world(
+def test_rpo_py_copied_with_the_shipped_folders_but_without_toy_py_runs_its_default_and_trains_a_model_folder(
         tmp_path):
-    alone = tmp_path / "alone"  # another codebase: rpo.py, and no toy.py beside it
+    alone = tmp_path / "alone"  # another codebase: rpo.py, the shipped model and data, and no toy.py beside it
     alone.mkdir()
     shutil.copy(os.path.join(HERE, "rpo.py"), alone)
-    base = rpo.model_folder(rpo.parse_config(["--model", "tiny"]))  # a diffusers folder, as from the hub
+    for folder in ("toy-drawn", "toy-data"):
+        shutil.copytree(os.path.join(HERE, folder), alone / folder)
+    default = rpo_command(tmp_path / "default", "--max_steps", 2, "--eval_pairs", 8, "--eval_draws", 1,
+                          "--sample_steps", 2, script=alone / "rpo.py")
+    finish(start(default))
+    settings = json.load(open(tmp_path / "default" / "settings.json"))
+    assert (settings["pretrained"], settings["data"]) == (str(alone / "toy-drawn"), str(alone / "toy-data"))
+    assert counts_pairs(logged(tmp_path / "default")[-1]["heldout_accuracy"], 8)
+    assert (tmp_path / "default" / "samples_2.png").exists()
+    base = toy.model_folder("tiny")  # a diffusers folder, as from the hub
     data = quirky_shards(tmp_path / "d", [8, 8])
     flags = ["--model", "sd15", "--pretrained", base, "--clip", os.path.join(base, "clip"), "--data", data,
              "--resolution", 32, "--batch", 2, "--grad_accum", 1, "--max_steps", 2, "--eval_pairs", 0,
              "--sample_steps", 2]
     finish(start(rpo_command(tmp_path / "out", *flags, script=alone / "rpo.py")))
     assert len(logged(tmp_path / "out")) == 2 and (tmp_path / "out" / "unet").is_dir()
-    toy_run = rpo_command(tmp_path / "toy", "--model", "tiny", script=alone / "rpo.py")
-    returncode, _, stderr = ended(start(toy_run))
-    assert returncode != 0 and "tiny models, toy data and --random_init need toy.py beside rpo.py" in stderr
+    no_weights = rpo_command(tmp_path / "tiny", "--model", "tiny", script=alone / "rpo.py")
+    returncode, _, stderr = ended(start(no_weights))
+    assert returncode != 0 and stderr.strip().splitlines() == [
+        "rpo.py: --model tiny has no weights of its own: pass --pretrained DIR, a diffusers folder of its "
+        "shape (python toy.py model tiny --out DIR writes one)"]
 
 
 def test_torchrun_with_one_process_takes_the_distributed_path_and_frees_ddp_before_the_process_group(
         tmp_path, monkeypatch):
     import torch.distributed as dist
-    flags = ["--max_steps", 2, "--batch", 2, "--grad_accum", 2, "--toy_pairs", 16, "--eval_pairs", 0,
+    flags = ["--max_steps", 2, "--batch", 2, "--grad_accum", 2, "--max_pairs", 16, "--eval_pairs", 0,
              "--beta", 100, "--global_contrast", "--sample_steps", 0]
     _, plain = train(tmp_path / "plain", *flags)
     torchrun_env = dict(RANK=0, LOCAL_RANK=0, WORLD_SIZE=1, MASTER_ADDR="127.0.0.1", MASTER_PORT=free_port())
@@ -1695,7 +1846,7 @@ def test_replication_loop_reports_heldout_accuracy_and_rpo_with_one_pair_is_dpo(
     for loss in ("dpo", "rpo"):
         out = tmp_path / loss
         summary, metrics = train(out, "--loss", loss, "--batch", 1, "--seed", 0, "--max_steps", 3,
-                                 "--toy_pairs", 32, "--save_every", 100000, "--sample_steps", 0)
+                                 "--max_pairs", 32, "--save_every", 100000, "--sample_steps", 0)
         runs[loss] = summary, metrics
         assert summary["loss_type"] == loss and summary["batch"] == 1 and len(metrics) == 3
         assert metrics[-1]["heldout_accuracy"] == summary["heldout_accuracy"]  # evaluated at max_steps
@@ -1712,7 +1863,7 @@ LORA = ["--lora_rank", 4]
 
 
 def test_with_lora_the_policy_equals_the_reference_before_the_first_step_so_the_first_loss_is_log_2(tmp_path):
-    _, metrics = train(tmp_path, *LORA, "--max_steps", 3, "--toy_pairs", 32, "--batch", 4, "--eval_pairs", 0,
+    _, metrics = train(tmp_path, *LORA, "--max_steps", 3, "--max_pairs", 32, "--batch", 4, "--eval_pairs", 0,
                        "--sample_steps", 0, "--lr", 1e-3)
     first, last = metrics[0], metrics[-1]
     assert first["mse"] == first["ref_mse"] and first["loss"] == pytest.approx(math.log(2), abs=1e-7)
@@ -1720,7 +1871,7 @@ def test_with_lora_the_policy_equals_the_reference_before_the_first_step_so_the_
 
 
 def test_a_lora_step_trains_the_fp32_adapters_and_leaves_the_frozen_unet_in_the_compute_dtype():
-    cfg = rpo.parse_config(["--model", "tiny-xl", *map(str, LORA)])
+    cfg = rpo.parse_config([*tiny("tiny-xl"), *map(str, LORA)])
     m = rpo.load_models(cfg, torch.device("cpu"), torch.bfloat16)
     before = {n: p.detach().clone() for n, p in m.unet.named_parameters()}
     trained = [p for p in m.unet.parameters() if p.requires_grad]
@@ -1759,10 +1910,10 @@ def test_saved_lora_adapters_load_into_a_stock_diffusers_pipeline_in_one_line_an
         tmp_path, model):
     from diffusers import DiffusionPipeline
     out = tmp_path / "run"
-    train(out, "--model", model, *LORA, "--max_steps", 3, "--save_every", 3, "--batch", 4, "--toy_pairs", 16,
+    train(out, *tiny(model), *LORA, "--max_steps", 3, "--save_every", 3, "--batch", 4, "--max_pairs", 16,
           "--eval_pairs", 0, "--lr", 1e-2)
-    cfg = rpo.parse_config(["--model", model])
-    pipe = DiffusionPipeline.from_pretrained(rpo.model_folder(cfg))
+    cfg = rpo.parse_config(tiny(model))
+    pipe = DiffusionPipeline.from_pretrained(cfg.pretrained)
     pipe.load_lora_weights(out / "lora")
     m = rpo.load_models(cfg, torch.device("cpu"), torch.float32)
     m.unet = pipe.unet
@@ -1777,7 +1928,7 @@ def test_saved_lora_adapters_load_into_a_stock_diffusers_pipeline_in_one_line_an
 
 
 def test_a_lora_run_resumed_from_its_checkpoint_logs_exactly_what_the_uninterrupted_run_logs(tmp_path):
-    flags = [*LORA, "--batch", 4, "--toy_pairs", 32, "--eval_pairs", 4, "--sample_steps", 0,
+    flags = [*LORA, "--batch", 4, "--max_pairs", 32, "--eval_pairs", 4, "--sample_steps", 0,
              "--save_every", 2, "--lr", 1e-3]
     _, full = train(tmp_path / "full", *flags, "--max_steps", 4)
     train(tmp_path / "cut", *flags, "--max_steps", 2)
@@ -1795,7 +1946,7 @@ def test_a_lora_run_resumed_from_its_checkpoint_logs_exactly_what_the_uninterrup
 
 
 def test_init_lora_starts_policy_and_reference_from_a_previous_runs_adapters(tmp_path):
-    flags = ["--batch", 4, "--toy_pairs", 16, "--eval_pairs", 0, "--sample_steps", 0, "--lr", 1e-2]
+    flags = ["--batch", 4, "--max_pairs", 16, "--eval_pairs", 0, "--sample_steps", 0, "--lr", 1e-2]
     train(tmp_path / "sft", *flags, *LORA, "--loss", "sft", "--max_steps", 3)
     _, fresh = train(tmp_path / "fresh", *flags, *LORA, "--max_steps", 1)
     _, tuned = train(tmp_path / "rpo", *flags, "--init_lora", tmp_path / "sft" / "lora", "--max_steps", 2)
@@ -1805,8 +1956,8 @@ def test_init_lora_starts_policy_and_reference_from_a_previous_runs_adapters(tmp
 
 
 def test_the_beta_sweep_scales_each_methods_first_gradient_by_beta_and_scores_on_the_validation_captions(
-        tmp_path):
-    flags = ["--data", "toy-subject", "--eval_split", "validation", "--seed", 0, "--toy_pairs", 32]
+        tmp_path, subject_data):
+    flags = ["--data", subject_data, "--eval_split", "validation", "--seed", 0, "--max_pairs", 32]
     for loss in ("dpo", "rpo"):
         runs = {}
         for beta in (5, 500):
@@ -1828,7 +1979,7 @@ def test_the_beta_sweep_scales_each_methods_first_gradient_by_beta_and_scores_on
 
 # ------------------------------------------------------------------------------------------ on a GPU
 # Skipped without CUDA, so always in CI. On a GPU machine the README's command (section Tests) runs just
-# these: sd15 and sdxl shapes with random weights (folders built once under this session's RPO_HOME),
+# these: sd15 and sdxl shapes with random weights (toy.py's folders, built once under this session's RPO_HOME),
 # every loss, bf16 and fp16, --cache, --compile, torchrun with one process (NCCL), SDXL at 1024 px with
 # the default held-out set.
 on_a_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -1836,7 +1987,7 @@ on_a_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUD
 # Each fault a shared cluster produces is caused here: a signal, kill -9 (inside a checkpoint write too), a
 # second launch, a truncated file, a dead decoding worker, a full disk, a checkpoint changed on disk.
 
-QUICK = ["--batch", 2, "--toy_pairs", 32, "--sample_steps", 0, "--eval_pairs", 4, "--eval_draws", 1,
+QUICK = ["--batch", 2, "--max_pairs", 32, "--sample_steps", 0, "--eval_pairs", 4, "--eval_draws", 1,
          "--save_every", 4, "--max_steps", 6]
 
 
@@ -2015,7 +2166,7 @@ def test_a_save_points_checkpoint_comes_before_its_held_out_evaluation_so_a_fail
 
 def test_a_second_launch_into_a_live_runs_folder_stops_naming_it_and_after_kill_9_a_resume_is_not_blocked(
         tmp_path):
-    flags = ["--model", "tiny", "--batch", 2, "--save_every", 3, "--eval_pairs", 0, "--sample_steps", 0]
+    flags = [*tiny(), "--batch", 2, "--save_every", 3, "--eval_pairs", 0, "--sample_steps", 0]
     proc = run_script(tmp_path, *flags, "--max_steps", 10000, wait=False)
     wait_for_lines(tmp_path / "metrics.jsonl", 4, proc)
     holder = f"host {socket.gethostname()}, pid {proc.pid}"
@@ -2240,7 +2391,7 @@ def test_a_cache_file_is_built_with_at_most_one_micro_batch_of_encodings_on_the_
         on_device.update(v for v in encoded.values() if v is not None)
         return encoded
     monkeypatch.setattr(rpo, "encode_both_flips", encode_on_device)
-    cached = rpo.encode_file(cfg, m, rpo.source_files(cfg, "toy", "train", 8)[0], 0, None)
+    cached = rpo.encode_file(cfg, m, rpo.source_files(cfg, cfg.data, "train", 8)[0], 0, None)
     assert held == [0, 0, 0, 0] and type(cached["latents"]) is torch.Tensor and len(cached["latents"]) == 8
 
 
@@ -2299,8 +2450,8 @@ GRADIENT_MEMORY = """
 def test_under_ddp_with_accumulation_gradients_live_in_the_buckets_so_two_ranks_hold_them_once(tmp_path):
     script = launcher(tmp_path, "measure.py", GRADIENT_MEMORY)
     env = dict(MEASURE_DIR=str(tmp_path), MALLOC_MMAP_THRESHOLD_="65536")
-    command = rpo_command(tmp_path / "run", "--model", "tiny", "--batch", 2, "--grad_accum", 2,
-                          "--eval_pairs", 0, "--sample_steps", 0, "--toy_pairs", 32, nproc=2, script=script)
+    command = rpo_command(tmp_path / "run", *tiny(), "--batch", 2, "--grad_accum", 2,
+                          "--eval_pairs", 0, "--sample_steps", 0, "--max_pairs", 32, nproc=2, script=script)
     finish(start(command, env))
     for rank in (0, 1):
         marks = json.load(open(tmp_path / f"rank-{rank}.json"))
@@ -2424,20 +2575,21 @@ def test_a_real_run_stopped_by_a_full_disk_or_left_a_truncated_checkpoint_resume
     assert full[-1]["unreadable"] >= 1 and full[-1]["heldout_accuracy"] is not None
 
 
-TWO_RANKS = ["--model", "tiny", "--toy_pairs", 64, "--batch", 2, "--max_steps", 16, "--save_every", 5,
-             "--keep", 2, "--eval_pairs", 0, "--sample_steps", 0, "--beta", 100, "--save_every_minutes", 1e-6,
-             "--resume"]  # rank 0's clock asks for a checkpoint after every step, and both ranks take it
+def two_ranks():
+    """The tiny shape on two ranks; rank 0's clock asks for a checkpoint after every step, and both take it."""
+    return [*tiny(), "--max_pairs", 64, "--batch", 2, "--max_steps", 16, "--save_every", 5, "--keep", 2,
+            "--eval_pairs", 0, "--sample_steps", 0, "--beta", 100, "--save_every_minutes", 1e-6, "--resume"]
 
 
 @pytest.fixture(scope="module")
 def two_ranks_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("two_ranks")
-    return out, run_script(out, *TWO_RANKS, nproc=2)
+    return out, run_script(out, *two_ranks(), nproc=2)
 
 
 def test_chaos_sigterm_to_torchrun_stops_both_ranks_at_one_checkpointed_step_and_resume_ends_as_uninterrupted(
         tmp_path, two_ranks_run):
-    proc = run_script(tmp_path, *TWO_RANKS, nproc=2, wait=False)
+    proc = run_script(tmp_path, *two_ranks(), nproc=2, wait=False)
     wait_for_lines(tmp_path / "metrics.jsonl", 5, proc)
     proc.send_signal(signal.SIGTERM)  # to torchrun, which passes it on to its workers
     returncode, _, stderr = ended(proc)
@@ -2445,7 +2597,7 @@ def test_chaos_sigterm_to_torchrun_stops_both_ranks_at_one_checkpointed_step_and
     assert returncode != 0 and len(stopped) == 1 and stopped[0][1] == str(tmp_path)
     step = int(stopped[0][0])
     assert rpo.load_checkpoint(str(tmp_path))["step"] == step and len(logged(tmp_path)) == step < 16
-    resumed = run_script(tmp_path, *TWO_RANKS, nproc=2)
+    resumed = run_script(tmp_path, *two_ranks(), nproc=2)
     assert resumed == two_ranks_run[1] and same_weights(tmp_path, two_ranks_run[0])
 
 
@@ -2467,7 +2619,7 @@ ONE_RANK_SIGNALLED = SLOW_SAVES + """
 def test_a_signal_to_one_rank_stops_every_rank_at_that_step_and_none_leaves_before_its_checkpoint_is_on_disk(
         tmp_path):
     script = launcher(tmp_path, "one_rank.py", ONE_RANK_SIGNALLED)
-    proc = run_script(tmp_path / "run", *TWO_RANKS, nproc=2, wait=False, script=script,
+    proc = run_script(tmp_path / "run", *two_ranks(), nproc=2, wait=False, script=script,
                       env=dict(EXIT_FILE=str(tmp_path / "rank-1-exit")))
     returncode, _, stderr = ended(proc)
     assert returncode != 0 and "stopped by a signal to another rank at step 3 with a checkpoint" in stderr
@@ -2489,7 +2641,7 @@ def test_chaos_a_rank_killed_under_torchrun_max_restarts_comes_back_by_itself_an
     script = launcher(tmp_path, "pid_files.py", PID_FILES)
     env = dict(PID_DIR=str(tmp_path), TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")  # README: Long runs
     out = tmp_path / "run"
-    proc = run_script(out, *TWO_RANKS, nproc=2, wait=False, script=script, env=env,
+    proc = run_script(out, *two_ranks(), nproc=2, wait=False, script=script, env=env,
                       torchrun_options=["--max-restarts", "1"])
     wait_for_lines(out / "metrics.jsonl", 6, proc)
     os.kill(int((tmp_path / "rank-1-attempt-0").read_text()), signal.SIGKILL)
@@ -2501,15 +2653,13 @@ def test_chaos_a_rank_killed_under_torchrun_max_restarts_comes_back_by_itself_an
 SDXL_PEAK_BOUND_MB = 40 * 1024  # an SDXL M = 4 step at 1024 px peaked at 31.2 GB on an H100 (commit 960c675)
 
 
-def gpu_run(tmp_path, *flags, torchrun=False, timeout=400):
-    """rpo.py in a child process, so that its GPU memory is freed when it ends; returns the end-of-run line,
-    metrics.jsonl and stderr. The run's folder goes afterwards: sd15 and sdxl checkpoints are 10 to 20 GB."""
+def gpu_run(tmp_path, name, on_tiny=False, timeout=400):
+    """One of GPU_RUNS in a child process, so that its GPU memory is freed when it ends; returns the end-of-run
+    line, metrics.jsonl and stderr. The run's folder goes afterwards: sd15 and sdxl checkpoints are 10 to 20
+    GB."""
     out = tmp_path / "out"
-    cmd = rpo_command(out, *flags)
-    if torchrun:
-        cmd[1:1] = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"]
     try:
-        stdout, stderr = finish(start(cmd), timeout)
+        stdout, stderr = finish(start(gpu_command(tmp_path, name, on_tiny)), timeout)
         summary = json.loads([l for l in stdout.splitlines() if l.startswith("{")][-1])
         metrics = logged(out)
         unet = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True, mmap=True)["unet"]
@@ -2526,16 +2676,50 @@ def counts_pairs(accuracy, n):
     return accuracy is not None and float(2 * n * accuracy).is_integer() and 0 <= accuracy <= 1
 
 
-SD15 = ["--model", "sd15", "--random_init", "--batch", 4, "--grad_accum", 1, "--max_steps", 3,
-        "--toy_pairs", 64, "--eval_pairs", 8, "--eval_draws", 2]
+# Each GPU test's run, in one place: its shape, its flags (<tmp>: the test's folder) and whether torchrun starts
+# it. On a GPU it trains that shape with random weights from toy.py's folder (built once under this session's
+# RPO_HOME, offline); on a CPU, test_each_gpu_run_trains_on_the_tiny_shape_of_its_kind_on_a_cpu starts the same
+# command on the tiny shape of its kind at 32 px, so that a renamed flag cannot break the GPU set unseen.
+SD15 = ["--batch", 4, "--grad_accum", 1, "--max_steps", 3, "--max_pairs", 64, "--eval_pairs", 8,
+        "--eval_draws", 2]
+GPU_RUNS = {
+    **{f"sd15 {loss} {precision}": ("sd15", [*SD15, "--loss", loss, "--precision", precision, "--sample_steps",
+                                             2 if loss == "rpo" else 0], False)  # the sample grid, once
+       for loss, precision in [("rpo", "bf16"), ("dpo", "fp16"), ("sft", "bf16")]},
+    "sd15 torchrun": ("sd15", [*SD15, "--global_contrast", "--grad_accum", 2, "--max_steps", 2, "--cache",
+                               "<tmp>/cache", "--sample_steps", 0], True),
+    "tiny compile": ("tiny", ["--compile", "--max_steps", 5, "--batch", 4, "--eval_pairs", 4,
+                              "--sample_steps", 0], False),
+    "sdxl 1024": ("sdxl", ["--grad_accum", 1, "--max_steps", 2, "--max_pairs", 64, "--eval_pairs", 64,
+                           "--eval_draws", 1, "--sample_steps", 0], False),
+    "sdxl lora 64": ("sdxl", ["--lora_rank", 64, "--grad_accum", 1, "--max_steps", 3, "--max_pairs", 16,
+                              "--eval_pairs", 4, "--eval_draws", 1, "--sample_steps", 0], False),
+}
+
+
+def gpu_command(tmp_path, name, on_tiny=False):
+    """The rpo.py command of a GPU run: on its shape's random folder, or on_tiny on the tiny one of its kind
+    (SD1.5 or SDXL) at 32 px, the rest as it is."""
+    shape, flags, torchrun = GPU_RUNS[name]
+    weights = ("tiny-xl" if rpo.IS_XL[shape] else "tiny") if on_tiny else shape
+    cmd = rpo_command(tmp_path / "out", "--model", shape, "--pretrained", toy.model_folder(weights),
+                      *(str(f).replace("<tmp>", str(tmp_path)) for f in flags),
+                      *(["--resolution", 32] if on_tiny else []))
+    if torchrun:
+        cmd[1:1] = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"]
+    return cmd
+
+
+@pytest.mark.parametrize("name", list(GPU_RUNS))
+def test_each_gpu_run_trains_on_the_tiny_shape_of_its_kind_on_a_cpu(tmp_path, name):
+    summary, metrics, _ = gpu_run(tmp_path, name, on_tiny=True)
+    assert summary["steps"] == len(metrics) > 0 and summary["world"] == 1
 
 
 @on_a_gpu
 @pytest.mark.parametrize("loss, precision", [("rpo", "bf16"), ("dpo", "fp16"), ("sft", "bf16")])
 def test_on_a_gpu_sd15_shapes_train_with_each_loss_and_precision(tmp_path, loss, precision):
-    samples = 2 if loss == "rpo" else 0  # the sample grid through diffusers' pipeline, once
-    summary, metrics, _ = gpu_run(tmp_path, *SD15, "--loss", loss, "--precision", precision,
-                                  "--sample_steps", samples)
+    summary, metrics, _ = gpu_run(tmp_path, f"sd15 {loss} {precision}")
     assert summary["steps"] == 3 and summary["precision"] == precision and summary["mfu"] > 0
     assert counts_pairs(summary["heldout_accuracy"], 8) and len(metrics) == 3
     assert precision == "fp16" or all(math.isfinite(r["loss"]) for r in metrics)  # fp16 may skip an overflow
@@ -2543,17 +2727,14 @@ def test_on_a_gpu_sd15_shapes_train_with_each_loss_and_precision(tmp_path, loss,
 
 @on_a_gpu
 def test_on_a_gpu_one_torchrun_process_runs_nccl_with_global_contrast_accumulation_and_a_cache(tmp_path):
-    summary, metrics, stderr = gpu_run(tmp_path, *SD15, "--global_contrast", "--grad_accum", 2,
-                                       "--max_steps", 2, "--cache", tmp_path / "cache", "--sample_steps", 0,
-                                       torchrun=True)
+    summary, metrics, stderr = gpu_run(tmp_path, "sd15 torchrun")
     assert "1 rank(s) (nccl)" in stderr and summary["world"] == 1 and summary["steps"] == 2
     assert all(math.isfinite(r["loss"]) and r["w_diag"] < 1 for r in metrics)
 
 
 @on_a_gpu
 def test_on_a_gpu_compile_trains_the_tiny_model(tmp_path):
-    summary, metrics, _ = gpu_run(tmp_path, "--model", "tiny", "--compile", "--max_steps", 5, "--batch", 4,
-                                  "--eval_pairs", 4, "--sample_steps", 0)
+    summary, metrics, _ = gpu_run(tmp_path, "tiny compile")
     assert summary["steps"] == 5 and all(math.isfinite(r["loss"]) for r in metrics)
 
 
@@ -2562,20 +2743,16 @@ def test_on_a_gpu_sdxl_at_1024_px_trains_m4_and_evaluates_the_default_held_out_s
         tmp_path):
     # the preset: 1024 px, M = 4, gradient checkpointing, Adafactor; 64 held-out pairs = 128 images at
     # 1024 px, encoded and evaluated one micro-batch at a time
-    summary, metrics, _ = gpu_run(tmp_path, "--model", "sdxl", "--random_init", "--grad_accum", 1,
-                                  "--max_steps", 2, "--toy_pairs", 64, "--eval_pairs", 64, "--eval_draws", 1,
-                                  "--sample_steps", 0, timeout=560)
+    summary, metrics, _ = gpu_run(tmp_path, "sdxl 1024", timeout=560)
     assert summary["batch"] == 4 and summary["precision"] == "bf16"
-    assert counts_pairs(summary["heldout_accuracy"], 64)  # --toy_pairs 64: all 64 held-out pairs exist
+    assert counts_pairs(summary["heldout_accuracy"], 64)  # the toy data's validation_unique holds 512
     assert summary["heldout_accuracy"] == metrics[-1]["heldout_accuracy"]
     assert summary["peak_mem_mb"] < SDXL_PEAK_BOUND_MB, summary["peak_mem_mb"]
 
 
 @on_a_gpu
 def test_on_a_gpu_sdxl_lora_rank_64_at_1024_px_trains_m4_within_a_24_gb_card(tmp_path):
-    summary, metrics, _ = gpu_run(tmp_path, "--model", "sdxl", "--random_init", "--lora_rank", 64,
-                                  "--grad_accum", 1, "--max_steps", 3, "--toy_pairs", 16, "--eval_pairs", 4,
-                                  "--eval_draws", 1, "--sample_steps", 0, timeout=560)
+    summary, metrics, _ = gpu_run(tmp_path, "sdxl lora 64", timeout=560)
     assert summary["batch"] == 4 and summary["precision"] == "bf16" and len(metrics) == 3
     assert summary["peak_mem_mb"] < 24 * 1024, summary["peak_mem_mb"]
 
@@ -2611,7 +2788,7 @@ def style_data(tmp_path_factory):
 def trained(style_data):
     out = style_data / "out"
     with redirect_stdout(io.StringIO()):
-        rpo.main(["--model", "tiny", "--data", str(style_data / "style.parquet"), "--max_steps", "2",
+        rpo.main([*tiny(), "--data", str(style_data / "style.parquet"), "--max_steps", "2",
                   "--batch", "4", "--workers", "0", "--eval_pairs", "0", "--out", str(out)])
     return out
 
@@ -2928,7 +3105,7 @@ def test_hpsv2s_openclip_checkpoint_maps_into_clipmodel_with_the_features_opencl
 
 def test_the_toy_judge_picks_the_winner_of_held_out_pairs_and_gives_noise_no_style():
     judge = toy.load_judge()
-    for world in rpo.TOY_WORLDS:
+    for world in toy.WORLDS:
         assert toy.judge_accuracy(judge, world) >= 0.95
     rng, captions = random.Random(3), toy.captions_of("test")
     noise = [toy.coloured_noise(rng, 32) for _ in captions]
@@ -3034,7 +3211,7 @@ def scorer_hub(tmp_path, monkeypatch):
 def test_prefer_loads_the_published_scorers_from_the_hub_and_a_run_equal_to_the_base_ties_everywhere(
         tmp_path, scorer_hub):
     from diffusers import UNet2DConditionModel
-    base = rpo.model_folder(rpo.parse_config(["--model", "tiny"]))
+    base = toy.model_folder("tiny")
     UNet2DConditionModel.from_pretrained(base, subfolder="unet").save_pretrained(tmp_path / "same" / "unet")
     (tmp_path / "prompts.txt").write_text("a red circle on a blue background\na green square\na cat\n")
     scorers = ["pickscore", "hps", "aesthetic", "clip"]
@@ -3100,7 +3277,7 @@ def test_hpsv2s_benchmark_is_read_from_the_hub_by_style_and_reported_per_style_a
 
 def test_the_tiny_round_trip_trains_a_unet_and_lora_then_reports_means_and_win_rates_against_the_base(
         tmp_path):
-    flags = ["--max_steps", 2, "--batch", 4, "--toy_pairs", 16, "--eval_pairs", 0, "--sample_steps", 0,
+    flags = ["--max_steps", 2, "--batch", 4, "--max_pairs", 16, "--eval_pairs", 0, "--sample_steps", 0,
              "--lr", 1e-3]
     train(tmp_path / "unet_run", *flags)
     train(tmp_path / "lora_run", *flags, *LORA)
@@ -3132,9 +3309,9 @@ def test_the_tiny_round_trip_trains_a_unet_and_lora_then_reports_means_and_win_r
     assert json.loads(out.strip().splitlines()[-1])["tuned"]["images"] == 3
 
 
-def test_for_tiny_runs_prefer_judges_the_toy_world_they_were_trained_in(tmp_path):
-    flags = ["--max_steps", 1, "--batch", 2, "--toy_pairs", 16, "--eval_pairs", 0, "--sample_steps", 0]
-    train(tmp_path / "subject", *flags, "--data", "toy-subject")
+def test_for_tiny_runs_prefer_judges_the_toy_world_they_were_trained_in(tmp_path, subject_data):
+    flags = ["--max_steps", 1, "--batch", 2, "--max_pairs", 16, "--eval_pairs", 0, "--sample_steps", 0]
+    train(tmp_path / "subject", *flags, "--data", subject_data)
     run_prefer("--model", "tiny", "--runs", tmp_path / "subject", "--n", 2, "--steps", 1,
                "--scorers", "judge", "--out", tmp_path / "r.json")
     assert json.load(open(tmp_path / "r.json"))["protocol"]["prompt_set"] == "toy-subject"
@@ -3196,7 +3373,7 @@ def test_a_crafted_checkpoint_under_resume_runs_no_code_and_stops_in_one_line(tm
     assert not (out / "metrics.jsonl").exists()  # refused before any step
 
 
-def test_a_crafted_file_given_as_a_run_to_the_preference_evaluation_runs_no_code(tmp_path):
+def test_a_crafted_file_given_as_a_run_to_the_preference_evaluation_runs_no_code(tmp_path, subject_data):
     marker = tmp_path / "MARKER"
     (tmp_path / "lone").mkdir()
     crafted(tmp_path / "lone" / "ckpt.pt", marker)
@@ -3205,8 +3382,8 @@ def test_a_crafted_file_given_as_a_run_to_the_preference_evaluation_runs_no_code
     assert not marker.exists() and code == 1
     assert_one_line(stderr, f"eval_prefer.py: {str(tmp_path / 'lone')!r} is not a run")
     # a real run whose checkpoint was swapped for the crafted file: its world comes from DIR/settings.json
-    train(tmp_path / "run", *RUN, "--max_steps", 1, "--data", "toy-subject", "--toy_pairs", 16)
-    assert json.load(open(tmp_path / "run" / "settings.json"))["data"] == "toy-subject"
+    train(tmp_path / "run", *RUN, "--max_steps", 1, "--data", subject_data, "--max_pairs", 16)
+    assert json.load(open(tmp_path / "run" / "settings.json"))["data"] == str(subject_data)
     (tmp_path / "run" / "ckpt.pt").unlink()
     crafted(tmp_path / "run" / "ckpt.pt", marker)
     run_prefer("--model", "tiny", "--runs", tmp_path / "run", "--n", 2, "--steps", 1, "--scorers",
@@ -3216,7 +3393,7 @@ def test_a_crafted_file_given_as_a_run_to_the_preference_evaluation_runs_no_code
     # and one whose weights file is the crafted pickle: diffusers loads .bin weights safely too
     shutil.rmtree(tmp_path / "run" / "unet")
     (tmp_path / "run" / "unet").mkdir()
-    shutil.copy(os.path.join(rpo.model_folder(rpo.parse_config(["--model", "tiny"])), "unet", "config.json"),
+    shutil.copy(os.path.join(toy.model_folder("tiny"), "unet", "config.json"),
                 tmp_path / "run" / "unet")
     crafted(tmp_path / "run" / "unet" / "diffusion_pytorch_model.bin", marker)
     with pytest.raises(SystemExit, match="cannot load UNet2DConditionModel from .*run/unet"):
@@ -3227,7 +3404,7 @@ def test_a_crafted_file_given_as_a_run_to_the_preference_evaluation_runs_no_code
 
 def test_a_crafted_file_in_a_cache_folder_runs_no_code_and_stops_in_one_line_before_training(tmp_path):
     marker, cache = tmp_path / "MARKER", tmp_path / "cache"
-    flags = [*RUN, "--toy_pairs", 8, "--max_steps", 1, "--report_to", "none", "--cache", cache]
+    flags = [*RUN, "--max_pairs", 8, "--max_steps", 1, "--report_to", "none", "--cache", cache]
     train(tmp_path / "a", *flags)
     crafted(cache / "file-000000.pt", marker)
     code, _, stderr = ended(start(rpo_command(tmp_path / "b", *flags)))

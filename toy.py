@@ -1,34 +1,48 @@
-"""The toy world of rpo.py, for a laptop and for the tests: offline, on 2 CPU cores.
+"""The toy world of rpo.py, for a laptop and for the tests: offline, on 2 CPU cores. It writes files that
+rpo.py reads as it reads any other: rpo.py imports nothing from here.
 
 - The world: captions of a coloured shape on a background, drawn flat, striped, outlined or both; in `toy` the
   winner is striped and outlined, in `toy-subject` the preferred style depends on the shape. Its preference
-  pairs come in Pick-a-Pic's schema, so rpo.py reads them like any other data.
-- Tiny models: SD1.5- and SDXL-shaped pipelines a few MB in size, with random weights (built once under
-  RPO_HOME), or trained to draw the toy world (`tiny-drawn`: the folder toy-drawn/ beside this file). The
-  same builder makes sd15/sdxl-shaped random folders for rpo.py's --random_init benchmarks.
+  pairs are written as Pick-a-Pic lays them out: parquet files named by split (train, validation_unique and
+  its halves' validation and test, on captions never trained on).
+- Tiny models: SD1.5- and SDXL-shaped pipelines a few MB in size, with random weights, or trained to draw the
+  toy world (`tiny-drawn`: the folder toy-drawn/ beside this file); and sd15/sdxl-shaped random folders for
+  speed runs on a GPU without hub access. Each is an ordinary diffusers folder with its CLIP in clip/.
 - The judge: a small CNN that tells which style an image is drawn in, so eval_prefer.py can score what a tuned
   tiny model draws; and a random InstructPix2Pix for eval_style.py's offline style pairs.
 
-    python toy.py   # rebuilds toy-drawn/ from scratch, bit for bit (one thread; about 25 minutes)
+    python toy.py data toy --out toy-data          # the default run's data, shipped (4000 training pairs)
+    python toy.py data toy-subject --out subject   # the second world
+    python toy.py model tiny --out tiny            # tiny, tiny-xl, sd15, sdxl: random weights
+    python toy.py model tiny-drawn --out drawn     # rebuilds toy-drawn/ bit for bit (one thread; 25 minutes)
 
-rpo.py imports this file only for tiny models, toy data and --random_init.
+The tests and the evaluation take the random models from model_folder (built once under RPO_HOME).
 """
+import argparse
 import io
 import math
 import os
 import random
 import shutil
 import sys
+from contextlib import contextmanager
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFilter
 
 import rpo
 
-TOY_FILE_ROWS = 16  # rows per virtual file of toy data: rpo.py shards and shuffles them like parquet files
+WORLDS = ("toy", "toy-subject")
+TOY_FILE_ROWS = 16  # rows per parquet file: rpo.py deals files to the ranks and shuffles their rows
+# pairs of the held-out captions in validation_unique (rpo.py evaluates its first --eval_pairs); each half of
+# the captions, validation and test, gets half as many
+HELD_OUT_PAIRS = 512
 DRAWN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy-drawn")  # tiny-drawn, shipped
+RPO_HOME = os.environ.get("RPO_HOME", os.path.expanduser("~/.cache/rpo"))  # random model folders, the judge
 
 
 # -------------------------------------------------------------------------------------------- the world
@@ -105,21 +119,55 @@ def pair_rows(split, n, world="toy"):
     return (pair_row(world, split, i) for i in range(n))
 
 
-def files(world, split, n):
-    """n rows of a world's split as rpo.py's virtual files."""
-    return [rpo.DataFile(f"{world}:{split}:{lo}", min(TOY_FILE_ROWS, n - lo), "toy")
-            for lo in range(0, n, TOY_FILE_ROWS)]
+def write_data(world, folder, pairs=4000, held_out=HELD_OUT_PAIRS):
+    """A toy world's pairs as Pick-a-Pic's files: {split}-00000-of-NNNNN.parquet of TOY_FILE_ROWS rows each,
+    train (`pairs` of the training captions), validation_unique (`held_out` of the held-out ones) and its
+    halves' validation and test (half as many each). Pair i of a split is row i in file order, so training on
+    the folder reads the pairs in toy.py's order. The files name their world (world_of). An earlier folder
+    this wrote is replaced; any other is left alone."""
+    with written(folder, world_of(folder) is not None) as tmp:
+        for split, name, n in (("train", "train", pairs), ("heldout", "validation_unique", held_out),
+                               ("validation", "validation", held_out // 2), ("test", "test", held_out // 2)):
+            files = math.ceil(n / TOY_FILE_ROWS)
+            for lo in range(0, n, TOY_FILE_ROWS):
+                rows = [pair_row(world, split, i) for i in range(lo, min(n, lo + TOY_FILE_ROWS))]
+                table = pa.Table.from_pylist(rows).replace_schema_metadata({"toy_world": world})
+                file = f"{name}-{lo // TOY_FILE_ROWS:05d}-of-{files:05d}.parquet"
+                # no min and max of the image bytes: they would be a fifth of the shipped data
+                pq.write_table(table, os.path.join(tmp, file), write_statistics=False)
 
 
-def read(path, a, b):
-    """Rows a..b-1 of a virtual file."""
-    world, split, lo = path.split(":")
-    return [pair_row(world, split, int(lo) + i) for i in range(a, b)]
+def world_of(data):
+    """The toy world whose pairs a data folder or file holds, as its parquet files say; None for other data."""
+    paths = rpo.local_files(data, (".parquet",)) if isinstance(data, str) and os.path.exists(data) else []
+    try:
+        world = (pq.read_schema(paths[0]).metadata or {}).get(b"toy_world", b"").decode() if paths else None
+    except Exception:  # not a parquet file
+        return None
+    return world if world in WORLDS else None
+
+
+@contextmanager
+def written(folder, ours):
+    """A temporary folder beside `folder` to write in, which then replaces `folder`: that must be absent, empty
+    or one toy.py wrote (ours), and stays as it was if the writing fails."""
+    if os.path.exists(folder) and os.listdir(folder) and not ours:
+        sys.exit(f"toy.py: --out {folder} holds something toy.py did not write; choose another folder")
+    tmp = f"{folder}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
 
 
 # ----------------------------------------------------------------------------------------- tiny models
-# tiny, tiny-xl (and sd15, sdxl for --random_init) are built from these configs with random weights, saved as
-# an ordinary diffusers folder, then loaded by the same from_pretrained code as the hub models.
+# tiny, tiny-xl, sd15 and sdxl are built from these configs with random weights (tiny-drawn's VAE and UNet then
+# trained), saved as an ordinary diffusers folder, which rpo.py loads with --pretrained as it loads the hub's.
 def clip_text_config(hidden, layers, heads, proj, act="quick_gelu", vocab=49408):
     return dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
                 num_attention_heads=heads, max_position_embeddings=77, projection_dim=proj, hidden_act=act,
@@ -301,14 +349,23 @@ FOLDER_VERSION = "v2"  # raised when what build_random_pipeline makes changes (v
 
 
 def model_folder(model):
-    """The folder of a tiny model (tiny-drawn: the shipped one) or of --random_init's sd15/sdxl shapes, built
-    once in RPO_HOME."""
+    """The folder of a model toy.py makes: tiny-drawn's, shipped, or a random one (tiny, tiny-xl, sd15, sdxl)
+    built once in RPO_HOME."""
     if model == "tiny-drawn":
         return DRAWN
-    folder = os.path.join(rpo.RPO_HOME, f"{model}-random-{FOLDER_VERSION}")
+    folder = os.path.join(RPO_HOME, f"{model}-random-{FOLDER_VERSION}")
     if not os.path.exists(os.path.join(folder, "model_index.json")):
         build_random_pipeline(model, folder)
     return folder
+
+
+def write_model(model, folder):
+    """`python toy.py model`: a model's diffusers folder, built afresh (tiny-drawn with one thread: the same
+    bits as the shipped toy-drawn/ with the same torch). An earlier model folder there is replaced."""
+    if model == "tiny-drawn":
+        torch.set_num_threads(1)
+    with written(folder, os.path.isfile(os.path.join(folder, "model_index.json"))) as tmp:
+        build_random_pipeline(model, tmp)
 
 
 # ------------------------------------------------------------------------------------------- the judge
@@ -373,9 +430,9 @@ def train_judge(steps=600, batch=64):
 
 def load_judge():
     """The judge, trained once into RPO_HOME."""
-    path = os.path.join(rpo.RPO_HOME, JUDGE_FILE)
+    path = os.path.join(RPO_HOME, JUDGE_FILE)
     if not os.path.exists(path):
-        os.makedirs(rpo.RPO_HOME, exist_ok=True)
+        os.makedirs(RPO_HOME, exist_ok=True)
         tmp = f"{path}.tmp{os.getpid()}"  # runs started together each train their own: the same judge
         torch.save(train_judge().state_dict(), tmp)
         os.replace(tmp, path)
@@ -415,7 +472,7 @@ def tiny_editor():
     from diffusers import (AutoencoderKL, EulerAncestralDiscreteScheduler,
                            StableDiffusionInstructPix2PixPipeline, UNet2DConditionModel)
     from transformers import CLIPTextModel, CLIPTokenizer
-    folder = os.path.join(rpo.RPO_HOME, "tiny-ip2p-random")
+    folder = os.path.join(RPO_HOME, "tiny-ip2p-random")
     if not os.path.exists(os.path.join(folder, "model_index.json")):
         base = model_folder("tiny")
         torch.manual_seed(0)
@@ -433,8 +490,25 @@ def tiny_editor():
     return folder
 
 
-if __name__ == "__main__":  # one thread: the same bits on any machine with the same torch
-    torch.set_num_threads(1)
-    shutil.rmtree(DRAWN, ignore_errors=True)
-    build_random_pipeline("tiny-drawn", DRAWN)
-    print(f"built {DRAWN}", file=sys.stderr)
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    data = sub.add_parser("data", help="a toy world's preference pairs, as Pick-a-Pic's parquet files")
+    data.add_argument("world", choices=WORLDS)
+    data.add_argument("--out", required=True)
+    data.add_argument("--pairs", type=int, default=4000, help="training pairs")
+    model = sub.add_parser("model", help="a diffusers model folder, with its CLIP in clip/")
+    model.add_argument("name", choices=list(SHAPES))
+    model.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    if args.command == "data":
+        if args.pairs < 1:
+            sys.exit(f"toy.py: --pairs must be at least 1, got {args.pairs}")
+        write_data(args.world, args.out, args.pairs)
+    else:
+        write_model(args.name, args.out)
+    print(f"toy.py: wrote {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
