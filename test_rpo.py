@@ -2759,8 +2759,8 @@ def test_on_a_gpu_sdxl_lora_rank_64_at_1024_px_trains_m4_within_a_24_gb_card(tmp
 
 # ------------------------------------------------------------------- style alignment (eval_style.py)
 
-def run_script(main, *argv):
-    """A script's main in this process; returns its stdout."""
+def run_main(main, *argv):
+    """An evaluation script's main in this process; returns its stdout."""
     buf = io.StringIO()
     with redirect_stdout(buf):
         main([str(a) for a in argv])
@@ -2768,11 +2768,11 @@ def run_script(main, *argv):
 
 
 def run_style(*argv):  # eval_style.py
-    return run_script(eval_style.main, *argv)
+    return run_main(eval_style.main, *argv)
 
 
 def run_prefer(*argv):  # eval_prefer.py
-    return run_script(eval_prefer.main, *argv)
+    return run_main(eval_prefer.main, *argv)
 
 
 @pytest.fixture(scope="module")
