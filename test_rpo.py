@@ -453,7 +453,7 @@ def test_toy_py_writes_a_worlds_data_and_a_model_folder_from_the_command_line_an
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
     with pytest.raises(SystemExit, match="holds something toy.py did not write; choose another folder"):
-        toy.main(["data", "toy", "--out", str(tmp_path / "other"), "--pairs", 16])
+        toy.main(["data", "toy", "--out", str(tmp_path / "other"), "--pairs", "16"])
     assert os.listdir(tmp_path / "other") == ["notes.txt"]
 
 
