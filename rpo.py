@@ -33,23 +33,33 @@ def contrast_weights(f_w, f_l, tau):
     return torch.softmax(-d / tau, dim=1)
 
 
-# eps_i ~ N(0, I), t_i ~ U{0..T-1} from pair i's own seed: its winner and its loser share them. Drawn on the
-# CPU, so a pair gets the same draw on any device, in any batch, after any resume.
-def pair_noise(seeds, shape, num_timesteps):
+# eps_i ~ N(0, I) and t_i from pair i's own seed: its winner and its loser share them. Drawn on the CPU, so a
+# pair gets the same draw on any device, in any batch, after any resume. t_i ~ U{0..T-1}, or with a table of
+# flow sigmas (SD3's logit-normal): t_i = sigmas[floor(sigmoid(n_i) T)], n_i ~ N(0, 1)
+def pair_noise(seeds, shape, num_timesteps, sigmas=None):
     noise, t = [], []
     for seed in seeds:
         g = torch.Generator().manual_seed(seed)
         noise.append(torch.randn(shape, generator=g))
-        t.append(torch.randint(0, num_timesteps, (1,), generator=g))
+        if sigmas is None:
+            t.append(torch.randint(0, num_timesteps, (1,), generator=g))
+        else:
+            u = torch.sigmoid(torch.randn(1, generator=g))
+            t.append(sigmas[(u * num_timesteps).long().clamp(max=num_timesteps - 1)])
     return torch.stack(noise), torch.cat(t)
 
 
-# x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, and what an eps-prediction model is trained to output: eps.
-# (A flow-matching model has its own: x_t = (1 - t) x_0 + t eps, target eps - x_0.)
+# x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, and what an eps-prediction model is trained to output: eps
 def noise_target(x0, noise, t, alphas_cumprod):
     abar = alphas_cumprod.to(x0.device, x0.dtype)[t.to(x0.device)]  # in x0's dtype, as diffusers' add_noise
     abar = abar.view(-1, *[1] * (x0.ndim - 1))
     return abar ** 0.5 * x0 + (1 - abar) ** 0.5 * noise, noise
+
+
+# flow matching (SD3, FLUX): x_t = (1 - sigma) x_0 + sigma eps, and its target, the velocity v = eps - x_0
+def velocity_target(x0, noise, sigma):
+    sigma = sigma.to(x0.device, x0.dtype).view(-1, *[1] * (x0.ndim - 1))
+    return (1 - sigma) * x0 + sigma * noise, noise - x0
 
 
 # err = mean over every latent element of (prediction - target)^2, one number per sample
@@ -140,11 +150,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))  # the default run's model and
 
 @dataclass
 class Config:
-    model: str = "tiny-drawn"  # tiny-drawn | tiny | tiny-xl (toy.py's shapes) | sd15 | sdxl
+    model: str = "tiny-drawn"  # tiny-drawn | tiny | tiny-xl | tiny-sd3 (toy.py's shapes) | sd15 | sdxl | sd3
     pretrained: str = None  # hub id or local diffusers folder; default from the preset (tiny, tiny-xl: none)
     init_unet: str = None  # start policy and reference from this UNet folder (e.g. an SFT run's DIR/unet)
     lora_rank: int = 0  # > 0: train LoRA adapters of this rank on a frozen UNet instead of the whole UNet
-    lora_modules: str = "to_q,to_k,to_v,to_out.0"  # UNet layers that get adapters: the attention projections
+    lora_modules: str = None  # the layers that get adapters; default from the preset
     init_lora: str = None  # start the adapters from a previous run's DIR/lora, for policy and reference
     data: str = os.path.join(HERE, "toy-data")  # pickapic (a hub id) | a file, folder or glob of data files
     layout: str = None  # --data's layout (LAYOUTS: pickapic, pickapic-wds, hpdv3, ...); default: recognised
@@ -157,7 +167,7 @@ class Config:
     eval_draws: int = 8  # fixed (noise, t) draws averaged per held-out pair
     max_pairs: int = 0  # 0 = all
     loss: str = "rpo"  # rpo | dpo | sft
-    beta: float = 5000.0
+    beta: float = None  # default from the preset
     tau: float = 0.5
     embed: str = "both"  # text | image | both
     clip: str = None  # CLIP for the pair weights; default from the preset
@@ -177,6 +187,7 @@ class Config:
     random_crop: bool = False
     no_flip: bool = False
     time_ids: str = "constant"  # SDXL size and crop conditioning: constant (res, res, 0, 0, res, res) | image
+    no_t5: bool = False  # SD3 without T5-XXL (its tokens zeros, as SD3 allows): 9 GB less, weaker prompts
     workers: int = 4  # processes decoding JPEGs
     shuffle_buffer: int = 1000
     cache: str = ""  # folder of encoded pairs (VAE latents, text states, CLIP features)
@@ -193,6 +204,11 @@ class Config:
 
 HUB_SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 HUB_SDXL = "stabilityai/stable-diffusion-xl-base-1.0"
+HUB_SD3 = "stabilityai/stable-diffusion-3.5-medium"  # SD3.5 Large: --pretrained stabilityai/stable-diffusion-3.5-large
+UNET_LORA = "to_q,to_k,to_v,to_out.0"  # the attention projections, as Diffusion-DPO's and diffusers' SD scripts
+# SD3's joint blocks: image and text attention projections (diffusers' SD3 LoRA scripts' defaults)
+SD3_LORA = "attn.to_q,attn.to_k,attn.to_v,attn.to_out.0,attn.add_q_proj,attn.add_k_proj,attn.add_v_proj,attn.to_add_out"
+BETA_EPS, BETA_FLOW = 5000.0, 5000.0
 # Diffusion-DPO's recipe: lr 1e-8 per pair times the effective batch (2048 pairs on 8 GPUs: 2.048e-5), 2000
 # steps, 500 warmup. The tiny models' rate is 1e-5 at their 8 pairs a step.
 PRESETS = {
@@ -206,6 +222,10 @@ PRESETS = {
                  grad_checkpointing=True, save_every=200, sample_steps=30),
 }
 PRESETS["tiny-xl"] = PRESETS["tiny"]
+PRESETS["sd3"] = dict(pretrained=HUB_SD3, clip="openai/clip-vit-large-patch14", resolution=1024, batch=4,
+                      grad_accum=64, lr_per_pair=1e-8, optimizer="adamw", warmup_steps=500, max_steps=2000,
+                      grad_checkpointing=True, save_every=200, sample_steps=28, beta=BETA_FLOW)
+PRESETS["tiny-sd3"] = dict(PRESETS["tiny"], beta=BETA_FLOW)
 # the default run: 300 steps at 1e-4 move toy.py's drawing model visibly towards the preferred style
 PRESETS["tiny-drawn"] = dict(PRESETS["tiny"], pretrained=os.path.join(HERE, "toy-drawn"),
                              lr_per_pair=1e-4 / 8, sample_steps=30)
@@ -213,8 +233,12 @@ PRESETS["tiny-drawn"] = dict(PRESETS["tiny"], pretrained=os.path.join(HERE, "toy
 FREE_ON_RESUME = ("max_steps", "save_every", "save_every_minutes", "keep", "workers", "eval_data",
                   "eval_split", "eval_pairs", "eval_draws", "sample_steps", "max_nonfinite", "compile",
                   "grad_checkpointing", "cache", "out", "resume", "image_root", "report_to")
-IS_XL = {"tiny": False, "tiny-xl": True, "tiny-drawn": False, "sd15": False, "sdxl": True}
-CHOICES = dict(model=IS_XL, loss=("rpo", "dpo", "sft"), embed=("text", "image", "both"),
+FAMILY = {"tiny": "sd15", "tiny-drawn": "sd15", "sd15": "sd15", "tiny-xl": "sdxl", "sdxl": "sdxl",
+          "tiny-sd3": "sd3", "sd3": "sd3"}  # the pipeline a model's folder holds
+for name, preset in PRESETS.items():
+    preset.setdefault("beta", BETA_EPS)
+    preset.setdefault("lora_modules", SD3_LORA if FAMILY[name] == "sd3" else UNET_LORA)
+CHOICES = dict(model=FAMILY, loss=("rpo", "dpo", "sft"), embed=("text", "image", "both"),
                precision=(None, "bf16", "fp16", "fp32"), optimizer=(None, "adamw", "adafactor"),
                time_ids=("constant", "image"), report_to=("tensorboard", "wandb", "none"))
 # what each numeric flag may be, checked before any work ("0..1": a share)
@@ -267,8 +291,10 @@ def parse_config(argv=None):
         value = getattr(cfg, name)
         if value is not None and not in_range(value, rule):
             sys.exit(f"rpo.py: --{name} must be {rule.replace('..', ' to ')}, got {value}")
-    if cfg.resolution % 8:
-        sys.exit(f"rpo.py: --resolution must be a multiple of 8 (the VAE's factor), got {cfg.resolution}")
+    factor = 16 if FAMILY[cfg.model] == "sd3" else 8  # the VAE's 8, times SD3's 2 x 2 patches
+    if cfg.resolution % factor:
+        sys.exit(f"rpo.py: --resolution of --model {cfg.model} must be a multiple of {factor}, got "
+                 f"{cfg.resolution}")
     if cfg.report_to != "none" and importlib.util.find_spec(cfg.report_to) is None:
         sys.exit(f"rpo.py: --report_to {cfg.report_to} needs the {cfg.report_to} package: pip install "
                  f"{cfg.report_to}, or pass --report_to none")
@@ -301,7 +327,7 @@ def preference_step(cfg, m, policy, pairs, epoch):
     dropped = [coin(cfg.seed, epoch, i, "drop") < cfg.drop_prompt for i in pairs.index]
     drop = torch.tensor(dropped, device=m.device)
     prompt = torch.where(drop[:, None, None], m.empty_prompt, pairs.prompt)
-    pooled = torch.where(drop[:, None], m.empty_pooled, pairs.pooled) if m.xl else None
+    pooled = torch.where(drop[:, None], m.empty_pooled, pairs.pooled) if pairs.pooled is not None else None
     if cfg.loss == "sft":
         err_w, _ = pair_errors(policy, m, pairs, keys, prompt, pooled, winners_only=True)
         return err_w.mean(), dict(mse=err_w.detach().mean())
@@ -316,23 +342,34 @@ def preference_step(cfg, m, policy, pairs, epoch):
 
 
 def pair_errors(unet, m, pairs, keys, prompt=None, pooled=None, winners_only=False):
-    """The method's denoiser_errors for a UNet (policy or reference) on encoded pairs: each pair's noise and
-    timestep from its key, the UNet conditioned on the captions (prompt, pooled: after prompt dropout; default
-    the pairs' own) and, SDXL, on the time ids. Returns (err_w, err_l), err_l None with winners_only."""
+    """The method's denoiser_errors for a UNet or transformer (policy or reference) on encoded pairs: each
+    pair's noise and timestep from its key, the model conditioned on the captions (prompt, pooled: after
+    prompt dropout; default the pairs' own) and, SDXL, on the time ids. Returns (err_w, err_l), err_l None
+    with winners_only."""
     if prompt is None:
         prompt, pooled = pairs.prompt, pairs.pooled
     seeds = [random.Random(key).getrandbits(63) for key in keys]
-    noise, t = pair_noise(seeds, pairs.latents_w.shape[1:], m.scheduler.config.num_train_timesteps)
+    noise, t = pair_noise(seeds, pairs.latents_w.shape[1:], m.scheduler.config.num_train_timesteps, m.sigmas)
 
     def denoise(x_t, t):  # winners, then losers: each side with the pairs' own conditioning
         sides = len(x_t) // len(prompt)
-        extra = {}
-        if m.xl:  # SDXL's micro-conditioning: the pooled text embedding and the size and crop time ids
-            time_ids = torch.cat([pairs.time_ids_w, pairs.time_ids_l][:sides])
-            extra = dict(added_cond_kwargs=dict(text_embeds=torch.cat([pooled] * sides), time_ids=time_ids))
-        return unet(x_t, t, torch.cat([prompt] * sides), **extra).sample
+        time_ids = torch.cat([pairs.time_ids_w, pairs.time_ids_l][:sides])
+        return predict(m, unet, x_t, t, torch.cat([prompt] * sides),
+                       None if pooled is None else torch.cat([pooled] * sides), time_ids)
     losers = None if winners_only else pairs.latents_l
     return denoiser_errors(denoise, pairs.latents_w, losers, noise, t, m.noised)
+
+
+def predict(m, unet, x_t, t, prompt, pooled, time_ids):
+    """One call of a UNet (eps) or SD3 transformer (velocity) at timesteps t (a flow model's: sigmas)."""
+    if m.family == "sd3":  # the transformer takes the timestep on its own scale: sigma x 1000, as its pipeline
+        timestep = t * m.scheduler.config.num_train_timesteps
+        return unet(hidden_states=x_t, timestep=timestep, encoder_hidden_states=prompt,
+                    pooled_projections=pooled).sample
+    extra = {}
+    if m.family == "sdxl":  # SDXL's micro-conditioning: the pooled text embedding and the size and crop time ids
+        extra = dict(added_cond_kwargs=dict(text_embeds=pooled, time_ids=time_ids))
+    return unet(x_t, t, prompt, **extra).sample
 
 
 def gather(x):
@@ -542,19 +579,20 @@ def pretrained(cls, name, **kw):
 class Models:
     """What load_models gives the training step, and the sample grid its prompts."""
     base: str  # the pipeline's hub id or folder
-    xl: bool
+    family: str  # sd15 | sdxl | sd3 (FAMILY)
     device: torch.device
     dtype: torch.dtype  # the compute dtype of everything frozen
     scheduler: object
-    unet: torch.nn.Module  # the policy
+    unet: torch.nn.Module  # the policy: a UNet, or SD3's transformer
     ref_unet: torch.nn.Module  # None with LoRA: see `reference`
     lora: bool
     vae: torch.nn.Module
-    tokenizers: list  # SDXL: two, with their text encoders
+    tokenizers: list  # SDXL: two, with their text encoders; SD3: three (CLIP-L, CLIP-G, T5; no T5: two)
     text_encoders: list
     clip: torch.nn.Module  # for the pair weights
     clip_tokenizer: object
     noised: object = None  # the forward process of the method's denoiser_errors: (x_0, eps, t) -> (x_t, target)
+    sigmas: torch.Tensor = None  # a flow model's training sigmas, which pair_noise draws t from
     empty_prompt: torch.Tensor = None  # what prompt dropout conditions on
     empty_pooled: torch.Tensor = None
     sample_prompts: list = None  # read at the first grid (see sample_prompts), the same at every save point
@@ -562,11 +600,13 @@ class Models:
 
 def load_models(cfg, device, dtype):
     """Policy and reference UNets, VAE, text encoders and the pair-weight CLIP, all but the policy frozen."""
-    from diffusers import AutoencoderKL, DDPMScheduler
-    from transformers import CLIPModel, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-    base, xl = cfg.pretrained, IS_XL[cfg.model]
-    scheduler = pretrained(DDPMScheduler, base, subfolder="scheduler")
-    if scheduler.config.prediction_type != "epsilon":
+    from diffusers import AutoencoderKL, DDPMScheduler, FlowMatchEulerDiscreteScheduler
+    from transformers import (CLIPModel, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer,
+                              T5EncoderModel, T5TokenizerFast)
+    base, family = cfg.pretrained, FAMILY[cfg.model]
+    scheduler = pretrained(FlowMatchEulerDiscreteScheduler if family == "sd3" else DDPMScheduler, base,
+                           subfolder="scheduler")
+    if family != "sd3" and scheduler.config.prediction_type != "epsilon":
         sys.exit(f"rpo.py: {base} predicts {scheduler.config.prediction_type}; this script trains epsilon "
                  f"models")
     unet, ref_unet = load_unets(cfg, base, device, dtype)
@@ -575,30 +615,40 @@ def load_models(cfg, device, dtype):
         vae = pretrained(AutoencoderKL, "madebyollin/sdxl-vae-fp16-fix")
     else:
         vae = pretrained(AutoencoderKL, base, subfolder="vae")
-    suffixes = ["", "_2"] if xl else [""]
-    tokenizers = [pretrained(CLIPTokenizer, base, subfolder="tokenizer" + s) for s in suffixes]
-    encoder_classes = dict(zip(suffixes, [CLIPTextModel, CLIPTextModelWithProjection]))
-    text_encoders = [pretrained(encoder_classes[s], base, subfolder="text_encoder" + s) for s in suffixes]
+    suffixes = {"sd15": [""], "sdxl": ["", "_2"], "sd3": ["", "_2"] + ([] if cfg.no_t5 else ["_3"])}[family]
+    tokenizer_classes = dict(_3=T5TokenizerFast)
+    encoder_classes = dict(_2=CLIPTextModelWithProjection, _3=T5EncoderModel)
+    if family == "sd3":  # SD3's CLIP-L has a projection too: the pooled embedding is both CLIPs' side by side
+        encoder_classes[""] = CLIPTextModelWithProjection
+    tokenizers = [pretrained(tokenizer_classes.get(s, CLIPTokenizer), base, subfolder="tokenizer" + s)
+                  for s in suffixes]
+    text_encoders = [pretrained(encoder_classes.get(s, CLIPTextModel), base, subfolder="text_encoder" + s)
+                     for s in suffixes]
     clip_id = cfg.clip or os.path.join(base, "clip")
     clip, clip_tokenizer = pretrained(CLIPModel, clip_id), pretrained(CLIPTokenizer, clip_id)
     for frozen in [vae, clip, *text_encoders]:
         frozen.requires_grad_(False).eval().to(device, dtype)
-    m = Models(base, xl, device, dtype, scheduler, unet, ref_unet, bool(cfg.lora_rank or cfg.init_lora), vae,
-               tokenizers, text_encoders, clip, clip_tokenizer)
-    m.noised = functools.partial(noise_target, alphas_cumprod=scheduler.alphas_cumprod)
+    m = Models(base, family, device, dtype, scheduler, unet, ref_unet, bool(cfg.lora_rank or cfg.init_lora),
+               vae, tokenizers, text_encoders, clip, clip_tokenizer)
+    if family == "sd3":
+        m.noised, m.sigmas = velocity_target, scheduler.sigmas[:scheduler.config.num_train_timesteps].cpu()
+    else:
+        m.noised = functools.partial(noise_target, alphas_cumprod=scheduler.alphas_cumprod)
     m.empty_prompt, m.empty_pooled = encode_prompts(m, [""])
     return m
 
 
 def load_unets(cfg, base, device, dtype):
-    """The policy UNet (fp32 master weights) and a frozen reference copy in the compute dtype. With LoRA the
-    UNet is frozen in the compute dtype, only its adapters train, and there is no copy (None): the reference
-    is the same UNet with its trained adapters switched off (see `reference`)."""
-    from diffusers import UNet2DConditionModel
+    """The policy UNet or SD3 transformer (fp32 master weights) and a frozen reference copy in the compute
+    dtype. With LoRA it is frozen in the compute dtype, only its adapters train, and there is no copy (None):
+    the reference is the same model with its trained adapters switched off (see `reference`)."""
+    from diffusers import SD3Transformer2DModel, UNet2DConditionModel
+    family = FAMILY[cfg.model]
+    cls = SD3Transformer2DModel if family == "sd3" else UNet2DConditionModel
     if cfg.init_unet:
-        unet = pretrained(UNet2DConditionModel, cfg.init_unet)
+        unet = pretrained(cls, cfg.init_unet)
     else:
-        unet = pretrained(UNet2DConditionModel, base, subfolder="unet")
+        unet = pretrained(cls, base, subfolder=DENOISER_FOLDER[family])
     unet.to(device).train()
     if cfg.lora_rank or cfg.init_lora:
         unet.requires_grad_(False).to(dtype)
@@ -608,12 +658,14 @@ def load_unets(cfg, base, device, dtype):
         ref_unet = copy.deepcopy(unet).requires_grad_(False).eval().to(dtype)
     if cfg.grad_checkpointing:
         unet.enable_gradient_checkpointing()
-    if device.type == "cuda":
+    if device.type == "cuda" and family != "sd3":
         for each in (unet, ref_unet or unet):
             each.to(memory_format=torch.channels_last)
     return unet, ref_unet
 
 
+T5_TOKENS = 256  # SD3's T5 prompt length, as its pipeline's default max_sequence_length: train as it samples
+DENOISER_FOLDER = dict(sd15="unet", sdxl="unet", sd3="transformer")  # in the pipeline's folder, and in DIR
 LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' name for it, saving and loading
 SETTINGS_FILE = "settings.json"  # DIR/settings.json: the run's Config, for the evaluation scripts
 
@@ -628,7 +680,8 @@ def add_lora(cfg, unet):
             with warnings.catch_warnings():  # peft warns that a second adapter joins the first: intended
                 warnings.simplefilter("ignore")
                 for name in ("reference", "default"):
-                    unet.load_lora_adapter(cfg.init_lora, prefix="unet", adapter_name=name,
+                    unet.load_lora_adapter(cfg.init_lora, prefix=DENOISER_FOLDER[FAMILY[cfg.model]],
+                                           adapter_name=name,
                                            weight_name=LORA_FILE)
         except (OSError, ValueError) as e:
             sys.exit(f"rpo.py: cannot load LoRA adapters from {cfg.init_lora!r} (a run's DIR/lora): "
@@ -665,23 +718,38 @@ def reference(m):
 
 @torch.no_grad()
 def encode_prompts(m, captions):
-    """SD1.5: last hidden states. SDXL: penultimate states of both encoders concatenated, and the pooled
-    output of the second."""
-    states = []
-    for tokenizer, encoder in zip(m.tokenizers, m.text_encoders):
+    """SD1.5: last hidden states. SDXL: penultimate states of both CLIPs side by side, and the pooled output
+    of the second. SD3: penultimate states of both CLIPs side by side, zero-padded to T5's width, then T5's
+    states (256 tokens; zeros without T5) after them; pooled: both CLIPs' side by side (as SD3's pipeline)."""
+    states, pooled = [], []
+    for tokenizer, encoder in zip(m.tokenizers[:2], m.text_encoders[:2]):
         ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
                         truncation=True, return_tensors="pt").input_ids.to(m.device)
-        out = encoder(ids, output_hidden_states=m.xl)
-        states.append(out.hidden_states[-2] if m.xl else out.last_hidden_state)
-    pooled = out.text_embeds if m.xl else None  # out: the second encoder's
-    return torch.cat(states, dim=-1), pooled
+        out = encoder(ids, output_hidden_states=m.family != "sd15")
+        states.append(out.last_hidden_state if m.family == "sd15" else out.hidden_states[-2])
+        pooled.append(getattr(out, "text_embeds", None))
+    if m.family == "sdxl":
+        return torch.cat(states, dim=-1), pooled[1]
+    if m.family == "sd15":
+        return states[0], None
+    width = m.unet.config.joint_attention_dim
+    clip = F.pad(torch.cat(states, dim=-1), (0, width - sum(s.shape[-1] for s in states)))
+    if len(m.text_encoders) == 3:
+        ids = m.tokenizers[2](captions, padding="max_length", max_length=T5_TOKENS, truncation=True,
+                              return_tensors="pt").input_ids.to(m.device)
+        t5 = m.text_encoders[2](ids).last_hidden_state.to(clip.dtype)
+    else:
+        t5 = clip.new_zeros(len(captions), T5_TOKENS, width)
+    return torch.cat([clip, t5], dim=-2), torch.cat(pooled, dim=-1)
 
 
 @torch.no_grad()
 def encode_images(m, pixels):
-    """uint8 [N,3,H,W] -> scaled VAE latents (posterior mean: deterministic, so cached latents are exact)."""
+    """uint8 [N,3,H,W] -> shifted (SD3) and scaled VAE latents (posterior mean: deterministic, so cached
+    latents are exact)."""
     x = pixels.to(m.device, non_blocking=True).to(m.dtype) / 127.5 - 1
-    return m.vae.encode(x).latent_dist.mode() * m.vae.config.scaling_factor
+    shift = m.vae.config.get("shift_factor") or 0.0
+    return (m.vae.encode(x).latent_dist.mode() - shift) * m.vae.config.scaling_factor
 
 
 # The training step consumes encoded pairs: VAE latents, text-encoder states, SDXL time ids and the pair
@@ -724,7 +792,7 @@ def encode_pairs(m, pairs, embed, with_f=True):
         return torch.stack([torch.as_tensor(p[key]) for p in pairs]).to(m.device)
     if "latents" in pairs[0]:
         latents, time_ids, f = stacked("latents"), stacked("time_ids"), stacked("f")
-        pooled = stacked("pooled") if m.xl else None
+        pooled = stacked("pooled") if m.family != "sd15" else None
         return Pairs(index, latents[:, 0], latents[:, 1], stacked("prompt"), pooled, time_ids[:, 0],
                      time_ids[:, 1], f[:, 0], f[:, 1])
     captions = [p["caption"] for p in pairs]
@@ -2035,7 +2103,7 @@ def finish_save_point(cfg, m, run, heldout, step):
     (returned, to log) and the sample grid."""
     if not run.master:
         return {}
-    save_weights(m, os.path.join(cfg.out, "lora" if m.lora else "unet"))
+    save_weights(m, os.path.join(cfg.out, "lora" if m.lora else DENOISER_FOLDER[m.family]))
     logged = {}
     if heldout is not None:
         logged = {"heldout_" + k: v for k, v in evaluate(cfg, m, heldout, run.autocast).items()}
@@ -2121,13 +2189,14 @@ def save_weights(m, folder):
 
 def save_lora(m, folder):
     """The trained adapters in diffusers' LoRA format, with rank and alpha: pipe.load_lora_weights(folder)."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(m.unet, adapter_name="default"))
-    pipeline = StableDiffusionXLPipeline if m.xl else StableDiffusionPipeline
-    pipeline.save_lora_weights(folder, unet_lora_layers=layers, weight_name=LORA_FILE,
-                               unet_lora_adapter_metadata=m.unet.peft_config["default"].to_dict())
+    layers = get_peft_model_state_dict(m.unet, adapter_name="default")
+    if m.family != "sd3":  # the UNet pipelines read diffusers' own key names; SD3's reads peft's (as its scripts)
+        layers = convert_state_dict_to_diffusers(layers)
+    name = DENOISER_FOLDER[m.family]  # unet | transformer
+    pipeline_class(m.family).save_lora_weights(folder, weight_name=LORA_FILE, **{
+        f"{name}_lora_layers": layers, f"{name}_lora_adapter_metadata": m.unet.peft_config["default"].to_dict()})
 
 
 def samples_path(cfg, step):
@@ -2169,17 +2238,30 @@ def save_samples(cfg, m, path, autocast):
     grid.save(path)
 
 
+def pipeline_class(family):
+    return getattr(diffusers, dict(sd15="StableDiffusionPipeline", sdxl="StableDiffusionXLPipeline",
+                                   sd3="StableDiffusion3Pipeline")[family])
+
+
 def sample_pipeline(m):
-    """A diffusers pipeline over the training models (no copies), with DDIM for few-step sampling."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
-    parts = dict(vae=m.vae, text_encoder=m.text_encoders[0], tokenizer=m.tokenizers[0], unet=m.unet,
-                 scheduler=DDIMScheduler.from_config(m.scheduler.config))
-    if m.xl:
-        pipe = StableDiffusionXLPipeline(**parts, text_encoder_2=m.text_encoders[1],
-                                         tokenizer_2=m.tokenizers[1], add_watermarker=False)
+    """A diffusers pipeline over the training models (no copies): DDIM for few-step sampling of the eps
+    models, SD3's own flow-matching Euler sampler (a fresh copy: the training one's sigmas stay)."""
+    from diffusers import DDIMScheduler
+    parts = dict(vae=m.vae, text_encoder=m.text_encoders[0], tokenizer=m.tokenizers[0])
+    if m.family == "sd3":
+        t5 = dict(text_encoder_3=m.text_encoders[2], tokenizer_3=m.tokenizers[2]) if len(m.tokenizers) == 3 else \
+            dict(text_encoder_3=None, tokenizer_3=None)
+        pipe = pipeline_class("sd3")(**parts, transformer=m.unet, text_encoder_2=m.text_encoders[1],
+                                     tokenizer_2=m.tokenizers[1], **t5,
+                                     scheduler=type(m.scheduler).from_config(m.scheduler.config))
     else:
-        pipe = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
+        parts.update(unet=m.unet, scheduler=DDIMScheduler.from_config(m.scheduler.config))
+        if m.family == "sdxl":
+            pipe = pipeline_class("sdxl")(**parts, text_encoder_2=m.text_encoders[1],
+                                          tokenizer_2=m.tokenizers[1], add_watermarker=False)
+        else:
+            pipe = pipeline_class("sd15")(**parts, safety_checker=None, feature_extractor=None,
+                                          requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -3477,3 +3477,110 @@ def test_every_relative_link_in_readme_and_docs_resolves():
                     broken.append(f"{where} (no heading #{anchor})")
     assert checked > 0
     assert not broken, "broken links:\n" + "\n".join(broken)
+
+
+# ------------------------------------------------------------------------ flow matching: Stable Diffusion 3
+SD3 = ["--batch", 2, "--max_pairs", 16, "--eval_pairs", 4, "--eval_draws", 1, "--sample_steps", 0]
+
+
+def test_flow_rpo_with_one_pair_is_the_written_flow_dpo_formula_and_a_wrong_target_breaks_it():
+    # L = -log sigmoid(-(beta/2) [(|v_theta(x_t^w) - v^w|^2 - |v_ref(x_t^w) - v^w|^2)
+    #                              - (|v_theta(x_t^l) - v^l|^2 - |v_ref(x_t^l) - v^l|^2)]),
+    # x_t = (1 - sigma) x_0 + sigma eps, v = eps - x_0; the pair shares eps and sigma; err = mean over elements
+    cfg, m = tiny_models("tiny-sd3", "--batch", "1", "--drop_prompt", "0", "--beta", "100")
+    with torch.no_grad():  # a policy that differs from its reference
+        for p in m.unet.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    pairs = toy_batch(cfg, m, n=1)
+    key = f"noise-{cfg.seed}-0-{pairs.index[0]}"
+    eps, sigma = rpo.pair_noise([random.Random(key).getrandbits(63)], pairs.latents_w.shape[1:], 1000, m.sigmas)
+    assert 0 < sigma.item() < 1 and sigma.item() in m.sigmas.tolist()
+
+    def err(model, x0):
+        x_t = (1 - sigma) * x0 + sigma * eps
+        v = model(hidden_states=x_t, timestep=sigma * 1000, encoder_hidden_states=pairs.prompt,
+                  pooled_projections=pairs.pooled).sample
+        return ((v - (eps - x0)) ** 2).mean()
+    with torch.no_grad():
+        s_w = err(m.unet, pairs.latents_w) - err(m.ref_unet, pairs.latents_w)
+        s_l = err(m.unet, pairs.latents_l) - err(m.ref_unet, pairs.latents_l)
+        written = -F.logsigmoid(-(100 / 2) * (s_w - s_l))
+        loss = rpo.preference_step(cfg, m, m.unet, pairs, epoch=0)[0]
+        # rel 1e-4: one batched call of winners and losers rounds apart from two calls, and beta/2 magnifies it
+        assert loss.item() == pytest.approx(written.item(), rel=1e-4) and abs(s_w - s_l) > 1e-4
+        for wrong in (lambda x0, n, s: (rpo.velocity_target(x0, n, s)[0], x0 - n),  # the sign flipped
+                      lambda x0, n, s: (rpo.velocity_target(x0, n, s)[0], n)):  # eps as the target
+            m.noised = wrong
+            assert rpo.preference_step(cfg, m, m.unet, pairs, epoch=0)[0].item() != pytest.approx(
+                written.item(), rel=1e-3)
+
+
+@pytest.mark.parametrize("t5", [True, False])
+def test_rpo_py_calls_the_sd3_transformer_as_its_pipeline_does_at_every_denoising_step(t5):
+    from diffusers import StableDiffusion3Pipeline
+    cfg, m = tiny_models("tiny-sd3", *([] if t5 else ["--no_t5"]))
+    folder = toy.model_folder("tiny-sd3")
+    pipe = StableDiffusion3Pipeline.from_pretrained(folder, **({} if t5 else dict(text_encoder_3=None,
+                                                                                   tokenizer_3=None)))
+    calls = []
+    pipe.transformer.register_forward_hook(lambda mod, args, kw, out: calls.append((kw, out[0])),
+                                           with_kwargs=True)
+    caption = "a red circle on a blue background"
+    pipe(caption, num_inference_steps=3, guidance_scale=1.0, height=32, width=32, output_type="latent",
+         generator=torch.Generator().manual_seed(0))
+    prompt, pooled = rpo.encode_prompts(m, [caption])
+    assert len(calls) == 3
+    for i, (kw, out) in enumerate(calls):
+        sigma = pipe.scheduler.sigmas[i].reshape(1)  # the pipeline's own timestep is sigma x 1000
+        with torch.no_grad():
+            ours = rpo.predict(m, m.unet, kw["hidden_states"], sigma, prompt, pooled, None)
+        assert torch.allclose(ours, out, atol=1e-5), i
+
+
+@pytest.mark.parametrize("loss, weights", [("rpo", "full"), ("dpo", "lora"), ("sft", "full"), ("sft", "lora"),
+                                            ("rpo", "lora --no_t5")])
+def test_sd3_trains_with_each_loss_whole_or_with_lora_and_saves_what_diffusers_loads(tmp_path, loss, weights):
+    from diffusers import SD3Transformer2DModel
+    flags = [*tiny("tiny-sd3"), *SD3, "--loss", loss, "--max_steps", 2, "--save_every", 2, "--lr", 1e-3,
+             *(weights.split()[1:]), *(LORA if weights.startswith("lora") else [])]
+    summary, metrics = train(tmp_path, *flags)
+    assert len(metrics) == 2 and all(math.isfinite(r["loss"]) for r in metrics)
+    assert metrics[-1]["mse"] != (metrics[-1].get("ref_mse") if loss != "sft" else metrics[0]["mse"])
+    saved = final_unet(tmp_path)
+    if weights == "full":
+        loaded = SD3Transformer2DModel.from_pretrained(tmp_path / "transformer").state_dict()
+        assert loaded.keys() == saved.keys() and all(torch.equal(loaded[k], saved[k]) for k in saved)
+    else:
+        assert os.path.isfile(tmp_path / "lora" / rpo.LORA_FILE) and not os.path.exists(tmp_path / "transformer")
+
+
+def test_sd3_lora_adapters_load_into_the_sd3_pipeline_and_draw_the_trained_samples_not_the_bases(tmp_path):
+    from diffusers import StableDiffusion3Pipeline
+    out = tmp_path / "run"
+    train(out, *tiny("tiny-sd3"), *LORA, *SD3, "--max_steps", 3, "--save_every", 3, "--batch", 4,
+          "--eval_pairs", 0, "--lr", 1e-1, "--sample_steps", 4)
+    cfg = rpo.parse_config([*tiny("tiny-sd3"), "--sample_steps", "4"])
+    pipe = StableDiffusion3Pipeline.from_pretrained(cfg.pretrained)
+    pipe.load_lora_weights(out / "lora")
+    m = rpo.load_models(cfg, torch.device("cpu"), torch.float32)
+    m.unet = pipe.transformer
+    rpo.save_samples(cfg, m, str(tmp_path / "loaded.png"), nullcontext())
+
+    def pixels(path):
+        return np.asarray(Image.open(path), dtype=np.int16)
+    assert np.array_equal(pixels(tmp_path / "loaded.png"), pixels(out / "samples_3.png"))
+    pipe.unload_lora_weights()
+    rpo.save_samples(cfg, m, str(tmp_path / "base.png"), nullcontext())
+    assert np.abs(pixels(tmp_path / "base.png") - pixels(out / "samples_3.png")).max() > 8
+
+
+@pytest.mark.parametrize("weights", ["full", "lora"])
+def test_an_sd3_run_resumed_from_its_checkpoint_logs_and_saves_exactly_what_the_uninterrupted_run_does(
+        tmp_path, weights):
+    flags = [*tiny("tiny-sd3"), *SD3, "--save_every", 2, "--lr", 1e-3, *(LORA if weights == "lora" else [])]
+    _, full = train(tmp_path / "full", *flags, "--max_steps", 4)
+    train(tmp_path / "cut", *flags, "--max_steps", 2)
+    _, resumed = train(tmp_path / "cut", *flags, "--max_steps", 4, "--resume")
+    assert resumed == full
+    a, b = final_unet(tmp_path / "full"), final_unet(tmp_path / "cut")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -13,7 +13,7 @@ rpo.py reads as it reads any other: rpo.py imports nothing from here.
 
     python toy.py data toy --out toy-data          # the default run's data, shipped (4000 training pairs)
     python toy.py data toy-subject --out subject   # the second world
-    python toy.py model tiny --out tiny            # tiny, tiny-xl, sd15, sdxl: random weights
+    python toy.py model tiny --out tiny            # tiny, tiny-xl, tiny-sd3, sd15, sdxl, sd3: random
     python toy.py model tiny-drawn --out drawn     # rebuilds toy-drawn/ bit for bit (one thread; 25 minutes)
 
 The tests and the evaluation take the random models from model_folder (built once under RPO_HOME).
@@ -215,6 +215,42 @@ SHAPES = {
         clip_vision=VIT_L14),
 }
 SHAPES["tiny-drawn"] = SHAPES["tiny"]  # with a VAE and UNet trained to draw the toy world
+# SD3's: a transformer over 2x2 latent patches, CLIP-L and CLIP-G (both with projections; pooled: theirs side by
+# side), T5 whose width is the transformer's joint width, and a VAE with a shift as well as a scale
+TINY_T5 = dict(d_model=64, d_ff=128, d_kv=16, num_layers=2, num_heads=2)
+SHAPES["tiny-sd3"] = dict(
+    transformer=dict(sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+                     attention_head_dim=8, num_attention_heads=2, joint_attention_dim=64, caption_projection_dim=16,
+                     pooled_projection_dim=64, pos_embed_max_size=16),
+    vae=vae_config([16, 32], 1.0), clip_vision=TINY_VISION, t5=TINY_T5,
+    text=[TINY_TEXT, clip_text_config(32, 2, 2, 32, act="gelu", vocab=TINY_VOCAB)])
+# SD3.5 Medium's transformer, CLIP-L and CLIP-G at full size; T5-XXL's width at 2 of its 24 layers (a GPU speed
+# run needs the transformer's cost, not 4.7B frozen T5 weights)
+SHAPES["sd3"] = dict(
+    transformer=dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
+                     attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
+                     caption_projection_dim=1536, pooled_projection_dim=2048, pos_embed_max_size=384,
+                     qk_norm="rms_norm", dual_attention_layers=tuple(range(13))),
+    vae=dict(vae_config([128, 256, 512, 512], 1.5305), latent_channels=16, shift_factor=0.0609),
+    clip_vision=VIT_L14, t5=dict(d_model=4096, d_ff=10240, d_kv=64, num_layers=2, num_heads=64),
+    text=[clip_text_config(768, 12, 12, 768), clip_text_config(1280, 32, 20, 1280, act="gelu")])
+
+
+def t5_tokenizer():
+    """A T5 tokenizer (unigram, sentencepiece-style word starts) over single printable characters: built in
+    code, nothing downloaded."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+    chars = [chr(b) for b in range(33, 127)]
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    pieces += [(c, -1.0) for c in chars] + [("▁" + c, -1.0) for c in chars]
+    tok = Tokenizer(models.Unigram(pieces, unk_id=2))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                       special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+                           extra_ids=0, model_max_length=512)
 
 
 def byte_level_tokenizer():
@@ -231,28 +267,42 @@ def build_random_pipeline(model, folder):
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
     shape, tmp = SHAPES[model], f"{folder}.tmp{os.getpid()}"  # runs started together each build their own
+    family = rpo.FAMILY[model]
     torch.manual_seed(0)
     tokenizer = byte_level_tokenizer()
     vae = AutoencoderKL(**shape["vae"])
     if model == "tiny-drawn":
         train_vae(vae)
     if model.startswith("tiny"):  # as SD chose 0.18215: unit-variance latents, else x_t is noise at every t
-        vae.register_to_config(scaling_factor=unit_variance_scale(vae))
-    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              clip_sample=False, steps_offset=1)
-    parts = dict(unet=UNet2DConditionModel(**shape["unet"]), vae=vae, scheduler=scheduler,
-                 text_encoder=CLIPTextModel(CLIPTextConfig(**shape["text"][0])), tokenizer=tokenizer)
-    if model == "tiny-drawn":
-        train_unet(parts)
-    if rpo.IS_XL[model]:
-        from diffusers import StableDiffusionXLPipeline
-        encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**shape["text"][1]))
-        pipeline = StableDiffusionXLPipeline(**parts, text_encoder_2=encoder_2, tokenizer_2=tokenizer)
-        pipeline.save_pretrained(tmp)
+        vae.register_to_config(**unit_variance_latents(vae, shifted=family == "sd3"))
+    if family == "sd3":
+        from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+        from transformers import T5Config, T5EncoderModel
+        t5_tok = t5_tokenizer()
+        encoders = [CLIPTextModelWithProjection(CLIPTextConfig(**text)) for text in shape["text"]]
+        t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tok), decoder_start_token_id=0, pad_token_id=0,
+                                     eos_token_id=1, **shape["t5"]))
+        StableDiffusion3Pipeline(  # SD3.5's scheduler: shift 3
+            transformer=SD3Transformer2DModel(**shape["transformer"]), vae=vae,
+            scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), text_encoder=encoders[0], tokenizer=tokenizer,
+            text_encoder_2=encoders[1], tokenizer_2=tokenizer, text_encoder_3=t5, tokenizer_3=t5_tok,
+        ).save_pretrained(tmp)
     else:
-        from diffusers import StableDiffusionPipeline
-        StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
-                                requires_safety_checker=False).save_pretrained(tmp)
+        scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                  clip_sample=False, steps_offset=1)
+        parts = dict(unet=UNet2DConditionModel(**shape["unet"]), vae=vae, scheduler=scheduler,
+                     text_encoder=CLIPTextModel(CLIPTextConfig(**shape["text"][0])), tokenizer=tokenizer)
+        if model == "tiny-drawn":
+            train_unet(parts)
+        if family == "sdxl":
+            from diffusers import StableDiffusionXLPipeline
+            encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**shape["text"][1]))
+            pipeline = StableDiffusionXLPipeline(**parts, text_encoder_2=encoder_2, tokenizer_2=tokenizer)
+            pipeline.save_pretrained(tmp)
+        else:
+            from diffusers import StableDiffusionPipeline
+            StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
+                                    requires_safety_checker=False).save_pretrained(tmp)
     save_random_clip(model, shape, tokenizer, os.path.join(tmp, "clip"))
     try:
         os.rename(tmp, folder)
@@ -272,12 +322,16 @@ def save_random_clip(model, shape, tokenizer, folder):
 
 
 @torch.no_grad()
-def unit_variance_scale(vae):
-    """The latent scaling factor that gives 64 toy training images unit-variance latents."""
+def unit_variance_latents(vae, shifted=False):
+    """The latent scaling factor (and, for SD3's VAE, the shift) that gives 64 toy training images zero-mean,
+    unit-variance latents."""
     rows = pair_rows("train", 64)
     jobs = [rpo.PairJob(row, 0, rpo.PRESETS["tiny"]["resolution"]) for row in rows]
     pixels = torch.stack([torch.from_numpy(rpo.prepare_pair(job)["winner"]) for job in jobs])
-    return 1 / vae.encode(pixels / 127.5 - 1).latent_dist.mode().std().item()
+    latents = vae.encode(pixels / 127.5 - 1).latent_dist.mode()
+    if not shifted:
+        return dict(scaling_factor=1 / latents.std().item())
+    return dict(scaling_factor=1 / latents.std().item(), shift_factor=latents.mean().item())
 
 
 def drawings(rng, captions, size):
