@@ -6,11 +6,9 @@ the two prompt-image pairs are in CLIP space.
     python rpo.py --model sdxl --data pickapic     # the real thing
     torchrun --nproc_per_node=8 rpo.py --model sd15 --data /data/pickapic --global_contrast
 
-Top to bottom: the method (between "copy from here" and "copy to here": the paper's equations, torch alone);
-config; the training step and loop (preference_step, train); models; main. Below the divider, what a reader of
-the method need not read: data layouts, sharding and exact resume, decoding, the cache, the run folder and its
-lock, signals, checkpoints, saving, tracking. Every field of Config is a flag: --key value (booleans: --key, or
---key false). toy.py writes the toy world's data and tiny models as folders, which rpo.py reads like any other.
+Top to bottom: the method (from "copy from here" to "copy to here"); config; the training step and loop
+(preference_step, train); models; main; below the divider, the machinery. Every field of Config is a flag: --key
+value (booleans: --key, or --key false). toy.py writes the toy world's data and tiny models as ordinary folders.
 """
 
 # ================================================================================= copy from here
@@ -342,10 +340,9 @@ def preference_step(cfg, m, policy, pairs, epoch):
 
 
 def pair_errors(unet, m, pairs, keys, prompt=None, pooled=None, winners_only=False):
-    """The method's denoiser_errors for a UNet or transformer (policy or reference) on encoded pairs: each
-    pair's noise and timestep from its key, the model conditioned on the captions (prompt, pooled: after
-    prompt dropout; default the pairs' own) and, SDXL, on the time ids. Returns (err_w, err_l), err_l None
-    with winners_only."""
+    """The method's denoiser_errors for a UNet or transformer on encoded pairs: each pair's noise and timestep
+    from its key; the captions' conditioning (prompt, pooled: after prompt dropout, default the pairs' own) and
+    SDXL's time ids."""
     if prompt is None:
         prompt, pooled = pairs.prompt, pairs.pooled
     seeds = [random.Random(key).getrandbits(63) for key in keys]
@@ -389,8 +386,7 @@ def gather(x):
 
 @torch.no_grad()
 def evaluate(cfg, m, heldout, autocast):
-    """Held-out implicit accuracy and margin, s averaged over eval_draws fixed (noise, t) draws per pair; the
-    held-out micro-batches go through the UNets one at a time."""
+    """Held-out implicit accuracy and margin, s averaged over eval_draws fixed (noise, t) draws per pair."""
     was_training = m.unet.training
     m.unet.eval()
     errs = []  # per micro-batch: err_w, err_l, ref_err_w, ref_err_l, each the mean over the draws
@@ -424,11 +420,9 @@ def make_trainer(cfg, m, run):
     policy = m.unet
     if run.ddp:
         device_ids = [run.local_rank] if run.device.type == "cuda" else None
-        # gradients as views of DDP's buckets, or every gradient is held twice (SDXL fp32: +10 GB); zero_grad
-        # then zeroes them in place: set_to_none would drop the views, and each step's no_sync micro-batches
-        # would make new gradients beside the buckets
-        policy = torch.nn.parallel.DistributedDataParallel(m.unet, device_ids=device_ids,
-                                                           gradient_as_bucket_view=True)
+        # gradients as views of DDP's buckets, or each held twice (SDXL fp32: +10 GB); zero_grad zeroes them in place:
+        # set_to_none would drop the views, and each step's no_sync micro-batches would make new gradients beside them
+        policy = torch.nn.parallel.DistributedDataParallel(m.unet, device_ids=device_ids, gradient_as_bucket_view=True)
     if cfg.compile:
         policy = torch.compile(policy)
         m.ref_unet = torch.compile(m.ref_unet) if m.ref_unet is not None else None
@@ -456,12 +450,10 @@ def make_optimizer(cfg, params, lr, device):
 
 
 def train(cfg, m, run, trainer, batches, heldout, step, nonfinite, tracker, asked):
-    """The training loop from `step` to --max_steps: one optimizer step per pass, top to bottom. Every
-    --save_every steps and at the end, a save point: a checkpoint, then the weights, held-out metrics and
-    samples. A checkpoint alone every --save_every_minutes, and when a signal asks the run to stop (`asked`,
-    see stop_requests), which it then does. Returns the logged records, the loop's timing, its last
-    micro-batch and what stopped it early (None: it ran to --max_steps). nonfinite: the non-finite steps so
-    far, and how many of the last ones in a row."""
+    """The loop from `step` to --max_steps, one optimizer step per pass: a save point (checkpoint, weights, held-out
+    metrics, samples) every --save_every steps and at the end; a checkpoint alone every --save_every_minutes and on
+    a signal (`asked`, see stop_requests), which then stops it. nonfinite: non-finite steps so far, and in a row.
+    Returns the records, the timing, the last micro-batch and what stopped it early (None: it ran to the end)."""
     (nonfinite_total, nonfinite_run), start_step, history, stopped_by = nonfinite, step, [], None
     asked["training"] = True
     last_checkpoint = time.monotonic()
@@ -487,9 +479,8 @@ def train(cfg, m, run, trainer, batches, heldout, step, nonfinite, tracker, aske
             sums["grad_norm"] = torch.nn.utils.clip_grad_norm_(trainer.params, 1.0)
             due = run.master and 0 < 60 * cfg.save_every_minutes <= time.monotonic() - last_checkpoint
             logged, signalled, due = step_record(sums, state["counts"], asked, due, run)
-            # 3. step, unless the loss or the gradient is not finite: a NaN gradient under a finite loss
-            #    (bf16 has no GradScaler to catch it) would turn every weight NaN. In fp16 an overflow under a
-            #    finite loss is the GradScaler's to absorb (it halves its scale) until the scale falls below 1
+            # 3. step unless loss or gradient is not finite: a NaN gradient under a finite loss (bf16 has no GradScaler
+            #    to catch it) turns every weight NaN. fp16 overflows are the GradScaler's to absorb until its scale < 1
             finite = math.isfinite(logged["loss"]) and math.isfinite(logged["grad_norm"])
             absorbed = (not finite and math.isfinite(logged["loss"]) and trainer.scaler.is_enabled()
                         and trainer.scaler.get_scale() >= 1)
@@ -507,16 +498,14 @@ def train(cfg, m, run, trainer, batches, heldout, step, nonfinite, tracker, aske
             step_seconds.append(time.perf_counter() - t_step)
             if step == start_step + 1:  # the throughput leaves out the first step (compilation, warm-up)
                 t_first = time.perf_counter()
-            # 4. the checkpoint first (nothing after it can lose it), then at a save point the weights,
-            #    held-out metrics and samples; the log
+            # 4. checkpoint first (nothing after it can lose it), then a save point's weights, metrics and samples; log
             record = dict(step=step, lr=lr, **logged, nonfinite=nonfinite_total)
             history.append(record)
             stop = nonfinite_run >= cfg.max_nonfinite
             save_point = step % cfg.save_every == 0 or step == cfg.max_steps or stop
             if save_point or signalled or due:
                 t_save = time.perf_counter()
-                save_checkpoint(cfg, m, trainer, step, (nonfinite_total, nonfinite_run), state, run, record,
-                                save_point)
+                save_checkpoint(cfg, m, trainer, step, (nonfinite_total, nonfinite_run), state, run, record, save_point)
                 last_checkpoint = time.monotonic()
                 if save_point:
                     record.update(finish_save_point(cfg, m, run, heldout, step))
@@ -544,10 +533,8 @@ def train(cfg, m, run, trainer, batches, heldout, step, nonfinite, tracker, aske
 
 
 def step_record(sums, counts, asked, due, run):
-    """What a step logs, reduced across ranks in one all-reduce of one float64 vector on the device (one copy
-    to the host): metrics averaged, skip counts summed (each rank reads its own rows), and two flags that every
-    rank then acts on: a signal on any rank (`asked`), rank 0's clock saying a checkpoint is due. Returns the
-    record and the two flags."""
+    """What a step logs, reduced across ranks (see step_vector): metrics averaged, skip counts summed (each rank
+    reads its own rows), and the flags every rank acts on: a signal on any rank, rank 0's checkpoint clock."""
     names, vec = step_vector(sums, counts, [asked["signal"] is not None, due], run.device)
     if run.ddp:
         dist.all_reduce(vec)
@@ -641,7 +628,7 @@ def load_models(cfg, device, dtype):
 def load_unets(cfg, base, device, dtype):
     """The policy UNet or SD3 transformer (fp32 master weights) and a frozen reference copy in the compute
     dtype. With LoRA it is frozen in the compute dtype, only its adapters train, and there is no copy (None):
-    the reference is the same model with its trained adapters switched off (see `reference`)."""
+    see `reference`."""
     from diffusers import SD3Transformer2DModel, UNet2DConditionModel
     family = FAMILY[cfg.model]
     cls = SD3Transformer2DModel if family == "sd3" else UNet2DConditionModel
@@ -671,9 +658,8 @@ SETTINGS_FILE = "settings.json"  # DIR/settings.json: the run's Config, for the 
 
 
 def add_lora(cfg, unet):
-    """Trainable LoRA adapters ('default', fp32) on the frozen UNet: new ones, whose zero up-projection makes
-    the policy equal the reference before the first step, or a previous run's (--init_lora), together with a
-    frozen copy of them ('reference') that is then the reference model."""
+    """Trainable LoRA adapters ('default', fp32) on the frozen UNet: new ones (a zero up-projection: the policy
+    starts as the reference), or --init_lora's, with a frozen copy of them ('reference') as the reference."""
     from peft import LoraConfig
     if cfg.init_lora:
         try:
@@ -681,8 +667,7 @@ def add_lora(cfg, unet):
                 warnings.simplefilter("ignore")
                 for name in ("reference", "default"):
                     unet.load_lora_adapter(cfg.init_lora, prefix=DENOISER_FOLDER[FAMILY[cfg.model]],
-                                           adapter_name=name,
-                                           weight_name=LORA_FILE)
+                                           adapter_name=name, weight_name=LORA_FILE)
         except (OSError, ValueError) as e:
             sys.exit(f"rpo.py: cannot load LoRA adapters from {cfg.init_lora!r} (a run's DIR/lora): "
                      f"{first_line(e)}")
@@ -752,16 +737,14 @@ def encode_images(m, pixels):
     return (m.vae.encode(x).latent_dist.mode() - shift) * m.vae.config.scaling_factor
 
 
-# The training step consumes encoded pairs: VAE latents, text-encoder states, SDXL time ids and the pair
-# embeddings f. They are computed on the fly, or once per dataset with --cache and read back every epoch.
+# The step takes encoded pairs (VAE latents, text states, SDXL time ids, f): made on the fly, or once with --cache
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 
 # f(c, x) = normalize(normalize(text(c)) + normalize(image(x)));  --embed text | image | both
 @torch.no_grad()
 def pair_embeddings(m, captions, pixels, embed):
-    """The method's pair_embedding of each (caption, image) by the pair-weight CLIP; pixels uint8 [N,3,H,W]
-    with N a multiple of len(captions)."""
+    """The method's pair_embedding by the pair-weight CLIP; pixels uint8 [N,3,H,W], N k x len(captions)."""
     text = image = None
     if embed in ("text", "both"):
         ids = m.clip_tokenizer(captions, padding="max_length", max_length=77, truncation=True,
@@ -783,9 +766,8 @@ def clip_pixels(pixels, size):
 
 @torch.no_grad()
 def encode_pairs(m, pairs, embed, with_f=True):
-    """Prepared pairs -> Pairs, the one place a micro-batch is encoded. Cached pairs (see cached_pair) are
-    stacked as stored; decoded ones (see prepare_pair) go through the VAE and the text encoders, and with_f
-    through CLIP for the pair embeddings."""
+    """Prepared pairs -> Pairs, the one place a micro-batch is encoded: cached ones (cached_pair) stacked as
+    stored, decoded ones (prepare_pair) through the VAE, the text encoders and, with_f, the pair-weight CLIP."""
     index = [p["index"] for p in pairs]
 
     def stacked(key):  # [M, ...] on the device; cached pairs hold [winner, loser] in their second axis
@@ -930,10 +912,9 @@ def stages(cfg, run, pool, asked):
     if tracker:
         tracker.close()
     if run.ddp:
-        # DDP's Reducer holds the process group. Freed after destroy_process_group, it would be the last
-        # holder and destroy gloo's group with the GIL held, while a gloo worker thread may need the GIL to
-        # free a finished collective's tensors: a deadlock at exit. Freed first, the group goes with
-        # destroy_process_group, which releases the GIL.
+        # DDP's Reducer holds the process group: freed last, it would destroy gloo's group with the GIL held,
+        # while a gloo worker thread may need the GIL to free a finished collective's tensors (a deadlock at
+        # exit). Freed first, the group goes with destroy_process_group, which releases the GIL.
         if cfg.compile:
             torch.compiler.reset()  # compiled code may keep the module it was compiled from alive
         del trainer  # the only holder of the DDP module
@@ -960,23 +941,21 @@ def describe(cfg, m, run, trainer):
 
 
 # ================================================================================================
-# The machinery. What follows serves the training above, and a reader of the method need not read it: data
-# layouts and decoding, sharding and exact resume, the cache, the run folder and its lock, signals,
-# checkpoints, saving, tracking and the end-of-run line.
+# The machinery, which a reader of the method need not read: data layouts and decoding, sharding and exact
+# resume, the cache, the run folder and its lock, signals, checkpoints, saving, tracking, the end-of-run line.
 # ================================================================================================
 
 
 # ----------------------------------------------------------------- data: layouts, reading, checks
 # Rows follow Pick-a-Pic v2: caption, jpg_0, jpg_1 (encoded images, or {"path": file}), label_0 (1, 0.5, 0).
-# A source is a list of DataFiles: parquet files or tar shards (local, or a hub dataset's through hf:// URLs),
-# JSON files split into virtual files, cache files. Whatever their layout, rows go through the same sharding,
-# shuffling, checks and decoding.
+# A source is a list of DataFiles: parquet files or tar shards (local, or hf:// URLs), JSON files split into
+# virtual files, cache files. Whatever the layout, rows go through the same sharding, shuffling, checks, decoding.
 SKIP_KEYS = ("ties", "bad_caption", "bad_label", "bad_image", "missing_image", "unreadable", "small")
 SPLIT_NAMES = ("train", "validation", "test")  # a local folder whose file or folder names hold one has splits
 DATA_EXTENSIONS = (".parquet", ".tar", ".json")
 JSON_FILE_ROWS = 4096  # pairs per virtual file of a JSON source: the unit dealt to the ranks
 COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")  # Pick-a-Pic's, which every layout's rows are mapped to
-# the layouts rpo.py reads, recognised by what their files hold (README: Getting Pick-a-Pic today)
+# the layouts rpo.py reads, recognised by what their files hold (docs/data.md: Getting Pick-a-Pic today)
 LAYOUTS = {"pickapic": ("parquet", COLUMNS),
            "pickapic-wds": ("tar", ("original_prompt.txt", "jpg_0.jpg", "jpg_1.jpg", "label_0.txt")),
            "chosen-rejected": ("parquet", ("prompt", "chosen", "rejected")),
@@ -1023,9 +1002,8 @@ def source_files(cfg, source, split, max_rows=0):
 
 
 def dataset_paths(cfg, source, split):
-    """The data files of a local source (a file, a folder searched recursively, or a glob; of a folder whose
-    names carry splits, those of the split), or of a hub dataset's split: the ones `datasets` resolves for
-    it, as hf:// URLs pinned to the dataset's current commit."""
+    """The data files of a local source (a file, a folder searched recursively, or a glob; where names carry
+    splits, the split's), or of a hub dataset's split (hub_data_files)."""
     where = cfg.data_id if source == "pickapic" else source
     try:
         if source == "pickapic":
@@ -1062,11 +1040,9 @@ def local_files(source, extensions):
 
 
 def folder_splits(source):
-    """{split: its data files, sorted} of a local folder, each file's split named by its path under the folder
-    in the forms `datasets` resolves ({split}/, data/{split}-*, {split}-*): the first folder (after a leading
-    data/), else the file name up to its first '-' or '.' (train-00000-of-00645.parquet: train;
-    validation_unique-00000-of-00001.parquet: validation_unique, not validation). {} for anything that is not
-    a local folder."""
+    """{split: its data files, sorted} of a local folder ({} for anything else), named as `datasets` names them
+    ({split}/, data/{split}-*, {split}-*): the first folder after a leading data/, else the file name up to its
+    first '-' or '.' (validation_unique-00000-of-00001.parquet: validation_unique, not validation)."""
     splits = {}
     for path in local_files(source, DATA_EXTENSIONS) if os.path.isdir(source) else []:
         parts = os.path.relpath(path, source).split(os.sep)
@@ -1161,9 +1137,8 @@ def check_files(files):
 
 @functools.lru_cache(maxsize=None)
 def json_pairs(path, layout):
-    """The pairs of a JSON source as (record, winner, loser) image indices. hpdv3: path1 is the preferred
-    image. hpdv2, HPDv2's rule: each image its annotator chose (human_preference 1) wins against each one not
-    chosen; a record where every image, or none, was chosen is one tie."""
+    """A JSON source's pairs as (record, winner, loser) image indices. hpdv3: path1 wins. hpdv2, HPDv2's rule:
+    each chosen image (human_preference 1) beats each one not chosen; all chosen, or none, is one tie."""
     pairs = []
     for r, record in enumerate(json_records(path)):
         if layout == "hpdv3":
@@ -1226,8 +1201,7 @@ def tar_records(path, a, b):
 
 
 def file_length(file):
-    """A file's rows: known for parquet (its footer; 0 for one without), JSON and cache files; a tar shard's is
-    not."""
+    """A file's rows: known for parquet (its footer; 0 for one without), JSON and cache files, not tar shards."""
     if file.rows is not None:
         return file.rows
     try:
@@ -1238,10 +1212,9 @@ def file_length(file):
 
 
 def read_rows(file, a, b):
-    """Rows a..b-1 of a file as Pick-a-Pic rows, fewer at its end; a parquet file's from the row groups that
-    hold them, a tar shard's by reading on. What cannot be read is UNREADABLE rows in its place: a row group's
-    rows, or one row for a file that does not open (its length unknown), so the rows after it keep their
-    places and a resume reads the same rows."""
+    """Rows a..b-1 of a file as Pick-a-Pic rows, fewer at its end. What cannot be read is UNREADABLE rows in its
+    place (a row group's rows, or one row for a file that does not open: its length unknown), so the rows after
+    it keep their places and a resume reads the same rows."""
     b = min(b, file.rows) if file.rows is not None else b
     if a >= b:
         return []
@@ -1274,8 +1247,7 @@ def read_rows(file, a, b):
 
 
 def pickapic_row(file, record):
-    """A record of any layout as a Pick-a-Pic row: caption, jpg_0 (here always the winner but for Pick-a-Pic's
-    own rows), jpg_1, label_0."""
+    """A record of any layout as a Pick-a-Pic row; jpg_0 is the winner in all but Pick-a-Pic's own rows."""
     if file.layout == "pickapic":
         return record
     if file.layout == "chosen-rejected":
@@ -1343,10 +1315,9 @@ def chunks(file, size):
 
 # --------------------------------------------------------- data: sharding, order and exact resume
 def rank_rows(cfg, files, epoch, rank, world, at=None):
-    """(pair id, row, where to resume after it) for this rank's share of an epoch. The epoch's shuffled file
-    list is dealt round-robin to the ranks, so a rank reads only its own files. It reads them in windows of
-    --shuffle_buffer rows, each shuffled on its own, then spread so that one prompt's pairs rarely meet in a
-    micro-batch: resuming at (file, row, window, taken) reads one window."""
+    """(pair id, row, where to resume after it) for this rank's share of an epoch: the epoch's shuffled file
+    list dealt round-robin, so a rank reads only its own files, in windows of --shuffle_buffer rows, each
+    shuffled and spread; resuming at (file, row, window, taken) reads one window."""
     mine = random.Random(f"{cfg.seed}-files-{epoch}").sample(range(len(files)), len(files))[rank::world]
     k, row, window, taken = at or (0, 0, 0, 0)  # the window starts at `row` of this rank's k-th file
     while k < len(mine):
@@ -1373,10 +1344,9 @@ def read_window(cfg, files, mine, k, row):
 
 
 def spread(order, captions, rng):
-    """The window's order with each caption's rows evenly spaced through it from a random phase: a caption
-    with c rows in a window of n sits about n / c places apart, so its pairs rarely share a micro-batch.
-    Pick-a-Pic stores a prompt's pairs side by side (one user session); shuffled windows alone keep them
-    close (README: Which pairs meet)."""
+    """The window's order with each caption's rows evenly spaced from a random phase (c rows in a window of n:
+    about n / c apart), so they rarely share a micro-batch. Pick-a-Pic stores a prompt's pairs side by side (one
+    user session), which shuffled windows alone keep close (docs/data.md: Which pairs meet)."""
     count, seen, phase, key = Counter(captions), Counter(), {}, {}
     for i in order:
         c = captions[i]
@@ -1393,17 +1363,14 @@ def caption_of(row):
 
 
 def coin(seed, epoch, index, what):
-    """A per-pair random number fixed by (seed, epoch, pair): the same with or without cache, ranks or
-    resume."""
+    """A per-pair random number fixed by (seed, epoch, pair): the same with or without cache, ranks or resume."""
     return random.Random(f"{seed}-{epoch}-{index}-{what}").random()
 
 
 def pair_batches(cfg, rank, world, start=None, pool=None):
-    """Endless (M pairs, state after them) for this rank: decoded pairs, or encoded ones from --cache. The
-    state is where to resume: epoch, place in the rank's share (see rank_rows) and the skip counts so far.
-    Rows are decoded ahead in --workers processes but taken in order, so pairs, counts and states never depend
-    on the workers. A rank that ends its share of an epoch goes on with its next epoch: no rank waits for
-    another."""
+    """Endless (M pairs, state after them) for this rank, decoded or from --cache; the state (epoch, place in the
+    rank's share, skip counts) is where to resume. Rows decode ahead in --workers processes but are taken in order,
+    so nothing depends on the workers. A rank that ends its share of an epoch starts its next: none waits."""
     if cfg.cache:  # cached pairs are read here, not decoded in the workers
         files, prepare, pool = cache_files(cfg), cached_pair, None
     else:
@@ -1434,8 +1401,7 @@ def pair_batches(cfg, rank, world, start=None, pool=None):
 
 
 def epoch_jobs(cfg, files, epoch, rank, world, at):
-    """(where to resume after the row, PairJob) for this rank's rows of an epoch, with each pair's flip and
-    crop fixed by (seed, epoch, pair)."""
+    """(where to resume after the row, PairJob) for this rank's rows of an epoch; flip and crop fixed per pair."""
     for pid, row, after in rank_rows(cfg, files, epoch, rank, world, at):
         flip = not cfg.no_flip and coin(cfg.seed, epoch, pid, "flip") < 0.5
         crop_seed = f"{cfg.seed}-{epoch}-{pid}" if cfg.random_crop else None
@@ -1449,9 +1415,8 @@ def training_batches(cfg, m, rank, world, start, pool):
 
 
 def heldout_pairs(cfg, m):
-    """Up to eval_pairs held-out pairs in file order, unflipped, encoded once in micro-batches of --batch
-    pairs (one VAE call over all of them does not fit a GPU at 1024 px); None without a held-out source or
-    with --eval_pairs 0."""
+    """Up to eval_pairs held-out pairs in file order, unflipped, encoded once in micro-batches of --batch (one
+    VAE call over all does not fit a GPU at 1024 px); None without a held-out source or with --eval_pairs 0."""
     source, split = heldout_source(cfg)
     if not source or cfg.eval_pairs <= 0:
         return None
@@ -1460,8 +1425,7 @@ def heldout_pairs(cfg, m):
     pairs = [p for p in prepared if not isinstance(p, str)]
     if not pairs:
         sys.exit(f"rpo.py: no usable held-out pairs in {source!r} (split {split!r})")
-    return [encode_pairs(m, pairs[i:i + cfg.batch], cfg.embed, with_f=False)
-            for i in range(0, len(pairs), cfg.batch)]
+    return [encode_pairs(m, pairs[i:i + cfg.batch], cfg.embed, with_f=False) for i in range(0, len(pairs), cfg.batch)]
 
 
 def heldout_source(cfg):
@@ -1503,8 +1467,7 @@ def decode(blob):
 
 
 def prepare_pair(job):
-    """Check, decode, winner first, resize and crop, flip: in a worker process. Returns a pair or a skip
-    reason."""
+    """Check, decode, winner first, resize and crop, flip: in a worker process. Returns a pair or a skip reason."""
     row, index, resolution, flip, crop_seed, time_ids = PairJob(*job)
     reason = skip_reason(row)
     if reason:
@@ -1553,9 +1516,8 @@ def mirrored(time_ids):
 
 
 class Decoders:
-    """--workers processes that decode JPEGs. The first are forked at start, before any CUDA or process-group
-    state exists; a pool whose worker died (the OOM killer) is forked anew, as DataLoader forks its workers
-    after CUDA starts: they never touch it."""
+    """--workers processes that decode JPEGs, first forked at start, before any CUDA or process-group state; a pool
+    whose worker died (the OOM killer) is forked anew, as DataLoader forks after CUDA starts: they never touch it."""
 
     def __init__(self, workers):
         self.workers, self.pool = workers, None
@@ -1564,8 +1526,7 @@ class Decoders:
     def restart(self):
         if self.pool:
             self.pool.shutdown(wait=False, cancel_futures=True)
-        self.pool = ProcessPoolExecutor(self.workers, multiprocessing.get_context("fork"),
-                                        initializer=decoder_started)
+        self.pool = ProcessPoolExecutor(self.workers, multiprocessing.get_context("fork"), initializer=decoder_started)
         self.pool.submit(int).result()  # a fork pool starts its workers at the first task: now
 
     def submit(self, fn, job):
@@ -1584,10 +1545,9 @@ def decoder_started():
 
 
 def prepared_in_order(prepare, jobs, pool, ahead):
-    """(at, prepare(job)) for each (at, job), in order; with a pool, up to `ahead` jobs run in the workers
-    while the caller works on the results before them. A worker that dies breaks the pool: it is started anew
-    and the jobs still pending run again, so the results are the same (a job is a function of its row). Three
-    deaths in a row, with no result in between, stop the run."""
+    """(at, prepare(job)) for each (at, job), in order; with a pool, up to `ahead` jobs run in the workers. A
+    worker's death breaks the pool: it starts anew and the pending jobs run again, with the same results (a job
+    is a function of its row). Three deaths in a row, with no result between, stop the run."""
     if pool is None:
         for at, job in jobs:
             yield at, prepare(job)
@@ -1637,10 +1597,9 @@ def cache_meta(cfg, m, files):
 
 
 def build_cache(cfg, m, rank, world, pool):
-    """Encode every row of the source once, both flips: one cache file per source file, written by rank
-    k mod world (each rank reads its share of the data) under a temporary name, then renamed, so an
-    interrupted build resumes at the files still missing. A cache file keeps each row's skip reason, so the
-    cached epochs skip and count exactly what the uncached ones would."""
+    """Encode every row of the source once, both flips: one cache file per source file, by rank k mod world,
+    written atomically, so an interrupted build resumes at the missing files. Each row's skip reason is kept,
+    so cached epochs skip and count exactly what uncached ones would."""
     os.makedirs(cfg.cache, exist_ok=True)
     files = source_files(cfg, cfg.data, cfg.split, cfg.max_pairs)
     meta, meta_path = cache_meta(cfg, m, files), os.path.join(cfg.cache, "meta.json")
@@ -1681,8 +1640,7 @@ def encode_file(cfg, m, file, k, pool):
     skip, small, parts, captions = [], [], [], []
     for a, rows in chunks(file, CACHE_CHUNK):  # CACHE_CHUNK decoded rows in memory at a time
         captions += [row.get("caption") if isinstance(row.get("caption"), str) else None for row in rows]
-        jobs = [PairJob(row, f"{k}:{r}", cfg.resolution, time_ids=cfg.time_ids)
-                for r, row in enumerate(rows, a)]
+        jobs = [PairJob(row, f"{k}:{r}", cfg.resolution, time_ids=cfg.time_ids) for r, row in enumerate(rows, a)]
         prepared = decoded(jobs, pool)
         skip += [p if isinstance(p, str) else None for p in prepared]
         usable = [p for p in prepared if not isinstance(p, str)]
@@ -1747,10 +1705,9 @@ def cached_pair(job):
 
 # ---------------------------------------------------------------- the run folder, signals, resume
 def run_folder(cfg, rank, ddp):
-    """--out, or out/run-N: a new N for a fresh run (claimed by creating it, so runs started together differ),
-    under --resume the newest that holds a checkpoint; rank 0 picks and every rank takes its pick. Rank 0
-    locks it for the life of the run and clears what a killed save left. A fresh run never writes into a
-    folder that holds another run. Returns the folder and the lock."""
+    """--out, or out/run-N as rank 0 picks it: a new N for a fresh run (claimed by creating it, so runs started
+    together differ), under --resume the newest with a checkpoint. Rank 0 locks it and clears what a killed save
+    left; a fresh run never writes into a folder that holds another run. Returns the folder and the lock."""
     out = cfg.out
     if out is None:
         if rank == 0:
@@ -1783,9 +1740,8 @@ def run_folder(cfg, rank, ddp):
 
 
 def lock_run_folder(out):
-    """An exclusive lock on DIR/rpo.lock for the life of the run: a second launch into the folder of a run
-    that is still going stops here, naming it. The kernel drops the lock when the process ends, kill -9
-    included, so a restart is never blocked."""
+    """An exclusive lock on DIR/rpo.lock for the run's life: a second launch into a live run's folder stops here,
+    naming it. The kernel drops it when the process ends, kill -9 included, so a restart is never blocked."""
     os.makedirs(out, exist_ok=True)
     lock = open(os.path.join(out, "rpo.lock"), "a+")
     try:
@@ -1796,7 +1752,7 @@ def lock_run_folder(out):
         lock.close()
         sys.exit(f"rpo.py: {out} belongs to a run that is still going ({holder}); stop that one first, or "
                  f"choose another --out")
-    except OSError as e:  # a filesystem without flock (README: Long runs)
+    except OSError as e:  # a filesystem without flock (docs/long-runs.md: How each fault is handled)
         print(f"rpo.py: warning: cannot lock {out} ({first_line(e)}); nothing stops a second launch into it",
               file=sys.stderr)
         return lock
@@ -1835,10 +1791,9 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 @contextmanager
 def stop_requests():
-    """SIGTERM, SIGINT or SIGUSR1 asks the run to stop: while training, after the optimizer step it is in,
-    with a checkpoint of that step (a second SIGINT stops it at once); before and after, at once (nothing to
-    checkpoint; a cache file being written is written again), with the same exit status. Yields
-    {"signal": the name, or None, "training": whether the loop runs}."""
+    """SIGTERM, SIGINT or SIGUSR1 stops the run: while training, after the step it is in, with its checkpoint (a
+    second SIGINT: at once); before and after, at once (nothing to checkpoint; a cache file being written is
+    written again), same exit status. Yields {"signal": the name or None, "training": whether the loop runs}."""
     asked = dict(signal=None, training=False)
 
     def ask(signum, frame):  # while training only a flag: the loop reads it once per step
@@ -1932,9 +1887,8 @@ def cut_metrics_log(out, step):
 
 # ------------------------------------------------------------------------------------ checkpoints
 def save_checkpoint(cfg, m, trainer, step, nonfinite, state, run, record, save_point):
-    """DIR/ckpt-STEP.pt: what --resume needs, the step's record (which a resume logs if the run died before
-    it did) and a digest of its content, checked when it is loaded. Written whole and synced before it counts
-    (atomic_save); the last `keep` are kept, and ckpt.pt links the newest."""
+    """DIR/ckpt-STEP.pt: what --resume needs, the step's record (a resume logs it if the run died before it did)
+    and a content digest, checked on load. Written by atomic_save; the last `keep` stay; ckpt.pt links the newest."""
     if not weights_are_finite(m.unet):  # the same weights on every rank: every rank stops here
         sys.exit(f"rpo.py: the weights became non-finite by step {step} and were not saved; the newest "
                  f"checkpoint in {cfg.out}, if any, holds the last good ones. Start a new --out from the "
@@ -2017,8 +1971,7 @@ def checkpoint_step(path):
 
 def rng_states():
     """The random states a resume restores, in types torch's weights-only loader reads."""
-    return dict(python=random.getstate(), numpy=numpy_state(np.random.get_state()),
-                torch=torch.get_rng_state())
+    return dict(python=random.getstate(), numpy=numpy_state(np.random.get_state()), torch=torch.get_rng_state())
 
 
 def numpy_state(state):
@@ -2054,10 +2007,9 @@ def safe_load(path, **kw):
 
 
 def load_checkpoint(out):
-    """The newest checkpoint that loads and matches its digest; one that does not is reported in one line
-    and passed over. It is memory-mapped: the ranks of one host share its pages instead of each holding a
-    copy. It is loaded safely (safe_load): one that needs more than tensors and plain values stops the run in
-    one line, with how to convert a checkpoint of an earlier rpo.py, never with an unsafe load."""
+    """The newest checkpoint that loads and matches its digest (one that does not is reported and passed over),
+    memory-mapped so the ranks of one host share its pages. Loaded safely: one that needs more than tensors and
+    plain values stops the run, saying how to convert an earlier rpo.py's checkpoint, never with an unsafe load."""
     for path in reversed(checkpoints(out)):
         try:
             ckpt = safe_load(path, mmap=True)
@@ -2083,9 +2035,8 @@ def load_checkpoint(out):
 
 
 def convert_checkpoint(path):
-    """Rewrite a checkpoint of an earlier rpo.py (numpy's random state as an ndarray) in the form safe_load
-    reads. It loads the file with the full unpickler, which runs whatever code the file holds: only for
-    checkpoints you wrote yourself."""
+    """Rewrite an earlier rpo.py's checkpoint (numpy's random state as an ndarray) as safe_load reads it. It
+    loads with the full unpickler, which runs whatever code the file holds: only for checkpoints you wrote."""
     ckpt = torch.load(path, map_location="cpu", weights_only=False)  # the one unsafe load: see the docstring
     if "digest" in ckpt and content_digest(ckpt) != ckpt["digest"]:
         sys.exit(f"rpo.py: checkpoint {path} fails its content check (it changed after it was written)")
@@ -2113,10 +2064,9 @@ def finish_save_point(cfg, m, run, heldout, step):
 
 
 def atomic_save(obj, path):
-    """Write under a temporary name, fsync, rename, fsync the folder: a kill or a power cut at any moment
-    leaves the previous file whole, and the new one counts only once it is on disk. Text and bytes as they
-    are, JSON for .json, else torch.save. A write that fails (a full disk) leaves nothing behind and stops the
-    run."""
+    """Write under a temporary name, fsync, rename, fsync the folder: a kill or power cut at any moment leaves
+    the previous file whole, and the new one counts only once on disk. Text and bytes as they are, JSON for
+    .json, else torch.save; a failed write (a full disk) leaves nothing behind and stops the run."""
     tmp = path + ".tmp"
     try:
         with open(tmp, "w" if isinstance(obj, str) or path.endswith(".json") else "wb") as fh:
@@ -2163,9 +2113,8 @@ def first_line(error):
 
 
 def save_weights(m, folder):
-    """DIR/unet (diffusers) or, with LoRA, DIR/lora (what a diffusers pipeline's load_lora_weights reads):
-    written whole and synced beside `folder`, then swapped in; a start after a kill mid-swap finishes it
-    (clean_leftovers)."""
+    """DIR/unet (diffusers) or, with LoRA, DIR/lora (for a pipeline's load_lora_weights): written and synced
+    beside `folder`, then swapped in; a start after a kill mid-swap finishes it (clean_leftovers)."""
     tmp = folder + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -2296,8 +2245,8 @@ def open_tracker(cfg, step):
         return Tracker(log, writer.close)
     if cfg.report_to == "wandb":
         import wandb
-        # one W&B run per run folder (its id kept in DIR/wandb_id.json), so --resume continues it; W&B's
-        # steps only go forward, so what an interrupted run logged after its last checkpoint stays (README)
+        # one W&B run per run folder (its id kept in DIR/wandb_id.json), so --resume continues it; W&B's steps
+        # only go forward: what a run logged after its last checkpoint stays (docs/long-runs.md: Watching a run)
         id_path = os.path.join(cfg.out, "wandb_id.json")
         run_id = json.load(open(id_path)) if os.path.exists(id_path) else os.urandom(6).hex()
         atomic_save(run_id, id_path)
@@ -2342,9 +2291,8 @@ def clock(device):
 
 
 def seconds_done(in_flight, interval=None):
-    """Seconds of the (start, end) intervals in in_flight (interval added) that are done, taken out of it:
-    perf_counter seconds at once, CUDA events once the GPU has passed them (a query, never a sync), so only
-    the few intervals still in flight stay."""
+    """Seconds of the done (start, end) intervals in in_flight (interval added), taken out of it: perf_counter
+    ones at once, CUDA events once the GPU has passed them (a query, never a sync)."""
     if interval:
         in_flight.append(interval)
     seconds = 0.0
@@ -2356,9 +2304,8 @@ def seconds_done(in_flight, interval=None):
 
 @contextmanager
 def pair_embedding_clock(m):
-    """Seconds the pair-weight CLIP computes while the body runs, for the end-of-run weight_time_share: its
-    two towers timed by forward hooks (perf_counter on the CPU, CUDA events on a GPU, queried, never synced),
-    so neither the batches nor the data path carry a timing. Yields a function: the seconds so far."""
+    """Seconds the pair-weight CLIP computes in the body, for weight_time_share: its two towers timed by forward
+    hooks (see seconds_done), so no batch or data path carries a timing. Yields a function: the seconds so far."""
     in_flight, started, total = deque(), [], [0.0]
 
     def start(module, args):
@@ -2413,10 +2360,8 @@ def end_of_run(cfg, m, run, history, timing, pairs):
                 peak_mem_mb=round(peak / 2**20, 1),
                 weight_time_share=round(timing["clip_seconds"] / (timing["seconds"] - timing["saving"]), 4),
                 loss=history[-1]["loss"], train_accuracy=round(statistics.fmean(last), 4) if last else None,
-                heldout_accuracy=history[-1].get("heldout_accuracy"),
-                heldout_margin=history[-1].get("heldout_margin"),
-                model=cfg.model, loss_type=cfg.loss, batch=cfg.batch, world=run.world,
-                precision=run.precision)
+                heldout_accuracy=history[-1].get("heldout_accuracy"), heldout_margin=history[-1].get("heldout_margin"),
+                model=cfg.model, loss_type=cfg.loss, batch=cfg.batch, world=run.world, precision=run.precision)
 
 
 if __name__ == "__main__":
