@@ -588,8 +588,7 @@ class Models:
 def load_models(cfg, device, dtype):
     """Policy and reference UNets, VAE, text encoders and the pair-weight CLIP, all but the policy frozen."""
     from diffusers import AutoencoderKL, DDPMScheduler, FlowMatchEulerDiscreteScheduler
-    from transformers import (CLIPModel, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer,
-                              T5EncoderModel, T5TokenizerFast)
+    from transformers import CLIPModel, CLIPTokenizer
     base, family = cfg.pretrained, FAMILY[cfg.model]
     scheduler = pretrained(FlowMatchEulerDiscreteScheduler if family == "sd3" else DDPMScheduler, base,
                            subfolder="scheduler")
@@ -602,15 +601,9 @@ def load_models(cfg, device, dtype):
         vae = pretrained(AutoencoderKL, "madebyollin/sdxl-vae-fp16-fix")
     else:
         vae = pretrained(AutoencoderKL, base, subfolder="vae")
-    suffixes = {"sd15": [""], "sdxl": ["", "_2"], "sd3": ["", "_2"] + ([] if cfg.no_t5 else ["_3"])}[family]
-    tokenizer_classes = dict(_3=T5TokenizerFast)
-    encoder_classes = dict(_2=CLIPTextModelWithProjection, _3=T5EncoderModel)
-    if family == "sd3":  # SD3's CLIP-L has a projection too: the pooled embedding is both CLIPs' side by side
-        encoder_classes[""] = CLIPTextModelWithProjection
-    tokenizers = [pretrained(tokenizer_classes.get(s, CLIPTokenizer), base, subfolder="tokenizer" + s)
-                  for s in suffixes]
-    text_encoders = [pretrained(encoder_classes.get(s, CLIPTextModel), base, subfolder="text_encoder" + s)
-                     for s in suffixes]
+    parts = text_encoder_parts(family, cfg.no_t5)
+    tokenizers = [pretrained(tokenizer, base, subfolder="tokenizer" + s) for s, tokenizer, _ in parts]
+    text_encoders = [pretrained(encoder, base, subfolder="text_encoder" + s) for s, _, encoder in parts]
     clip_id = cfg.clip or os.path.join(base, "clip")
     clip, clip_tokenizer = pretrained(CLIPModel, clip_id), pretrained(CLIPTokenizer, clip_id)
     for frozen in [vae, clip, *text_encoders]:
@@ -623,6 +616,73 @@ def load_models(cfg, device, dtype):
         m.noised = functools.partial(noise_target, alphas_cumprod=scheduler.alphas_cumprod)
     m.empty_prompt, m.empty_pooled = encode_prompts(m, [""])
     return m
+
+
+def text_encoder_parts(family, no_t5=False):
+    """(subfolder suffix, tokenizer class, encoder class) of each text encoder of a family's pipeline."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+    # SD3's CLIP-L has a projection too: its pooled embedding is both CLIPs' side by side
+    parts = [("", CLIPTokenizer, CLIPTextModelWithProjection if family == "sd3" else CLIPTextModel)]
+    if family != "sd15":
+        parts.append(("_2", CLIPTokenizer, CLIPTextModelWithProjection))
+    if family == "sd3" and not no_t5:
+        parts.append(("_3", T5TokenizerFast, T5EncoderModel))
+    return parts
+
+
+# bytes per parameter before any activation. Trained whole: the fp32 weight and its gradient (4 + 4), AdamW's two
+# moments (8; Adafactor's factored ones next to nothing) and the reference copy in the compute dtype. With LoRA:
+# the frozen model in the compute dtype (the adapters are a rounding error). Frozen models: the compute dtype.
+def memory_need(counts, precision, lora, optimizer):
+    compute = 4 if precision == "fp32" else 2
+    trained = compute if lora else 4 + 4 + (8 if optimizer == "adamw" else 0) + compute
+    return counts["denoiser"] * trained + counts["frozen"] * compute
+
+
+def parameter_counts(cfg):
+    """Parameters of the denoiser, and of the frozen models (VAE, text encoders, pair-weight CLIP) with every
+    buffer (SD3's position table), counted from their configs on the meta device: nothing is loaded."""
+    from diffusers import AutoencoderKL, SD3Transformer2DModel, UNet2DConditionModel
+    from transformers import CLIPModel
+    base, family = cfg.pretrained, FAMILY[cfg.model]
+
+    def count(cls, name, subfolder=None):
+        try:
+            if issubclass(cls, diffusers.ModelMixin):
+                config = cls.load_config(name, **({"subfolder": subfolder} if subfolder else {}))
+                build = functools.partial(cls.from_config, config)
+            else:
+                config = cls.config_class.from_pretrained(name, **({"subfolder": subfolder} if subfolder else {}))
+                build = functools.partial(cls._from_config, config)
+        except (OSError, ValueError) as e:
+            where = f"{name!r} / {subfolder}" if subfolder else repr(name)
+            sys.exit(f"rpo.py: cannot load {cls.__name__}'s config from {where}: {first_line(e)}")
+        with torch.device("meta"):
+            model = build()
+        return sum(p.numel() for p in model.parameters()), sum(b.numel() for b in model.buffers())
+    denoiser, buffers = count(SD3Transformer2DModel if family == "sd3" else UNet2DConditionModel, cfg.init_unet or base,
+                              None if cfg.init_unet else DENOISER_FOLDER[family])
+    frozen = [count(AutoencoderKL, base, "vae"), count(CLIPModel, cfg.clip or os.path.join(base, "clip"))]
+    frozen += [count(encoder, base, "text_encoder" + s) for s, _, encoder in text_encoder_parts(family, cfg.no_t5)]
+    return dict(denoiser=denoiser, frozen=buffers + sum(map(sum, frozen)))
+
+
+def check_memory(cfg, precision, available, where):
+    """Stop in one line, before anything loads, when the models alone cannot fit in `available` bytes (`where`
+    names the device), saying what would fit; activations come on top of the estimate."""
+    counts, lora = parameter_counts(cfg), bool(cfg.lora_rank or cfg.init_lora)
+    need = memory_need(counts, precision, lora, cfg.optimizer)
+    if need <= available:
+        return need
+    options = [("LoRA (--lora_rank 64)", memory_need(counts, precision, True, cfg.optimizer))]
+    if not lora and cfg.optimizer == "adamw":
+        options.append(("--optimizer adafactor", memory_need(counts, precision, False, "adafactor")))
+    fits = [f"{name} needs about {n / 1e9:.0f} GB" for name, n in options if n <= available]
+    mode = "LoRA" if lora else f"full fine-tuning with {cfg.optimizer}"
+    sys.exit(f"rpo.py: {cfg.model} ({cfg.pretrained}) {mode} in {precision} needs about {need / 1e9:.0f} GB before "
+             f"activations ({counts['denoiser'] / 1e9:.2f}B trained-model and {counts['frozen'] / 1e9:.2f}B frozen "
+             f"parameters), more than the {available / 1e9:.0f} GB of {where}: "
+             f"{'; '.join(fits) or 'nothing fits there; use a larger device'}")
 
 
 def load_unets(cfg, base, device, dtype):
@@ -877,6 +937,11 @@ def stages(cfg, run, pool, asked):
             files = source_files(cfg, source, split)
             if run.master:
                 check_files(files)
+    if run.device.type == "cuda":
+        available, where = torch.cuda.get_device_properties(run.device).total_memory, torch.cuda.get_device_name()
+    else:
+        available, where = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's memory"
+    check_memory(cfg, run.precision, available, where)
     m = load_models(cfg, run.device, run.dtype)
     trainer = make_trainer(cfg, m, run)
     step, nonfinite, data_states, ckpt = resume(cfg, m, trainer, run)

@@ -3584,3 +3584,47 @@ def test_an_sd3_run_resumed_from_its_checkpoint_logs_and_saves_exactly_what_the_
     assert resumed == full
     a, b = final_unet(tmp_path / "full"), final_unet(tmp_path / "cut")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def sd35_large_configs(folder):
+    """SD3.5 Large's configs alone (no weights): its transformer, 16-channel VAE, CLIP-L, CLIP-G and T5-XXL, and
+    a CLIP ViT-L/14 for the pair weights."""
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+    from transformers import CLIPConfig, CLIPTextConfig, T5Config
+    with torch.device("meta"):
+        SD3Transformer2DModel(num_layers=38, attention_head_dim=64, num_attention_heads=38, joint_attention_dim=4096,
+                              caption_projection_dim=2432, pooled_projection_dim=2048, pos_embed_max_size=192,
+                              qk_norm="rms_norm").save_config(folder / "transformer")
+        AutoencoderKL(**dict(toy.vae_config([128, 256, 512, 512], 1.5305), latent_channels=16,
+                             shift_factor=0.0609)).save_config(folder / "vae")
+    CLIPTextConfig(**toy.clip_text_config(768, 12, 12, 768)).save_pretrained(folder / "text_encoder")
+    CLIPTextConfig(**toy.clip_text_config(1280, 32, 20, 1280, act="gelu")).save_pretrained(folder / "text_encoder_2")
+    T5Config(d_model=4096, d_ff=10240, d_kv=64, num_layers=24, num_heads=64, vocab_size=32128,
+             feed_forward_proj="gated-gelu").save_pretrained(folder / "text_encoder_3")
+    CLIPConfig(text_config=toy.clip_text_config(768, 12, 12, 768), vision_config=toy.VIT_L14,
+               projection_dim=768).save_pretrained(folder / "clip")
+    return str(folder)
+
+
+def test_the_memory_estimate_counts_every_loaded_weight_and_refuses_before_loading_what_cannot_fit(tmp_path):
+    # the estimate of a tiny run is the written rule applied to the weights load_models actually loads
+    for flags in ([], ["--lora_rank", "4"], ["--optimizer", "adafactor", "--no_t5"]):
+        cfg, m = tiny_models("tiny-sd3", *flags)
+        lora, frozen = bool(cfg.lora_rank), [m.vae, m.clip, *m.text_encoders]
+        trained = sum(p.numel() for n, p in m.unet.named_parameters() if "lora_" not in n)
+        others = sum(x.numel() for model in frozen for x in [*model.parameters(), *model.buffers()])
+        others += sum(b.numel() for b in m.unet.buffers())
+        per_param = 4 if lora else 4 + 4 + (8 if cfg.optimizer == "adamw" else 0) + 4
+        assert rpo.check_memory(cfg, "fp32", 1e12, "test") == trained * per_param + others * 4
+    # SD3.5 Large, whole, with AdamW and a bf16 reference: on no single GPU; with Adafactor, an H200's 141 GB
+    large = sd35_large_configs(tmp_path / "large")
+    cfg = rpo.parse_config(["--model", "sd3", "--pretrained", large, "--clip", os.path.join(large, "clip")])
+    with pytest.raises(SystemExit, match=r"^rpo.py: sd3 .* full fine-tuning with adamw in bf16 needs about 1[0-9]{2} GB "
+                                         r".* more than the 80 GB of an H100: LoRA \(--lora_rank 64\) needs about "
+                                         r"[0-9]{2} GB$"):
+        rpo.check_memory(cfg, "bf16", 80e9, "an H100")
+    with pytest.raises(SystemExit, match=r"141 GB of an H200: LoRA .* GB; --optimizer adafactor needs about [0-9]+ GB$"):
+        rpo.check_memory(cfg, "bf16", 141e9, "an H200")
+    cfg = rpo.parse_config(["--model", "sd3", "--pretrained", large, "--clip", os.path.join(large, "clip"),
+                            "--lora_rank", "64"])
+    assert rpo.check_memory(cfg, "bf16", 80e9, "an H100") < 30e9  # LoRA on the frozen 8B transformer fits
