@@ -293,20 +293,24 @@ def device_dtype():
 
 
 def run_weights(path, script=SCRIPT):
-    """("unet", folder) or ("lora", folder) of a tuned run: rpo.py's OUT (its unet/ or lora/), or the folder
-    itself."""
-    for kind, folder in (("unet", os.path.join(path, "unet")), ("lora", os.path.join(path, "lora")),
-                         ("unet", path), ("lora", path)):
-        if os.path.isfile(os.path.join(folder, "config.json" if kind == "unet" else rpo.LORA_FILE)):
+    """("unet" | "transformer" | "lora", folder) of a tuned run: rpo.py's OUT (its unet/, transformer/ or
+    lora/), or the folder itself."""
+    kinds = ("unet", "transformer", "lora")
+    for kind, folder in [(kind, os.path.join(path, kind)) for kind in kinds] + [(kind, path) for kind in kinds]:
+        if os.path.isfile(os.path.join(folder, rpo.LORA_FILE if kind == "lora" else "config.json")):
+            if kind != "lora" and folder == path:  # the folder itself: its config names its class
+                kind = "transformer" if "Transformer" in json.load(open(os.path.join(folder, "config.json"))).get(
+                    "_class_name", "") else "unet"
             return kind, folder
-    fail(f"{path!r} is not a run: it holds neither a diffusers UNet (unet/) nor LoRA adapters (lora/)", script)
+    fail(f"{path!r} is not a run: it holds neither a diffusers UNet (unet/) or transformer (transformer/) nor "
+         f"LoRA adapters (lora/)", script)
 
 
 @contextmanager
 def drawing_with(pipe, weights, device, dtype):
-    """The pipeline drawing with a run's weights (None: the base's own): its UNet swapped in, or its LoRA
-    adapters loaded; the base's UNet is back afterwards."""
-    from diffusers import UNet2DConditionModel
+    """The pipeline drawing with a run's weights (None: the base's own): its UNet or transformer swapped in, or
+    its LoRA adapters loaded; the base's is back afterwards."""
+    from diffusers import SD3Transformer2DModel, UNet2DConditionModel
     if weights is None:
         yield
         return
@@ -318,29 +322,35 @@ def drawing_with(pipe, weights, device, dtype):
         finally:
             pipe.unload_lora_weights()
         return
-    base_unet, pipe.unet = pipe.unet, rpo.pretrained(UNet2DConditionModel, folder, dtype=dtype).to(device)
+    cls = SD3Transformer2DModel if kind == "transformer" else UNet2DConditionModel
+    base = getattr(pipe, kind)
+    setattr(pipe, kind, rpo.pretrained(cls, folder, dtype=dtype).to(device))
     try:
         yield
     finally:
-        pipe.unet = base_unet
+        setattr(pipe, kind, base)
 
 
 def load_pipeline(model, base, device, dtype):
-    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
-    if rpo.IS_XL[model]:
-        pipe = rpo.pretrained(StableDiffusionXLPipeline, base, dtype=dtype, add_watermarker=False)
-    else:
-        pipe = rpo.pretrained(StableDiffusionPipeline, base, dtype=dtype, safety_checker=None,
-                              requires_safety_checker=False)
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)  # as rpo.py's samples
+    from diffusers import DDIMScheduler
+    family = rpo.FAMILY[model]
+    extra = dict(sd15=dict(safety_checker=None, requires_safety_checker=False), sdxl=dict(add_watermarker=False),
+                 sd3=dict())[family]
+    pipe = rpo.pretrained(rpo.pipeline_class(family), base, dtype=dtype, **extra)
+    if family != "sd3":  # SD3 samples with its own flow-matching Euler scheduler, as rpo.py's samples
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)  # as rpo.py's samples
     pipe.to(device).set_progress_bar_config(disable=True)
     return pipe
+
+
+def denoiser(pipe):
+    return getattr(pipe, "transformer", None) or pipe.unet
 
 
 def initial_noise(pipe, seeds, resolution):
     """Image k's initial latents from its own seed, drawn on the CPU: the same for every model and device."""
     scale = pipe.vae_scale_factor
-    shape = (pipe.unet.config.in_channels, resolution // scale, resolution // scale)
+    shape = (denoiser(pipe).config.in_channels, resolution // scale, resolution // scale)
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
 
 
@@ -350,7 +360,7 @@ def generate(pipe, captions, args, device, desc="generating"):
     images = []
     for i in tqdm(range(0, len(captions), args.batch), desc=desc):
         seeds = range(args.seed + i, args.seed + min(i + args.batch, len(captions)))
-        latents = initial_noise(pipe, seeds, args.resolution).to(device, pipe.unet.dtype)
+        latents = initial_noise(pipe, seeds, args.resolution).to(device, denoiser(pipe).dtype)
         images += pipe(captions[i:i + args.batch], num_inference_steps=args.steps, latents=latents,
                        guidance_scale=args.guidance, height=args.resolution, width=args.resolution).images
     return images
@@ -593,8 +603,8 @@ def prefer(args, cfg):
 def model_flags():
     """The flags of the model and how it draws, which eval_style.py takes too."""
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--model", default="tiny-drawn", choices=list(rpo.IS_XL),
-                        help="tiny-drawn, tiny, tiny-xl: toy.py's models, offline")
+    common.add_argument("--model", default="tiny-drawn", choices=list(rpo.FAMILY),
+                        help="tiny-drawn, tiny, tiny-xl, tiny-sd3: toy.py's models, offline")
     common.add_argument("--steps", type=int, help="denoising steps; default 50 for eval_prefer.py, else "
                                                   "rpo.py's sample_steps for --model")
     common.add_argument("--guidance", type=float, default=7.5)
@@ -641,7 +651,7 @@ def check_report(args, script=SCRIPT):
 def presets(model):
     """rpo.py's settings for --model: its base, CLIP, resolution and sample steps; the tiny shapes' base is
     toy.py's random one."""
-    tiny_base = ["--pretrained", toy_world().model_folder(model)] if model in ("tiny", "tiny-xl") else []
+    tiny_base = ["--pretrained", toy_world().model_folder(model)] if model in ("tiny", "tiny-xl", "tiny-sd3") else []
     return rpo.parse_config(["--model", model, "--max_pairs", "0", "--report_to", "none", *tiny_base])
 
 

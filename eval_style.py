@@ -321,7 +321,7 @@ def parse_args(argv):
 
     s = sub.add_parser("score", parents=[common, style],
                        help="FD, Gram distance and CLIP score of base and tuned models")
-    s.add_argument("--unet", help="the tuned run: rpo.py's OUT (its unet/ or lora/), or the folder itself; "
+    s.add_argument("--unet", help="the tuned run: rpo.py's OUT (unet/, transformer/ or lora/), or the folder; "
                                    "without it only the base model is scored")
     s.add_argument("--base", help="base pipeline id or folder; default rpo.py's for --model")
     s.add_argument("--prompts", default="style_test.parquet",

@@ -67,7 +67,7 @@ def per_sample_error(prediction, target):
 
 # err_w, err_l of one denoiser (the policy, or the frozen reference) in one batched call: each pair's winner
 # and loser noised with the pair's eps at the pair's t. denoise(x_t, t) -> prediction, winners then losers;
-# noised(x_0, eps, t) -> (x_t, target), e.g. noise_target. Without losers (SFT): (err_w, None).
+# noised(x_0, eps, t) -> (x_t, target): noise_target or velocity_target. Without losers (SFT): (err_w, None).
 def denoiser_errors(denoise, latents_w, latents_l, noise, t, noised):
     sides = [latents_w] if latents_l is None else [latents_w, latents_l]
     noise, t = noise.to(latents_w.device, latents_w.dtype), t.to(latents_w.device)
@@ -354,7 +354,11 @@ def pair_errors(unet, m, pairs, keys, prompt=None, pooled=None, winners_only=Fal
         return predict(m, unet, x_t, t, torch.cat([prompt] * sides),
                        None if pooled is None else torch.cat([pooled] * sides), time_ids)
     losers = None if winners_only else pairs.latents_l
-    return denoiser_errors(denoise, pairs.latents_w, losers, noise, t, m.noised)
+    if m.family == "sd3":  # a flow model: t is sigma
+        noised = velocity_target
+    else:
+        noised = functools.partial(noise_target, alphas_cumprod=m.scheduler.alphas_cumprod)
+    return denoiser_errors(denoise, pairs.latents_w, losers, noise, t, noised)
 
 
 def predict(m, unet, x_t, t, prompt, pooled, time_ids):
@@ -578,7 +582,6 @@ class Models:
     text_encoders: list
     clip: torch.nn.Module  # for the pair weights
     clip_tokenizer: object
-    noised: object = None  # the forward process of the method's denoiser_errors: (x_0, eps, t) -> (x_t, target)
     sigmas: torch.Tensor = None  # a flow model's training sigmas, which pair_noise draws t from
     empty_prompt: torch.Tensor = None  # what prompt dropout conditions on
     empty_pooled: torch.Tensor = None
@@ -610,10 +613,8 @@ def load_models(cfg, device, dtype):
         frozen.requires_grad_(False).eval().to(device, dtype)
     m = Models(base, family, device, dtype, scheduler, unet, ref_unet, bool(cfg.lora_rank or cfg.init_lora),
                vae, tokenizers, text_encoders, clip, clip_tokenizer)
-    if family == "sd3":
-        m.noised, m.sigmas = velocity_target, scheduler.sigmas[:scheduler.config.num_train_timesteps].cpu()
-    else:
-        m.noised = functools.partial(noise_target, alphas_cumprod=scheduler.alphas_cumprod)
+    if family == "sd3":  # the sigmas SD3 trains on: the scheduler's, shifted (SD3.5: shift 3)
+        m.sigmas = scheduler.sigmas[:scheduler.config.num_train_timesteps].cpu()
     m.empty_prompt, m.empty_pooled = encode_prompts(m, [""])
     return m
 
@@ -1658,7 +1659,7 @@ def cache_meta(cfg, m, files):
     return dict(base=m.base, model=cfg.model, resolution=cfg.resolution, clip=cfg.clip, embed=cfg.embed,
                 data=cfg.data, data_id=cfg.data_id if cfg.data == "pickapic" else None, split=cfg.split,
                 max_pairs=cfg.max_pairs, time_ids=cfg.time_ids, dtype=str(m.dtype), files=sizes,
-                format=2)  # 2: keeps each row's caption, for spread
+                format=3)  # 2: keeps each row's caption, for spread; 3: a caption's text states once
 
 
 def build_cache(cfg, m, rank, world, pool):
@@ -1701,8 +1702,9 @@ def cache_is_built(cfg, meta, meta_path, rank):
 
 def encode_file(cfg, m, file, k, pool):
     """The cache of source file k: every row's skip reason, and the usable rows' encodings under both flips
-    as a few stacked tensors (opened with mmap, a pair costs only its own bytes)."""
-    skip, small, parts, captions = [], [], [], []
+    as a few stacked tensors (opened with mmap, a pair costs only its own bytes). Text states are stored once
+    per distinct caption (SD3's T5 states: 2.7 MB each), each usable row pointing at its caption's."""
+    skip, small, parts, captions, text_of = [], [], [], [], {}
     for a, rows in chunks(file, CACHE_CHUNK):  # CACHE_CHUNK decoded rows in memory at a time
         captions += [row.get("caption") if isinstance(row.get("caption"), str) else None for row in rows]
         jobs = [PairJob(row, f"{k}:{r}", cfg.resolution, time_ids=cfg.time_ids) for r, row in enumerate(rows, a)]
@@ -1711,10 +1713,18 @@ def encode_file(cfg, m, file, k, pool):
         usable = [p for p in prepared if not isinstance(p, str)]
         small += [p.pop("small") for p in usable]
         for i in range(0, len(usable), cfg.batch):  # each micro-batch to the host as it is made
-            parts.append({key: None if x is None else x.cpu()
-                          for key, x in encode_both_flips(cfg, m, usable[i:i + cfg.batch]).items()})
+            batch = usable[i:i + cfg.batch]
+            part = {key: None if x is None else x.cpu() for key, x in encode_both_flips(cfg, m, batch).items()}
+            new = []  # the rows whose caption the file has not stored yet
+            for j, p in enumerate(batch):
+                if p["caption"] not in text_of:
+                    text_of[p["caption"]] = len(text_of)
+                    new.append(j)
+            part["text_index"] = torch.tensor([text_of[p["caption"]] for p in batch])
+            part.update({key: part[key][new] for key in ("prompt", "pooled") if part[key] is not None})
+            parts.append(part)
     tensors = {}
-    for key in ("latents", "f", "prompt", "pooled", "time_ids"):
+    for key in ("latents", "f", "prompt", "pooled", "time_ids", "text_index"):
         stored = parts and parts[0][key] is not None  # SD1.5 has no pooled states
         tensors[key] = torch.cat([p[key] for p in parts]) if stored else None
     return dict(skip=skip, small=small, caption=captions, **tensors)
@@ -1763,8 +1773,9 @@ def cached_pair(job):
     if c["skip"][r]:
         return c["skip"][r]
     s = c["slot"][r]
+    text = c["text_index"][s]  # the row's caption's text states
     return dict(index=index, small=c["small"][s], latents=c["latents"][s, int(flip)], f=c["f"][s, int(flip)],
-                prompt=c["prompt"][s], pooled=None if c["pooled"] is None else c["pooled"][s],
+                prompt=c["prompt"][text], pooled=None if c["pooled"] is None else c["pooled"][text],
                 time_ids=c["time_ids"][s, int(flip)])
 
 
