@@ -206,7 +206,7 @@ HUB_SD3 = "stabilityai/stable-diffusion-3.5-medium"  # SD3.5 Large: --pretrained
 UNET_LORA = "to_q,to_k,to_v,to_out.0"  # the attention projections, as Diffusion-DPO's and diffusers' SD scripts
 # SD3's joint blocks: image and text attention projections (diffusers' SD3 LoRA scripts' defaults)
 SD3_LORA = "attn.to_q,attn.to_k,attn.to_v,attn.to_out.0,attn.add_q_proj,attn.add_k_proj,attn.add_v_proj,attn.to_add_out"
-BETA_EPS, BETA_FLOW = 5000.0, 5000.0
+BETA_EPS, BETA_FLOW = 5000.0, 100.0  # Diffusion-DPO's for eps errors; the Flow-DPO runs' (docs/flow.md)
 # Diffusion-DPO's recipe: lr 1e-8 per pair times the effective batch (2048 pairs on 8 GPUs: 2.048e-5), 2000
 # steps, 500 warmup. The tiny models' rate is 1e-5 at their 8 pairs a step.
 PRESETS = {
