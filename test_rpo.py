@@ -3579,8 +3579,8 @@ def test_rpo_py_calls_the_sd3_transformer_as_its_pipeline_does_at_every_denoisin
         assert torch.allclose(ours, out, atol=1e-5), i
 
 
-@pytest.mark.parametrize("loss, weights", [("rpo", "full"), ("dpo", "lora"), ("sft", "full"), ("sft", "lora"),
-                                            ("rpo", "lora --no_t5")])
+@pytest.mark.parametrize("loss, weights", [("rpo", "full"), ("dpo", "full"), ("sft", "full"), ("dpo", "lora"),
+                                            ("sft", "lora"), ("rpo", "lora --no_t5")])
 def test_sd3_trains_with_each_loss_whole_or_with_lora_and_saves_what_diffusers_loads(tmp_path, loss, weights):
     from diffusers import SD3Transformer2DModel
     flags = [*tiny("tiny-sd3"), *SD3, "--loss", loss, "--max_steps", 2, "--save_every", 2, "--lr", 1e-3,
