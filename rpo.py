@@ -291,7 +291,7 @@ def parse_config(argv=None):
             sys.exit(f"rpo.py: --{name} must be {rule.replace('..', ' to ')}, got {value}")
     factor = 16 if FAMILY[cfg.model] == "sd3" else 8  # the VAE's 8, times SD3's 2 x 2 patches
     if cfg.resolution % factor:
-        sys.exit(f"rpo.py: --resolution of --model {cfg.model} must be a multiple of {factor}, got "
+        sys.exit(f"rpo.py: --resolution must be a multiple of {factor} for --model {cfg.model}, got "
                  f"{cfg.resolution}")
     if cfg.report_to != "none" and importlib.util.find_spec(cfg.report_to) is None:
         sys.exit(f"rpo.py: --report_to {cfg.report_to} needs the {cfg.report_to} package: pip install "

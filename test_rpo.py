@@ -39,9 +39,18 @@ import toy
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+# One torch thread in the test process, as every process a test starts has (OMP_NUM_THREADS=1): on 2 cores a
+# second thread gains tiny models little and costs several times over while another process wants the core.
+torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def private_model_home(tmp_path_factory):
-    home = str(tmp_path_factory.mktemp("rpo_home"))
+    """toy.py's random model folders and judge, built once for this session (pytest -n: once for all workers,
+    in their common base folder; toy.py lets the first builder finish and the others wait)."""
+    base = tmp_path_factory.getbasetemp()
+    home = str((base.parent if "PYTEST_XDIST_WORKER" in os.environ else base) / "rpo_home")
+    os.makedirs(home, exist_ok=True)
     toy.RPO_HOME, os.environ["RPO_HOME"] = home, home
     yield
 
@@ -2335,6 +2344,13 @@ def test_a_numeric_flag_out_of_its_range_is_one_line_before_any_work(tmp_path, f
     assert not (tmp_path / "run").exists()
 
 
+def test_an_sd3_resolution_must_fill_whole_2x2_latent_patches(tmp_path):
+    with pytest.raises(SystemExit, match="^rpo.py: --resolution must be a multiple of 16 for --model tiny-sd3, got 40"):
+        rpo.main(["--out", str(tmp_path / "run"), "--model", "tiny-sd3", "--pretrained", str(tmp_path / "m"),
+                  "--resolution", "40"])
+    assert not (tmp_path / "run").exists()
+
+
 def test_the_checkpoint_keeps_the_precision_the_run_resolved_so_naming_it_on_resume_is_accepted(tmp_path):
     flags = ["--max_steps", 2, "--save_every", 2, "--batch", 2, "--sample_steps", 0, "--eval_pairs", 0]
     train(tmp_path, *flags)
@@ -3368,7 +3384,7 @@ def test_a_negative_sheet_is_one_line_before_any_work():
 
 
 def test_a_folder_that_is_not_a_run_is_one_line_before_any_work(tmp_path):
-    with pytest.raises(SystemExit, match="is not a run: it holds neither a diffusers UNet .unet/. nor LoRA"):
+    with pytest.raises(SystemExit, match="is not a run: it holds neither a diffusers UNet .unet/. or transformer .transformer/. nor LoRA"):
         run_prefer("--model", "tiny", "--runs", tmp_path)
 
 

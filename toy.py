@@ -19,6 +19,7 @@ rpo.py reads as it reads any other: rpo.py imports nothing from here.
 The tests and the evaluation take the random models from model_folder (built once under RPO_HOME).
 """
 import argparse
+import fcntl
 import io
 import math
 import os
@@ -266,7 +267,7 @@ def build_random_pipeline(model, folder):
     """Random-weight pipeline of the given shape, saved as a diffusers folder with a CLIP in folder/clip."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-    shape, tmp = SHAPES[model], f"{folder}.tmp{os.getpid()}"  # runs started together each build their own
+    shape, tmp = SHAPES[model], f"{folder}.tmp{os.getpid()}"  # written whole, then renamed
     family = rpo.FAMILY[model]
     torch.manual_seed(0)
     tokenizer = byte_level_tokenizer()
@@ -402,6 +403,16 @@ def train_clip(clip, tokenizer, steps=300, batch=64):
 FOLDER_VERSION = "v2"  # raised when what build_random_pipeline makes changes (v2: the trained toy CLIP)
 
 
+@contextmanager
+def building(path):
+    """Held while one process builds `path` in RPO_HOME: processes started together (a test suite's workers, two
+    evaluations) wait for the first one's build instead of each making the same seeded file."""
+    os.makedirs(RPO_HOME, exist_ok=True)
+    with open(f"{path}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def model_folder(model):
     """The folder of a model toy.py makes: tiny-drawn's, shipped, or a random one (tiny, tiny-xl, sd15, sdxl)
     built once in RPO_HOME."""
@@ -409,7 +420,9 @@ def model_folder(model):
         return DRAWN
     folder = os.path.join(RPO_HOME, f"{model}-random-{FOLDER_VERSION}")
     if not os.path.exists(os.path.join(folder, "model_index.json")):
-        build_random_pipeline(model, folder)
+        with building(folder):
+            if not os.path.exists(os.path.join(folder, "model_index.json")):
+                build_random_pipeline(model, folder)
     return folder
 
 
@@ -486,10 +499,11 @@ def load_judge():
     """The judge, trained once into RPO_HOME."""
     path = os.path.join(RPO_HOME, JUDGE_FILE)
     if not os.path.exists(path):
-        os.makedirs(RPO_HOME, exist_ok=True)
-        tmp = f"{path}.tmp{os.getpid()}"  # runs started together each train their own: the same judge
-        torch.save(train_judge().state_dict(), tmp)
-        os.replace(tmp, path)
+        with building(path):
+            if not os.path.exists(path):
+                tmp = f"{path}.tmp{os.getpid()}"
+                torch.save(train_judge().state_dict(), tmp)
+                os.replace(tmp, path)
     net = judge_net()
     net.load_state_dict(torch.load(path, weights_only=True))
     return net.eval()
@@ -527,8 +541,10 @@ def tiny_editor():
                            StableDiffusionInstructPix2PixPipeline, UNet2DConditionModel)
     from transformers import CLIPTextModel, CLIPTokenizer
     folder = os.path.join(RPO_HOME, "tiny-ip2p-random")
-    if not os.path.exists(os.path.join(folder, "model_index.json")):
-        base = model_folder("tiny")
+    base = model_folder("tiny")
+    with building(folder):
+        if os.path.exists(os.path.join(folder, "model_index.json")):
+            return folder
         torch.manual_seed(0)
         shutil.rmtree(folder + ".tmp", ignore_errors=True)
         StableDiffusionInstructPix2PixPipeline(
