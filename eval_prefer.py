@@ -310,7 +310,6 @@ def run_weights(path, script=SCRIPT):
 def drawing_with(pipe, weights, device, dtype):
     """The pipeline drawing with a run's weights (None: the base's own): its UNet or transformer swapped in, or
     its LoRA adapters loaded; the base's is back afterwards."""
-    from diffusers import SD3Transformer2DModel, UNet2DConditionModel
     if weights is None:
         yield
         return
@@ -322,9 +321,8 @@ def drawing_with(pipe, weights, device, dtype):
         finally:
             pipe.unload_lora_weights()
         return
-    cls = SD3Transformer2DModel if kind == "transformer" else UNet2DConditionModel
     base = getattr(pipe, kind)
-    setattr(pipe, kind, rpo.pretrained(cls, folder, dtype=dtype).to(device))
+    setattr(pipe, kind, rpo.pretrained(type(base), folder, dtype=dtype).to(device))
     try:
         yield
     finally:
@@ -335,9 +333,9 @@ def load_pipeline(model, base, device, dtype):
     from diffusers import DDIMScheduler
     family = rpo.FAMILY[model]
     extra = dict(sd15=dict(safety_checker=None, requires_safety_checker=False), sdxl=dict(add_watermarker=False),
-                 sd3=dict())[family]
+                 sd3=dict(), flux=dict())[family]
     pipe = rpo.pretrained(rpo.pipeline_class(family), base, dtype=dtype, **extra)
-    if family != "sd3":  # SD3 samples with its own flow-matching Euler scheduler, as rpo.py's samples
+    if family not in rpo.FLOW:  # the flow models sample with their own flow-matching Euler, as rpo.py's samples
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)  # as rpo.py's samples
     pipe.to(device).set_progress_bar_config(disable=True)
     return pipe
@@ -348,10 +346,13 @@ def denoiser(pipe):
 
 
 def initial_noise(pipe, seeds, resolution):
-    """Image k's initial latents from its own seed, drawn on the CPU: the same for every model and device."""
-    scale = pipe.vae_scale_factor
-    shape = (denoiser(pipe).config.in_channels, resolution // scale, resolution // scale)
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+    """Image k's initial latents from its own seed, drawn on the CPU: the same for every model and device
+    (FLUX.1's packed into 2 x 2 patch tokens, as its pipeline packs the noise it draws itself)."""
+    scale, channels = pipe.vae_scale_factor, denoiser(pipe).config.in_channels
+    flux = type(pipe).__name__ == "FluxPipeline"
+    shape = (channels // 4 if flux else channels, resolution // scale, resolution // scale)
+    noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+    return pipe._pack_latents(noise, len(noise), *shape) if flux else noise
 
 
 @torch.no_grad()
@@ -604,10 +605,11 @@ def model_flags():
     """The flags of the model and how it draws, which eval_style.py takes too."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--model", default="tiny-drawn", choices=list(rpo.FAMILY),
-                        help="tiny-drawn, tiny, tiny-xl, tiny-sd3: toy.py's models, offline")
+                        help="tiny-drawn, tiny, tiny-xl, tiny-sd3, tiny-flux: toy.py's models, offline")
     common.add_argument("--steps", type=int, help="denoising steps; default 50 for eval_prefer.py, else "
                                                   "rpo.py's sample_steps for --model")
-    common.add_argument("--guidance", type=float, default=7.5)
+    common.add_argument("--guidance", type=float, help="default 7.5; FLUX.1: 3.5, its embedded guidance as "
+                                                       "rpo.py trains it (schnell ignores it)")
     common.add_argument("--resolution", type=int,
                         help="default rpo.py's for --model (512 for make-data unless tiny)")
     common.add_argument("--batch", type=int, default=8)
@@ -648,11 +650,21 @@ def check_report(args, script=SCRIPT):
         fail(f"--sheet {args.sheet}: the number of prompts in the sheet, 0 for none", script)
 
 
+TINY_RANDOM = ("tiny", "tiny-xl", "tiny-sd3", "tiny-flux")  # toy.py's random-weight shapes
+
+
 def presets(model):
     """rpo.py's settings for --model: its base, CLIP, resolution and sample steps; the tiny shapes' base is
     toy.py's random one."""
-    tiny_base = ["--pretrained", toy_world().model_folder(model)] if model in ("tiny", "tiny-xl", "tiny-sd3") else []
+    tiny_base = ["--pretrained", toy_world().model_folder(model)] if model in TINY_RANDOM else []
     return rpo.parse_config(["--model", model, "--max_pairs", "0", "--report_to", "none", *tiny_base])
+
+
+def model_guidance(args):
+    """--guidance, or its default for --model: FLUX.1-dev's embedded guidance as rpo.py trains it, else 7.5."""
+    if args.guidance is not None:
+        return args.guidance
+    return rpo.Config.guidance if rpo.FAMILY[args.model] == "flux" else 7.5
 
 
 def toy_world():
@@ -666,6 +678,7 @@ def fill_defaults(args, cfg):
     tiny = args.model.startswith("tiny")
     args.steps = args.steps or 50
     args.resolution = args.resolution or cfg.resolution
+    args.guidance = model_guidance(args)
     # tiny models: the toy world their runs were trained in
     args.prompts = args.prompts or (trained_world(args.runs, "toy") if tiny else "pickapic")
     args.scorers = args.scorers or (["judge", "clip"] if tiny else list(SCORERS[:4]))

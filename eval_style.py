@@ -347,8 +347,10 @@ def fill_defaults(args, cfg):
         args.source = args.source or (rpo.Config.data if tiny else "pickapic")
         # InstructPix2Pix is an SD1.5 at 512
         args.resolution = args.resolution or (cfg.resolution if tiny else 512)
+        args.guidance = 7.5 if args.guidance is None else args.guidance  # InstructPix2Pix's text guidance
     else:
         args.resolution = args.resolution or cfg.resolution
+        args.guidance = eval_prefer.model_guidance(args)
 
 
 def main(argv=None):

@@ -54,7 +54,7 @@ def noise_target(x0, noise, t, alphas_cumprod):
     return abar ** 0.5 * x0 + (1 - abar) ** 0.5 * noise, noise
 
 
-# flow matching (SD3, FLUX): x_t = (1 - sigma) x_0 + sigma eps, and its target, the velocity v = eps - x_0
+# flow matching (SD3, FLUX.1): x_t = (1 - sigma) x_0 + sigma eps, and its target, the velocity v = eps - x_0
 def velocity_target(x0, noise, sigma):
     sigma = sigma.to(x0.device, x0.dtype).view(-1, *[1] * (x0.ndim - 1))
     return (1 - sigma) * x0 + sigma * noise, noise - x0
@@ -148,10 +148,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))  # the default run's model and
 
 @dataclass
 class Config:
-    model: str = "tiny-drawn"  # tiny-drawn | tiny | tiny-xl | tiny-sd3 (toy.py's shapes) | sd15 | sdxl | sd3
+    model: str = "tiny-drawn"  # toy.py's tiny-drawn, tiny, tiny-xl, tiny-sd3, tiny-flux | sd15 | sdxl | sd3 | flux
     pretrained: str = None  # hub id or local diffusers folder; default from the preset (tiny, tiny-xl: none)
     init_unet: str = None  # start policy and reference from this UNet folder (e.g. an SFT run's DIR/unet)
-    lora_rank: int = 0  # > 0: train LoRA adapters of this rank on a frozen UNet instead of the whole UNet
+    lora_rank: int = None  # > 0: LoRA adapters of this rank on a frozen UNet; 0: the whole; default: preset's
     lora_modules: str = None  # the layers that get adapters; default from the preset
     init_lora: str = None  # start the adapters from a previous run's DIR/lora, for policy and reference
     data: str = os.path.join(HERE, "toy-data")  # pickapic (a hub id) | a file, folder or glob of data files
@@ -186,6 +186,7 @@ class Config:
     no_flip: bool = False
     time_ids: str = "constant"  # SDXL size and crop conditioning: constant (res, res, 0, 0, res, res) | image
     no_t5: bool = False  # SD3 without T5-XXL (its tokens zeros, as SD3 allows): 9 GB less, weaker prompts
+    guidance: float = 3.5  # FLUX.1-dev's guidance embedding in training: its pipeline's default (docs/flow.md)
     workers: int = 4  # processes decoding JPEGs
     shuffle_buffer: int = 1000
     cache: str = ""  # folder of encoded pairs (VAE latents, text states, CLIP features)
@@ -206,6 +207,10 @@ HUB_SD3 = "stabilityai/stable-diffusion-3.5-medium"  # SD3.5 Large: --pretrained
 UNET_LORA = "to_q,to_k,to_v,to_out.0"  # the attention projections, as Diffusion-DPO's and diffusers' SD scripts
 # SD3's joint blocks: image and text attention projections (diffusers' SD3 LoRA scripts' defaults)
 SD3_LORA = "attn.to_q,attn.to_k,attn.to_v,attn.to_out.0,attn.add_q_proj,attn.add_k_proj,attn.add_v_proj,attn.to_add_out"
+HUB_FLUX = "black-forest-labs/FLUX.1-dev"  # FLUX.1 [schnell]: --pretrained black-forest-labs/FLUX.1-schnell
+# FLUX.1: the same, plus both streams' feed-forward layers (diffusers' Flux LoRA script's defaults; the single
+# blocks' attn.to_q, to_k, to_v match too)
+FLUX_LORA = SD3_LORA + ",ff.net.0.proj,ff.net.2,ff_context.net.0.proj,ff_context.net.2"
 BETA_EPS, BETA_FLOW = 5000.0, 100.0  # Diffusion-DPO's for eps errors; the Flow-DPO runs' (docs/flow.md)
 # Diffusion-DPO's recipe: lr 1e-8 per pair times the effective batch (2048 pairs on 8 GPUs: 2.048e-5), 2000
 # steps, 500 warmup. The tiny models' rate is 1e-5 at their 8 pairs a step.
@@ -224,6 +229,10 @@ PRESETS["sd3"] = dict(pretrained=HUB_SD3, clip="openai/clip-vit-large-patch14", 
                       grad_accum=64, lr_per_pair=1e-8, optimizer="adamw", warmup_steps=500, max_steps=2000,
                       grad_checkpointing=True, save_every=200, sample_steps=28, beta=BETA_FLOW)
 PRESETS["tiny-sd3"] = dict(PRESETS["tiny"], beta=BETA_FLOW)
+# FLUX.1-dev's 12B transformer with a reference copy fits no single GPU whole: LoRA by default, at the low end of
+# the Flow-DPO LoRA runs' rates (docs/flow.md); 256 pairs a step, as sd3
+PRESETS["flux"] = dict(PRESETS["sd3"], pretrained=HUB_FLUX, batch=2, grad_accum=128, lora_rank=64, lr=1e-5)
+PRESETS["tiny-flux"] = dict(PRESETS["tiny-sd3"])
 # the default run: 300 steps at 1e-4 move toy.py's drawing model visibly towards the preferred style
 PRESETS["tiny-drawn"] = dict(PRESETS["tiny"], pretrained=os.path.join(HERE, "toy-drawn"),
                              lr_per_pair=1e-4 / 8, sample_steps=30)
@@ -232,10 +241,12 @@ FREE_ON_RESUME = ("max_steps", "save_every", "save_every_minutes", "keep", "work
                   "eval_split", "eval_pairs", "eval_draws", "sample_steps", "max_nonfinite", "compile",
                   "grad_checkpointing", "cache", "out", "resume", "image_root", "report_to")
 FAMILY = {"tiny": "sd15", "tiny-drawn": "sd15", "sd15": "sd15", "tiny-xl": "sdxl", "sdxl": "sdxl",
-          "tiny-sd3": "sd3", "sd3": "sd3"}  # the pipeline a model's folder holds
+          "tiny-sd3": "sd3", "sd3": "sd3", "tiny-flux": "flux", "flux": "flux"}  # the pipeline a model's folder holds
+FLOW = ("sd3", "flux")  # the flow-matching families: velocity target, sigmas for timesteps, a transformer
 for name, preset in PRESETS.items():
     preset.setdefault("beta", BETA_EPS)
-    preset.setdefault("lora_modules", SD3_LORA if FAMILY[name] == "sd3" else UNET_LORA)
+    preset.setdefault("lora_rank", 0)
+    preset.setdefault("lora_modules", dict(sd3=SD3_LORA, flux=FLUX_LORA).get(FAMILY[name], UNET_LORA))
 CHOICES = dict(model=FAMILY, loss=("rpo", "dpo", "sft"), embed=("text", "image", "both"),
                precision=(None, "bf16", "fp16", "fp32"), optimizer=(None, "adamw", "adafactor"),
                time_ids=("constant", "image"), report_to=("tensorboard", "wandb", "none"))
@@ -289,7 +300,7 @@ def parse_config(argv=None):
         value = getattr(cfg, name)
         if value is not None and not in_range(value, rule):
             sys.exit(f"rpo.py: --{name} must be {rule.replace('..', ' to ')}, got {value}")
-    factor = 16 if FAMILY[cfg.model] == "sd3" else 8  # the VAE's 8, times SD3's 2 x 2 patches
+    factor = 16 if FAMILY[cfg.model] in FLOW else 8  # the VAE's 8, times the transformers' 2 x 2 patches
     if cfg.resolution % factor:
         sys.exit(f"rpo.py: --resolution must be a multiple of {factor} for --model {cfg.model}, got "
                  f"{cfg.resolution}")
@@ -300,6 +311,8 @@ def parse_config(argv=None):
         sys.exit(f"rpo.py: --layout must be one of {list(LAYOUTS)}, got {cfg.layout!r}")
     if cfg.lora_rank < 0:
         sys.exit(f"rpo.py: --lora_rank must be 0 (the whole UNet) or a positive rank, got {cfg.lora_rank}")
+    if cfg.no_t5 and FAMILY[cfg.model] != "sd3":
+        sys.exit(f"rpo.py: --no_t5 is for SD3 only; --model {cfg.model} needs its T5 (FLUX.1 has no T5-free mode)")
     if cfg.random_crop and cfg.cache:
         sys.exit("rpo.py: --random_crop cannot be cached (a cache stores one crop); drop one of them")
     return cfg
@@ -354,7 +367,7 @@ def pair_errors(unet, m, pairs, keys, prompt=None, pooled=None, winners_only=Fal
         return predict(m, unet, x_t, t, torch.cat([prompt] * sides),
                        None if pooled is None else torch.cat([pooled] * sides), time_ids)
     losers = None if winners_only else pairs.latents_l
-    if m.family == "sd3":  # a flow model: t is sigma
+    if m.family in FLOW:  # a flow model: t is sigma
         noised = velocity_target
     else:
         noised = functools.partial(noise_target, alphas_cumprod=m.scheduler.alphas_cumprod)
@@ -362,7 +375,17 @@ def pair_errors(unet, m, pairs, keys, prompt=None, pooled=None, winners_only=Fal
 
 
 def predict(m, unet, x_t, t, prompt, pooled, time_ids):
-    """One call of a UNet (eps) or SD3 transformer (velocity) at timesteps t (a flow model's: sigmas)."""
+    """One call of a UNet (eps) or SD3 or FLUX.1 transformer (velocity) at timesteps t (a flow model's: sigmas)."""
+    if m.family == "flux":  # as FluxPipeline: 2 x 2 patches packed into tokens with their position ids; the
+        # transformer takes sigma itself, and FLUX.1-dev the guidance value as an embedding (schnell has none)
+        from diffusers import FluxPipeline
+        b, c, h, w = x_t.shape
+        guidance = torch.full((b,), m.guidance, device=x_t.device) if unet.config.guidance_embeds else None
+        v = unet(hidden_states=FluxPipeline._pack_latents(x_t, b, c, h, w), timestep=t.to(x_t.dtype),
+                 guidance=guidance, pooled_projections=pooled, encoder_hidden_states=prompt,
+                 txt_ids=prompt.new_zeros(prompt.shape[1], 3),
+                 img_ids=FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, x_t.device, x_t.dtype)).sample
+        return v.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)  # unpacked
     if m.family == "sd3":  # the transformer takes the timestep on its own scale: sigma x 1000, as its pipeline
         timestep = t * m.scheduler.config.num_train_timesteps
         return unet(hidden_states=x_t, timestep=timestep, encoder_hidden_states=prompt,
@@ -570,19 +593,21 @@ def pretrained(cls, name, **kw):
 class Models:
     """What load_models gives the training step, and the sample grid its prompts."""
     base: str  # the pipeline's hub id or folder
-    family: str  # sd15 | sdxl | sd3 (FAMILY)
+    family: str  # sd15 | sdxl | sd3 | flux (FAMILY)
     device: torch.device
     dtype: torch.dtype  # the compute dtype of everything frozen
     scheduler: object
-    unet: torch.nn.Module  # the policy: a UNet, or SD3's transformer
+    unet: torch.nn.Module  # the policy: a UNet, or SD3's or FLUX.1's transformer
     ref_unet: torch.nn.Module  # None with LoRA: see `reference`
     lora: bool
     vae: torch.nn.Module
-    tokenizers: list  # SDXL: two, with their text encoders; SD3: three (CLIP-L, CLIP-G, T5; no T5: two)
+    tokenizers: list  # SDXL: two, with their text encoders; SD3: three (CLIP-L, CLIP-G, T5; no T5: two);
+    # FLUX.1: CLIP-L and T5
     text_encoders: list
     clip: torch.nn.Module  # for the pair weights
     clip_tokenizer: object
     sigmas: torch.Tensor = None  # a flow model's training sigmas, which pair_noise draws t from
+    guidance: float = None  # FLUX.1-dev's guidance embedding value
     empty_prompt: torch.Tensor = None  # what prompt dropout conditions on
     empty_pooled: torch.Tensor = None
     sample_prompts: list = None  # read at the first grid (see sample_prompts), the same at every save point
@@ -593,9 +618,9 @@ def load_models(cfg, device, dtype):
     from diffusers import AutoencoderKL, DDPMScheduler, FlowMatchEulerDiscreteScheduler
     from transformers import CLIPModel, CLIPTokenizer
     base, family = cfg.pretrained, FAMILY[cfg.model]
-    scheduler = pretrained(FlowMatchEulerDiscreteScheduler if family == "sd3" else DDPMScheduler, base,
+    scheduler = pretrained(FlowMatchEulerDiscreteScheduler if family in FLOW else DDPMScheduler, base,
                            subfolder="scheduler")
-    if family != "sd3" and scheduler.config.prediction_type != "epsilon":
+    if family not in FLOW and scheduler.config.prediction_type != "epsilon":
         sys.exit(f"rpo.py: {base} predicts {scheduler.config.prediction_type}; this script trains epsilon "
                  f"models")
     unet, ref_unet = load_unets(cfg, base, device, dtype)
@@ -613,8 +638,14 @@ def load_models(cfg, device, dtype):
         frozen.requires_grad_(False).eval().to(device, dtype)
     m = Models(base, family, device, dtype, scheduler, unet, ref_unet, bool(cfg.lora_rank or cfg.init_lora),
                vae, tokenizers, text_encoders, clip, clip_tokenizer)
-    if family == "sd3":  # the sigmas SD3 trains on: the scheduler's, shifted (SD3.5: shift 3)
-        m.sigmas = scheduler.sigmas[:scheduler.config.num_train_timesteps].cpu()
+    if family in FLOW:  # the sigmas the pipeline samples at this resolution: the scheduler's, shifted as it shifts
+        m.sigmas, m.guidance = scheduler.sigmas[:scheduler.config.num_train_timesteps].cpu(), cfg.guidance
+        if scheduler.config.use_dynamic_shifting:  # FLUX.1-dev: by the image's token count (SD3.5: shift 3 fixed)
+            from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+            tokens = (cfg.resolution // 2 ** len(vae.config.block_out_channels)) ** 2  # VAE factor x 2 x 2 patches
+            c = scheduler.config
+            mu = calculate_shift(tokens, c.base_image_seq_len, c.max_image_seq_len, c.base_shift, c.max_shift)
+            m.sigmas = scheduler.time_shift(mu, 1.0, m.sigmas)
     m.empty_prompt, m.empty_pooled = encode_prompts(m, [""])
     return m
 
@@ -624,6 +655,8 @@ def text_encoder_parts(family, no_t5=False):
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
     # SD3's CLIP-L has a projection too: its pooled embedding is both CLIPs' side by side
     parts = [("", CLIPTokenizer, CLIPTextModelWithProjection if family == "sd3" else CLIPTextModel)]
+    if family == "flux":  # CLIP-L's pooled output, and T5-XXL
+        return parts + [("_2", T5TokenizerFast, T5EncoderModel)]
     if family != "sd15":
         parts.append(("_2", CLIPTokenizer, CLIPTextModelWithProjection))
     if family == "sd3" and not no_t5:
@@ -643,7 +676,7 @@ def memory_need(counts, precision, lora, optimizer):
 def parameter_counts(cfg):
     """Parameters of the denoiser, and of the frozen models (VAE, text encoders, pair-weight CLIP) with every
     buffer (SD3's position table), counted from their configs on the meta device: nothing is loaded."""
-    from diffusers import AutoencoderKL, SD3Transformer2DModel, UNet2DConditionModel
+    from diffusers import AutoencoderKL
     from transformers import CLIPModel
     base, family = cfg.pretrained, FAMILY[cfg.model]
 
@@ -661,7 +694,7 @@ def parameter_counts(cfg):
         with torch.device("meta"):
             model = build()
         return sum(p.numel() for p in model.parameters()), sum(b.numel() for b in model.buffers())
-    denoiser, buffers = count(SD3Transformer2DModel if family == "sd3" else UNet2DConditionModel, cfg.init_unet or base,
+    denoiser, buffers = count(denoiser_class(family), cfg.init_unet or base,
                               None if cfg.init_unet else DENOISER_FOLDER[family])
     frozen = [count(AutoencoderKL, base, "vae"), count(CLIPModel, cfg.clip or os.path.join(base, "clip"))]
     frozen += [count(encoder, base, "text_encoder" + s) for s, _, encoder in text_encoder_parts(family, cfg.no_t5)]
@@ -687,12 +720,11 @@ def check_memory(cfg, precision, available, where):
 
 
 def load_unets(cfg, base, device, dtype):
-    """The policy UNet or SD3 transformer (fp32 master weights) and a frozen reference copy in the compute
-    dtype. With LoRA it is frozen in the compute dtype, only its adapters train, and there is no copy (None):
-    see `reference`."""
-    from diffusers import SD3Transformer2DModel, UNet2DConditionModel
+    """The policy UNet or transformer (fp32 master weights) and a frozen reference copy in the compute dtype.
+    With LoRA it is frozen in the compute dtype, only its adapters train, and there is no copy (None): see
+    `reference`."""
     family = FAMILY[cfg.model]
-    cls = SD3Transformer2DModel if family == "sd3" else UNet2DConditionModel
+    cls = denoiser_class(family)
     if cfg.init_unet:
         unet = pretrained(cls, cfg.init_unet)
     else:
@@ -706,14 +738,20 @@ def load_unets(cfg, base, device, dtype):
         ref_unet = copy.deepcopy(unet).requires_grad_(False).eval().to(dtype)
     if cfg.grad_checkpointing:
         unet.enable_gradient_checkpointing()
-    if device.type == "cuda" and family != "sd3":
+    if device.type == "cuda" and family not in FLOW:
         for each in (unet, ref_unet or unet):
             each.to(memory_format=torch.channels_last)
     return unet, ref_unet
 
 
-T5_TOKENS = 256  # SD3's T5 prompt length, as its pipeline's default max_sequence_length: train as it samples
-DENOISER_FOLDER = dict(sd15="unet", sdxl="unet", sd3="transformer")  # in the pipeline's folder, and in DIR
+# T5's prompt length: its pipeline's default max_sequence_length, so training sees what sampling sees
+T5_TOKENS = dict(sd3=256, flux=512)
+DENOISER_FOLDER = dict(sd15="unet", sdxl="unet", sd3="transformer", flux="transformer")  # in the pipeline, in DIR
+
+
+def denoiser_class(family):
+    return getattr(diffusers, dict(sd3="SD3Transformer2DModel", flux="FluxTransformer2DModel").get(
+        family, "UNet2DConditionModel"))
 LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' name for it, saving and loading
 SETTINGS_FILE = "settings.json"  # DIR/settings.json: the run's Config, for the evaluation scripts
 
@@ -766,7 +804,13 @@ def reference(m):
 def encode_prompts(m, captions):
     """SD1.5: last hidden states. SDXL: penultimate states of both CLIPs side by side, and the pooled output
     of the second. SD3: penultimate states of both CLIPs side by side, zero-padded to T5's width, then T5's
-    states (256 tokens; zeros without T5) after them; pooled: both CLIPs' side by side (as SD3's pipeline)."""
+    states (256 tokens; zeros without T5) after them; pooled: both CLIPs' side by side (as SD3's pipeline).
+    FLUX.1: T5's states (512 tokens); pooled: CLIP-L's pooled output (as FluxPipeline)."""
+    if m.family == "flux":
+        ids = [tokenizer(captions, padding="max_length", max_length=length, truncation=True,
+                         return_tensors="pt").input_ids.to(m.device)
+               for tokenizer, length in zip(m.tokenizers, (m.tokenizers[0].model_max_length, T5_TOKENS["flux"]))]
+        return m.text_encoders[1](ids[1]).last_hidden_state, m.text_encoders[0](ids[0]).pooler_output
     states, pooled = [], []
     for tokenizer, encoder in zip(m.tokenizers[:2], m.text_encoders[:2]):
         ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
@@ -781,17 +825,17 @@ def encode_prompts(m, captions):
     width = m.unet.config.joint_attention_dim
     clip = F.pad(torch.cat(states, dim=-1), (0, width - sum(s.shape[-1] for s in states)))
     if len(m.text_encoders) == 3:
-        ids = m.tokenizers[2](captions, padding="max_length", max_length=T5_TOKENS, truncation=True,
+        ids = m.tokenizers[2](captions, padding="max_length", max_length=T5_TOKENS["sd3"], truncation=True,
                               return_tensors="pt").input_ids.to(m.device)
         t5 = m.text_encoders[2](ids).last_hidden_state.to(clip.dtype)
     else:
-        t5 = clip.new_zeros(len(captions), T5_TOKENS, width)
+        t5 = clip.new_zeros(len(captions), T5_TOKENS["sd3"], width)
     return torch.cat([clip, t5], dim=-2), torch.cat(pooled, dim=-1)
 
 
 @torch.no_grad()
 def encode_images(m, pixels):
-    """uint8 [N,3,H,W] -> shifted (SD3) and scaled VAE latents (posterior mean: deterministic, so cached
+    """uint8 [N,3,H,W] -> shifted (SD3, FLUX.1) and scaled VAE latents (posterior mean: deterministic, so cached
     latents are exact)."""
     x = pixels.to(m.device, non_blocking=True).to(m.dtype) / 127.5 - 1
     shift = m.vae.config.get("shift_factor") or 0.0
@@ -2217,7 +2261,7 @@ def save_lora(m, folder):
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
     layers = get_peft_model_state_dict(m.unet, adapter_name="default")
-    if m.family != "sd3":  # the UNet pipelines read diffusers' own key names; SD3's reads peft's (as its scripts)
+    if m.family not in FLOW:  # the UNet pipelines read diffusers' key names; SD3's and Flux's peft's (as their scripts)
         layers = convert_state_dict_to_diffusers(layers)
     name = DENOISER_FOLDER[m.family]  # unet | transformer
     pipeline_class(m.family).save_lora_weights(folder, weight_name=LORA_FILE, **{
@@ -2265,15 +2309,19 @@ def save_samples(cfg, m, path, autocast):
 
 def pipeline_class(family):
     return getattr(diffusers, dict(sd15="StableDiffusionPipeline", sdxl="StableDiffusionXLPipeline",
-                                   sd3="StableDiffusion3Pipeline")[family])
+                                   sd3="StableDiffusion3Pipeline", flux="FluxPipeline")[family])
 
 
 def sample_pipeline(m):
     """A diffusers pipeline over the training models (no copies): DDIM for few-step sampling of the eps
-    models, SD3's own flow-matching Euler sampler (a fresh copy: the training one's sigmas stay)."""
+    models, the flow models' own flow-matching Euler sampler (a fresh copy: the training one's sigmas stay)."""
     from diffusers import DDIMScheduler
     parts = dict(vae=m.vae, text_encoder=m.text_encoders[0], tokenizer=m.tokenizers[0])
-    if m.family == "sd3":
+    if m.family == "flux":
+        pipe = pipeline_class("flux")(**parts, transformer=m.unet, text_encoder_2=m.text_encoders[1],
+                                      tokenizer_2=m.tokenizers[1],
+                                      scheduler=type(m.scheduler).from_config(m.scheduler.config))
+    elif m.family == "sd3":
         t5 = dict(text_encoder_3=m.text_encoders[2], tokenizer_3=m.tokenizers[2]) if len(m.tokenizers) == 3 else \
             dict(text_encoder_3=None, tokenizer_3=None)
         pipe = pipeline_class("sd3")(**parts, transformer=m.unet, text_encoder_2=m.text_encoders[1],

@@ -3,6 +3,7 @@ import ast
 import collections
 import copy
 import dataclasses
+import functools
 import gc
 import glob
 import importlib.util
@@ -1937,7 +1938,7 @@ def test_lora_adapters_get_the_same_gradients_under_gradient_checkpointing():
     assert all(torch.allclose(grads[0][n], grads[1][n], rtol=1e-4, atol=1e-7) for n in grads[0])
 
 
-@pytest.mark.parametrize("model", ["tiny", "tiny-xl", "tiny-sd3"])
+@pytest.mark.parametrize("model", ["tiny", "tiny-xl", "tiny-sd3", "tiny-flux"])
 def test_saved_lora_adapters_load_into_a_stock_diffusers_pipeline_in_one_line_and_draw_the_trained_samples(
         tmp_path, model):
     from diffusers import DiffusionPipeline
@@ -2737,14 +2738,18 @@ GPU_RUNS = {
     **{f"sd3 {weights}": ("sd3", [*flags, "--grad_accum", 1, "--max_steps", 3, "--max_pairs", 16, "--eval_pairs", 4,
                                   "--eval_draws", 1, "--sample_steps", 0], False)
        for weights, flags in [("lora 64", ["--lora_rank", 64]), ("full", [])]},
+    # FLUX.1-dev's widths at 2 + 4 of its 19 + 38 blocks (toy.py's flux shape), its preset: LoRA 64, M = 2
+    "flux lora 64": ("flux", ["--grad_accum", 1, "--max_steps", 3, "--max_pairs", 16, "--eval_pairs", 4,
+                              "--eval_draws", 1, "--sample_steps", 0], False),
 }
 
 
 def gpu_command(tmp_path, name, on_tiny=False):
     """The rpo.py command of a GPU run: on its shape's random folder, or on_tiny on the tiny one of its kind
-    (SD1.5, SDXL or SD3) at 32 px, the rest as it is."""
+    (SD1.5, SDXL, SD3 or FLUX.1) at 32 px, the rest as it is."""
     shape, flags, torchrun = GPU_RUNS[name]
-    weights = dict(sd15="tiny", sdxl="tiny-xl", sd3="tiny-sd3")[rpo.FAMILY[shape]] if on_tiny else shape
+    weights = dict(sd15="tiny", sdxl="tiny-xl", sd3="tiny-sd3", flux="tiny-flux")[rpo.FAMILY[shape]] if on_tiny \
+        else shape
     cmd = rpo_command(tmp_path / "out", "--model", shape, "--pretrained", toy.model_folder(weights),
                       *(str(f).replace("<tmp>", str(tmp_path)) for f in flags),
                       *(["--resolution", 32] if on_tiny else []))
@@ -2811,6 +2816,18 @@ def test_on_a_gpu_sd35_medium_shapes_train_m4_at_1024_px_holding_at_least_the_es
     need = rpo.check_memory(cfg, summary["precision"], float("inf"), "")
     print(json.dumps(dict(weights=weights, estimate_mb=round(need / 2**20), peak_mb=summary["peak_mem_mb"])))
     assert summary["batch"] == 4 and summary["precision"] == "bf16" and len(metrics) == 3
+    assert need <= summary["peak_mem_mb"] * 2**20
+
+
+@on_a_gpu
+def test_on_a_gpu_flux_dev_shapes_train_lora_64_m2_at_1024_px_holding_at_least_the_estimated_weights(tmp_path):
+    # the expected peak: the estimate (about 5 GB of weights at this depth; 35 GB for the whole FLUX.1-dev) plus
+    # the activations of 4096 image and 512 text tokens a sample, which gradient checkpointing keeps to a few GB
+    summary, metrics, _ = gpu_run(tmp_path, "flux lora 64", timeout=560)
+    cfg = rpo.parse_config(["--model", "flux", "--pretrained", toy.model_folder("flux")])
+    need = rpo.check_memory(cfg, summary["precision"], float("inf"), "")
+    print(json.dumps(dict(weights="lora 64", estimate_mb=round(need / 2**20), peak_mb=summary["peak_mem_mb"])))
+    assert summary["batch"] == 2 and summary["precision"] == "bf16" and len(metrics) == 3
     assert need <= summary["peak_mem_mb"] * 2**20
 
 
@@ -3384,7 +3401,8 @@ def test_a_negative_sheet_is_one_line_before_any_work():
 
 
 def test_a_folder_that_is_not_a_run_is_one_line_before_any_work(tmp_path):
-    with pytest.raises(SystemExit, match="is not a run: it holds neither a diffusers UNet .unet/. or transformer .transformer/. nor LoRA"):
+    with pytest.raises(SystemExit, match="is not a run: it holds neither a diffusers UNet .unet/. or transformer "
+                                         ".transformer/. nor LoRA"):
         run_prefer("--model", "tiny", "--runs", tmp_path)
 
 
@@ -3669,13 +3687,14 @@ def test_the_memory_estimate_counts_every_loaded_weight_and_refuses_before_loadi
     assert rpo.check_memory(cfg, "bf16", 80e9, "an H100") < 30e9  # LoRA on the frozen 8B transformer fits
 
 
-def test_both_evaluations_draw_an_sd3_runs_transformer_and_its_lora_with_the_sd3_pipeline(tmp_path):
-    flags = [*tiny("tiny-sd3"), "--max_steps", 2, "--batch", 4, "--max_pairs", 16, "--eval_pairs", 0,
+@pytest.mark.parametrize("model", ["tiny-sd3", "tiny-flux"])
+def test_both_evaluations_draw_a_flow_runs_transformer_and_its_lora_with_its_own_pipeline(tmp_path, model):
+    flags = [*tiny(model), "--max_steps", 2, "--batch", 4, "--max_pairs", 16, "--eval_pairs", 0,
              "--sample_steps", 0]
     train(tmp_path / "full", *flags, "--lr", 1e-1)  # large steps: each run draws visibly apart from the base
     train(tmp_path / "lora", *flags, *LORA, "--lr", 1e-1)
     assert eval_prefer.run_weights(str(tmp_path / "full")) == ("transformer", str(tmp_path / "full" / "transformer"))
-    run_prefer("--model", "tiny-sd3", "--runs", tmp_path / "full", tmp_path / "lora", "--n", 2, "--steps", 2,
+    run_prefer("--model", model, "--runs", tmp_path / "full", tmp_path / "lora", "--n", 2, "--steps", 2,
                "--scorers", "judge", "--sheet", 0, "--out", tmp_path / "r.json", "--save", tmp_path / "images")
     report = json.load(open(tmp_path / "r.json"))
     assert sorted(report["runs"]) == ["base", "full", "lora"]
@@ -3688,7 +3707,140 @@ def test_both_evaluations_draw_an_sd3_runs_transformer_and_its_lora_with_the_sd3
         assert len(pixels(run)) == len(base) == 2  # images (the base's again, bit for bit, had nothing loaded)
         assert max(np.abs(a - b).max() for a, b in zip(pixels(run), base)) > 0
     (tmp_path / "prompts.txt").write_text("\n".join(toy.captions_of("test")[:2]))
-    out = run_style("score", "--model", "tiny-sd3", "--unet", tmp_path / "full", "--prompts",
+    out = run_style("score", "--model", model, "--unet", tmp_path / "full", "--prompts",
                     tmp_path / "prompts.txt", "--ref", tmp_path / "images" / "base", "--steps", 2,
                     "--out", tmp_path / "score.json")
     assert json.loads(out.strip().splitlines()[-1])["tuned"]["images"] == 2
+    pipe = eval_prefer.load_pipeline(model, rpo.parse_config(tiny(model)).pretrained, "cpu", torch.float32)
+    drawn = pipe.prepare_latents(1, eval_prefer.denoiser(pipe).config.in_channels // (4 if model == "tiny-flux" else 1),
+                                 32, 32, torch.float32, "cpu", torch.Generator().manual_seed(5))
+    drawn = drawn[0] if model == "tiny-flux" else drawn  # Flux's: (packed latents, their ids)
+    assert torch.equal(eval_prefer.initial_noise(pipe, [5], 32), drawn)  # image k's noise: the pipeline's by seed
+
+
+# ------------------------------------------------------------------------------ flow matching: FLUX.1
+@pytest.fixture(scope="module")
+def schnell_shaped(tmp_path_factory):
+    """tiny-flux's folder with a transformer that has no guidance embedding, as FLUX.1 [schnell]'s."""
+    from diffusers import FluxTransformer2DModel
+    folder = tmp_path_factory.mktemp("schnell") / "tiny-flux-schnell"
+    shutil.copytree(toy.model_folder("tiny-flux"), folder)
+    torch.manual_seed(0)
+    FluxTransformer2DModel(**dict(toy.SHAPES["tiny-flux"]["transformer"], guidance_embeds=False)).save_pretrained(
+        folder / "transformer")
+    return str(folder)
+
+
+def test_flux_rpo_with_one_pair_is_the_written_flow_dpo_formula_on_packed_latents():
+    # the same formula as SD3's, on FLUX.1's packed 2 x 2 patch tokens, with the guidance embedding and the
+    # position ids as FluxPipeline builds them, and the transformer given sigma itself
+    from diffusers import FluxPipeline
+    cfg, m = tiny_models("tiny-flux", "--batch", "1", "--drop_prompt", "0", "--beta", "100")
+    with torch.no_grad():  # a policy that differs from its reference
+        for p in m.unet.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    pairs = toy_batch(cfg, m, n=1)
+    key = f"noise-{cfg.seed}-0-{pairs.index[0]}"
+    eps, sigma = rpo.pair_noise([random.Random(key).getrandbits(63)], pairs.latents_w.shape[1:], 1000, m.sigmas)
+    assert 0 < sigma.item() < 1 and sigma.item() in m.sigmas.tolist()
+    b, c, h, w = pairs.latents_w.shape
+    pack = functools.partial(FluxPipeline._pack_latents, batch_size=b, num_channels_latents=c, height=h, width=w)
+    ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, "cpu", torch.float32)
+
+    def err(model, x0):
+        x0, noise = pack(x0), pack(eps)
+        x_t = (1 - sigma) * x0 + sigma * noise
+        v = model(hidden_states=x_t, timestep=sigma, guidance=torch.full((1,), 3.5), encoder_hidden_states=pairs.prompt,
+                  pooled_projections=pairs.pooled, txt_ids=torch.zeros(pairs.prompt.shape[1], 3), img_ids=ids).sample
+        return ((v - (noise - x0)) ** 2).mean()
+    with torch.no_grad():
+        s_w = err(m.unet, pairs.latents_w) - err(m.ref_unet, pairs.latents_w)
+        s_l = err(m.unet, pairs.latents_l) - err(m.ref_unet, pairs.latents_l)
+        written = -F.logsigmoid(-(100 / 2) * (s_w - s_l))
+        loss = rpo.preference_step(cfg, m, m.unet, pairs, epoch=0)[0]
+        assert loss.item() == pytest.approx(written.item(), rel=1e-4) and abs(s_w - s_l) > 1e-4
+        m.guidance = 1.0  # the guidance value reaches the transformer: another value, another loss
+        assert rpo.preference_step(cfg, m, m.unet, pairs, epoch=0)[0].item() != pytest.approx(written.item(), rel=1e-3)
+
+
+@pytest.mark.parametrize("kind", ["dev", "schnell"])
+def test_rpo_py_calls_the_flux_transformer_as_its_pipeline_does_at_every_denoising_step(kind, schnell_shaped):
+    from diffusers import FluxPipeline
+    folder = toy.model_folder("tiny-flux") if kind == "dev" else schnell_shaped
+    cfg = rpo.parse_config(["--model", "tiny-flux", "--pretrained", folder])
+    m = rpo.load_models(cfg, torch.device("cpu"), torch.float32)
+    pipe = FluxPipeline.from_pretrained(folder)
+    calls = []
+    pipe.transformer.register_forward_hook(lambda mod, args, kw, out: calls.append((kw, out[0])),
+                                           with_kwargs=True)
+    caption = "a red circle on a blue background"
+    pipe(caption, num_inference_steps=3, guidance_scale=cfg.guidance, height=32, width=32, output_type="latent",
+         generator=torch.Generator().manual_seed(0))
+    prompt, pooled = rpo.encode_prompts(m, [caption])
+    assert len(calls) == 3 and (calls[0][0]["guidance"] is None) == (kind == "schnell")
+    for i, (kw, out) in enumerate(calls):
+        packed = kw["hidden_states"]  # the pipeline's packed latents, as rpo.py holds them: [1, 4, 16, 16]
+        latents = packed.view(1, 8, 8, 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(1, 4, 16, 16)
+        assert torch.equal(FluxPipeline._pack_latents(latents, 1, 4, 16, 16), packed)
+        with torch.no_grad():
+            ours = rpo.predict(m, m.unet, latents, kw["timestep"], prompt, pooled, None)
+        assert torch.allclose(FluxPipeline._pack_latents(ours, 1, 4, 16, 16), out, atol=1e-5), i
+
+
+FLUX = [*SD3, *LORA, "--lr", 1e-3]
+
+
+@pytest.mark.parametrize("loss, kind", [("rpo", "dev"), ("dpo", "dev"), ("sft", "dev"), ("rpo", "schnell")])
+def test_flux_trains_with_each_loss_with_lora_and_the_guidance_free_schnell_shape_trains_too(
+        tmp_path, loss, kind, schnell_shaped):
+    pretrained = ["--pretrained", schnell_shaped] if kind == "schnell" else []
+    summary, metrics = train(tmp_path, *tiny("tiny-flux"), *pretrained, *FLUX, "--loss", loss, "--max_steps", 2,
+                             "--save_every", 2)
+    assert len(metrics) == 2 and all(math.isfinite(r["loss"]) for r in metrics)
+    assert metrics[-1]["mse"] != (metrics[-1].get("ref_mse") if loss != "sft" else metrics[0]["mse"])
+    assert os.path.isfile(tmp_path / "lora" / rpo.LORA_FILE) and not os.path.exists(tmp_path / "transformer")
+
+
+def test_a_flux_lora_run_resumed_from_its_checkpoint_logs_and_saves_exactly_what_the_uninterrupted_run_does(
+        tmp_path):
+    flags = [*tiny("tiny-flux"), *FLUX, "--save_every", 2]
+    _, full = train(tmp_path / "full", *flags, "--max_steps", 4)
+    train(tmp_path / "cut", *flags, "--max_steps", 2)
+    _, resumed = train(tmp_path / "cut", *flags, "--max_steps", 4, "--resume")
+    assert resumed == full
+    a, b = final_unet(tmp_path / "full"), final_unet(tmp_path / "cut")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def flux_dev_configs(folder):
+    """FLUX.1-dev's configs alone (no weights): its 12B transformer, 16-channel VAE, CLIP-L and T5-XXL, and a
+    CLIP ViT-L/14 for the pair weights."""
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from transformers import CLIPConfig, CLIPTextConfig, T5Config
+    with torch.device("meta"):
+        FluxTransformer2DModel(guidance_embeds=True).save_config(folder / "transformer")  # diffusers' defaults: dev's
+        AutoencoderKL(**dict(toy.vae_config([128, 256, 512, 512], 0.3611), latent_channels=16, shift_factor=0.1159,
+                             use_quant_conv=False, use_post_quant_conv=False)).save_config(folder / "vae")
+    CLIPTextConfig(**toy.clip_text_config(768, 12, 12, 768)).save_pretrained(folder / "text_encoder")
+    T5Config(d_model=4096, d_ff=10240, d_kv=64, num_layers=24, num_heads=64, vocab_size=32128,
+             feed_forward_proj="gated-gelu").save_pretrained(folder / "text_encoder_2")
+    CLIPConfig(text_config=toy.clip_text_config(768, 12, 12, 768), vision_config=toy.VIT_L14,
+               projection_dim=768).save_pretrained(folder / "clip")
+    return str(folder)
+
+
+def test_flux_dev_whole_is_refused_in_one_line_before_loading_and_its_lora_preset_fits_one_gpu(tmp_path):
+    dev = flux_dev_configs(tmp_path / "dev")
+    cfg = rpo.parse_config(["--model", "flux", "--pretrained", dev, "--clip", os.path.join(dev, "clip"),
+                            "--lora_rank", "0"])
+    # 11.90B trained x 18 bytes (fp32 weight and gradient, AdamW's moments, a bf16 reference) + 5.40B frozen x 2
+    with pytest.raises(SystemExit, match=r"^rpo.py: flux .* full fine-tuning with adamw in bf16 needs about 225 GB "
+                                         r"before activations \(11.90B trained-model and 5.40B frozen parameters\), "
+                                         r"more than the 80 GB of an H100: LoRA \(--lora_rank 64\) needs about 35 GB$"):
+        rpo.check_memory(cfg, "bf16", 80e9, "an H100")
+    # an H200 holds the weights whole with Adafactor (11.90B x 10 + the same), activations not counted
+    with pytest.raises(SystemExit, match=r"141 GB of an H200: LoRA .* 35 GB; --optimizer adafactor needs about "
+                                         r"130 GB$"):
+        rpo.check_memory(cfg, "bf16", 141e9, "an H200")
+    cfg = rpo.parse_config(["--model", "flux", "--pretrained", dev, "--clip", os.path.join(dev, "clip")])
+    assert cfg.lora_rank == 64 and rpo.check_memory(cfg, "bf16", 80e9, "an H100") < 36e9  # the preset: LoRA

@@ -225,6 +225,14 @@ SHAPES["tiny-sd3"] = dict(
                      pooled_projection_dim=64, pos_embed_max_size=16),
     vae=vae_config([16, 32], 1.0), clip_vision=TINY_VISION, t5=TINY_T5,
     text=[TINY_TEXT, clip_text_config(32, 2, 2, 32, act="gelu", vocab=TINY_VOCAB)])
+# FLUX.1's: a transformer over 2x2 latent patches packed into tokens (double-stream blocks, then single-stream
+# ones, rotary position ids), CLIP-L's pooled output, T5 as the text stream, a VAE with a shift and a scale; dev
+# embeds a guidance value (schnell: guidance_embeds=False)
+SHAPES["tiny-flux"] = dict(
+    transformer=dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                     num_attention_heads=2, joint_attention_dim=64, pooled_projection_dim=32,
+                     axes_dims_rope=(4, 6, 6), guidance_embeds=True),
+    vae=vae_config([16, 32], 1.0), clip_vision=TINY_VISION, t5=TINY_T5, text=[TINY_TEXT])
 # SD3.5 Medium's transformer, CLIP-L and CLIP-G at full size; T5-XXL's width at 2 of its 24 layers (a GPU speed
 # run needs the transformer's cost, not 4.7B frozen T5 weights)
 SHAPES["sd3"] = dict(
@@ -235,6 +243,15 @@ SHAPES["sd3"] = dict(
     vae=dict(vae_config([128, 256, 512, 512], 1.5305), latent_channels=16, shift_factor=0.0609),
     clip_vision=VIT_L14, t5=dict(d_model=4096, d_ff=10240, d_kv=64, num_layers=2, num_heads=64),
     text=[clip_text_config(768, 12, 12, 768), clip_text_config(1280, 32, 20, 1280, act="gelu")])
+# FLUX.1-dev's widths (24 heads of 128, T5-XXL's 4096 and CLIP-L's 768 into the transformer) and CLIP-L at full
+# size, at 2 of its 19 double-stream and 4 of its 38 single-stream blocks, T5-XXL at 2 of its 24 layers: a GPU
+# run's shapes and activations per block, not 16B weights
+SHAPES["flux"] = dict(
+    transformer=dict(num_layers=2, num_single_layers=4, guidance_embeds=True),  # the rest: diffusers' defaults
+    vae=dict(vae_config([128, 256, 512, 512], 0.3611), latent_channels=16, shift_factor=0.1159,
+             use_quant_conv=False, use_post_quant_conv=False),
+    clip_vision=VIT_L14, t5=dict(d_model=4096, d_ff=10240, d_kv=64, num_layers=2, num_heads=64),
+    text=[clip_text_config(768, 12, 12, 768)])
 
 
 def t5_tokenizer():
@@ -275,14 +292,23 @@ def build_random_pipeline(model, folder):
     if model == "tiny-drawn":
         train_vae(vae)
     if model.startswith("tiny"):  # as SD chose 0.18215: unit-variance latents, else x_t is noise at every t
-        vae.register_to_config(**unit_variance_latents(vae, shifted=family == "sd3"))
-    if family == "sd3":
-        from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+        vae.register_to_config(**unit_variance_latents(vae, shifted=family in rpo.FLOW))
+    if family in rpo.FLOW:
         from transformers import T5Config, T5EncoderModel
         t5_tok = t5_tokenizer()
-        encoders = [CLIPTextModelWithProjection(CLIPTextConfig(**text)) for text in shape["text"]]
         t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tok), decoder_start_token_id=0, pad_token_id=0,
                                      eos_token_id=1, **shape["t5"]))
+    if family == "flux":
+        from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+        FluxPipeline(  # FLUX.1-dev's scheduler: shifted by the image's token count
+            transformer=FluxTransformer2DModel(**shape["transformer"]), vae=vae,
+            scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                                                      max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096),
+            text_encoder=CLIPTextModel(CLIPTextConfig(**shape["text"][0])), tokenizer=tokenizer,
+            text_encoder_2=t5, tokenizer_2=t5_tok).save_pretrained(tmp)
+    elif family == "sd3":
+        from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+        encoders = [CLIPTextModelWithProjection(CLIPTextConfig(**text)) for text in shape["text"]]
         StableDiffusion3Pipeline(  # SD3.5's scheduler: shift 3
             transformer=SD3Transformer2DModel(**shape["transformer"]), vae=vae,
             scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), text_encoder=encoders[0], tokenizer=tokenizer,
