@@ -2821,7 +2821,7 @@ def test_on_a_gpu_sd35_medium_shapes_train_m4_at_1024_px_holding_at_least_the_es
 
 @on_a_gpu
 def test_on_a_gpu_flux_dev_shapes_train_lora_64_m2_at_1024_px_holding_at_least_the_estimated_weights(tmp_path):
-    # the expected peak: the estimate (about 5 GB of weights at this depth; 35 GB for the whole FLUX.1-dev) plus
+    # the expected peak: the estimate (4.2 GiB of weights at this depth; 35 GB for the whole FLUX.1-dev) plus
     # the activations of 4096 image and 512 text tokens a sample, which gradient checkpointing keeps to a few GB
     summary, metrics, _ = gpu_run(tmp_path, "flux lora 64", timeout=560)
     cfg = rpo.parse_config(["--model", "flux", "--pretrained", toy.model_folder("flux")])
