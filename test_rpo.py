@@ -3558,11 +3558,10 @@ def test_every_relative_link_in_readme_and_docs_resolves():
 SD3 = ["--batch", 2, "--max_pairs", 16, "--eval_pairs", 4, "--eval_draws", 1, "--sample_steps", 0]
 
 
-def test_flow_rpo_with_one_pair_is_the_written_flow_dpo_formula_and_a_wrong_target_breaks_it(monkeypatch):
-    # L = -log sigmoid(-(beta/2) [(|v_theta(x_t^w) - v^w|^2 - |v_ref(x_t^w) - v^w|^2)
-    #                              - (|v_theta(x_t^l) - v^l|^2 - |v_ref(x_t^l) - v^l|^2)]),
-    # x_t = (1 - sigma) x_0 + sigma eps, v = eps - x_0; the pair shares eps and sigma; err = mean over elements
-    cfg, m = tiny_models("tiny-sd3", "--batch", "1", "--drop_prompt", "0", "--beta", "100")
+def one_flow_pair(model):
+    """A tiny flow model whose policy differs from its reference, one toy pair (M = 1, beta 100), and the pair's
+    eps and sigma as the step draws them."""
+    cfg, m = tiny_models(model, "--batch", "1", "--drop_prompt", "0", "--beta", "100")
     with torch.no_grad():  # a policy that differs from its reference
         for p in m.unet.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -3570,6 +3569,21 @@ def test_flow_rpo_with_one_pair_is_the_written_flow_dpo_formula_and_a_wrong_targ
     key = f"noise-{cfg.seed}-0-{pairs.index[0]}"
     eps, sigma = rpo.pair_noise([random.Random(key).getrandbits(63)], pairs.latents_w.shape[1:], 1000, m.sigmas)
     assert 0 < sigma.item() < 1 and sigma.item() in m.sigmas.tolist()
+    return cfg, m, pairs, eps, sigma
+
+
+def written_flow_dpo(err, m, pairs):
+    """Flow-DPO's loss at beta 100, written out from err(model, x0), a model's velocity error on x0."""
+    s_w = err(m.unet, pairs.latents_w) - err(m.ref_unet, pairs.latents_w)
+    s_l = err(m.unet, pairs.latents_l) - err(m.ref_unet, pairs.latents_l)
+    return -F.logsigmoid(-(100 / 2) * (s_w - s_l)), s_w, s_l
+
+
+def test_flow_rpo_with_one_pair_is_the_written_flow_dpo_formula_and_a_wrong_target_breaks_it(monkeypatch):
+    # L = -log sigmoid(-(beta/2) [(|v_theta(x_t^w) - v^w|^2 - |v_ref(x_t^w) - v^w|^2)
+    #                              - (|v_theta(x_t^l) - v^l|^2 - |v_ref(x_t^l) - v^l|^2)]),
+    # x_t = (1 - sigma) x_0 + sigma eps, v = eps - x_0; the pair shares eps and sigma; err = mean over elements
+    cfg, m, pairs, eps, sigma = one_flow_pair("tiny-sd3")
 
     def err(model, x0):
         x_t = (1 - sigma) * x0 + sigma * eps
@@ -3577,9 +3591,7 @@ def test_flow_rpo_with_one_pair_is_the_written_flow_dpo_formula_and_a_wrong_targ
                   pooled_projections=pairs.pooled).sample
         return ((v - (eps - x0)) ** 2).mean()
     with torch.no_grad():
-        s_w = err(m.unet, pairs.latents_w) - err(m.ref_unet, pairs.latents_w)
-        s_l = err(m.unet, pairs.latents_l) - err(m.ref_unet, pairs.latents_l)
-        written = -F.logsigmoid(-(100 / 2) * (s_w - s_l))
+        written, s_w, s_l = written_flow_dpo(err, m, pairs)
         loss = rpo.preference_step(cfg, m, m.unet, pairs, epoch=0)[0]
         # rel 1e-4: one batched call of winners and losers rounds apart from two calls, and beta/2 magnifies it
         assert loss.item() == pytest.approx(written.item(), rel=1e-4) and abs(s_w - s_l) > 1e-4
@@ -3646,17 +3658,24 @@ def sd35_large_configs(folder):
     """SD3.5 Large's configs alone (no weights): its transformer, 16-channel VAE, CLIP-L, CLIP-G and T5-XXL, and
     a CLIP ViT-L/14 for the pair weights."""
     from diffusers import AutoencoderKL, SD3Transformer2DModel
-    from transformers import CLIPConfig, CLIPTextConfig, T5Config
+    from transformers import CLIPTextConfig
     with torch.device("meta"):
         SD3Transformer2DModel(num_layers=38, attention_head_dim=64, num_attention_heads=38, joint_attention_dim=4096,
                               caption_projection_dim=2432, pooled_projection_dim=2048, pos_embed_max_size=192,
                               qk_norm="rms_norm").save_config(folder / "transformer")
         AutoencoderKL(**dict(toy.vae_config([128, 256, 512, 512], 1.5305), latent_channels=16,
                              shift_factor=0.0609)).save_config(folder / "vae")
-    CLIPTextConfig(**toy.clip_text_config(768, 12, 12, 768)).save_pretrained(folder / "text_encoder")
     CLIPTextConfig(**toy.clip_text_config(1280, 32, 20, 1280, act="gelu")).save_pretrained(folder / "text_encoder_2")
+    return clip_l_t5_xxl_and_pair_clip_configs(folder, "text_encoder_3")
+
+
+def clip_l_t5_xxl_and_pair_clip_configs(folder, t5):
+    """The configs of CLIP-L's text encoder (text_encoder), T5-XXL's encoder (subfolder t5) and a CLIP ViT-L/14
+    for the pair weights (clip), as SD3.5 and FLUX.1 publish them."""
+    from transformers import CLIPConfig, CLIPTextConfig, T5Config
+    CLIPTextConfig(**toy.clip_text_config(768, 12, 12, 768)).save_pretrained(folder / "text_encoder")
     T5Config(d_model=4096, d_ff=10240, d_kv=64, num_layers=24, num_heads=64, vocab_size=32128,
-             feed_forward_proj="gated-gelu").save_pretrained(folder / "text_encoder_3")
+             feed_forward_proj="gated-gelu").save_pretrained(folder / t5)
     CLIPConfig(text_config=toy.clip_text_config(768, 12, 12, 768), vision_config=toy.VIT_L14,
                projection_dim=768).save_pretrained(folder / "clip")
     return str(folder)
@@ -3735,14 +3754,7 @@ def test_flux_rpo_with_one_pair_is_the_written_flow_dpo_formula_on_packed_latent
     # the same formula as SD3's, on FLUX.1's packed 2 x 2 patch tokens, with the guidance embedding and the
     # position ids as FluxPipeline builds them, and the transformer given sigma itself
     from diffusers import FluxPipeline
-    cfg, m = tiny_models("tiny-flux", "--batch", "1", "--drop_prompt", "0", "--beta", "100")
-    with torch.no_grad():  # a policy that differs from its reference
-        for p in m.unet.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    pairs = toy_batch(cfg, m, n=1)
-    key = f"noise-{cfg.seed}-0-{pairs.index[0]}"
-    eps, sigma = rpo.pair_noise([random.Random(key).getrandbits(63)], pairs.latents_w.shape[1:], 1000, m.sigmas)
-    assert 0 < sigma.item() < 1 and sigma.item() in m.sigmas.tolist()
+    cfg, m, pairs, eps, sigma = one_flow_pair("tiny-flux")
     b, c, h, w = pairs.latents_w.shape
     pack = functools.partial(FluxPipeline._pack_latents, batch_size=b, num_channels_latents=c, height=h, width=w)
     ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, "cpu", torch.float32)
@@ -3754,9 +3766,7 @@ def test_flux_rpo_with_one_pair_is_the_written_flow_dpo_formula_on_packed_latent
                   pooled_projections=pairs.pooled, txt_ids=torch.zeros(pairs.prompt.shape[1], 3), img_ids=ids).sample
         return ((v - (noise - x0)) ** 2).mean()
     with torch.no_grad():
-        s_w = err(m.unet, pairs.latents_w) - err(m.ref_unet, pairs.latents_w)
-        s_l = err(m.unet, pairs.latents_l) - err(m.ref_unet, pairs.latents_l)
-        written = -F.logsigmoid(-(100 / 2) * (s_w - s_l))
+        written, s_w, s_l = written_flow_dpo(err, m, pairs)
         loss = rpo.preference_step(cfg, m, m.unet, pairs, epoch=0)[0]
         assert loss.item() == pytest.approx(written.item(), rel=1e-4) and abs(s_w - s_l) > 1e-4
         m.guidance = 1.0  # the guidance value reaches the transformer: another value, another loss
@@ -3805,17 +3815,11 @@ def flux_dev_configs(folder):
     """FLUX.1-dev's configs alone (no weights): its 12B transformer, 16-channel VAE, CLIP-L and T5-XXL, and a
     CLIP ViT-L/14 for the pair weights."""
     from diffusers import AutoencoderKL, FluxTransformer2DModel
-    from transformers import CLIPConfig, CLIPTextConfig, T5Config
     with torch.device("meta"):
         FluxTransformer2DModel(guidance_embeds=True).save_config(folder / "transformer")  # diffusers' defaults: dev's
         AutoencoderKL(**dict(toy.vae_config([128, 256, 512, 512], 0.3611), latent_channels=16, shift_factor=0.1159,
                              use_quant_conv=False, use_post_quant_conv=False)).save_config(folder / "vae")
-    CLIPTextConfig(**toy.clip_text_config(768, 12, 12, 768)).save_pretrained(folder / "text_encoder")
-    T5Config(d_model=4096, d_ff=10240, d_kv=64, num_layers=24, num_heads=64, vocab_size=32128,
-             feed_forward_proj="gated-gelu").save_pretrained(folder / "text_encoder_2")
-    CLIPConfig(text_config=toy.clip_text_config(768, 12, 12, 768), vision_config=toy.VIT_L14,
-               projection_dim=768).save_pretrained(folder / "clip")
-    return str(folder)
+    return clip_l_t5_xxl_and_pair_clip_configs(folder, "text_encoder_2")
 
 
 def test_flux_dev_whole_is_refused_in_one_line_before_loading_and_its_lora_preset_fits_one_gpu(tmp_path):
