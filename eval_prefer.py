@@ -605,7 +605,8 @@ def model_flags():
     """The flags of the model and how it draws, which eval_style.py takes too."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--model", default="tiny-drawn", choices=list(rpo.FAMILY),
-                        help="tiny-drawn, tiny, tiny-xl, tiny-sd3, tiny-flux: toy.py's models, offline")
+                        help="tiny-drawn, tiny-sd3-drawn, tiny, tiny-xl, tiny-sd3, tiny-flux: toy.py's models, "
+                             "offline")
     common.add_argument("--steps", type=int, help="denoising steps; default 50 for eval_prefer.py, else "
                                                   "rpo.py's sample_steps for --model")
     common.add_argument("--guidance", type=float, help="default 7.5; FLUX.1: 3.5, its embedded guidance as "

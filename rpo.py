@@ -148,7 +148,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))  # the default run's model and
 
 @dataclass
 class Config:
-    model: str = "tiny-drawn"  # toy.py's tiny-drawn, tiny, tiny-xl, tiny-sd3, tiny-flux | sd15 | sdxl | sd3 | flux
+    model: str = "tiny-drawn"  # sd15 | sdxl | sd3 | flux | toy.py's shapes (PRESETS): tiny-drawn, tiny, ...
     pretrained: str = None  # hub id or local diffusers folder; default from the preset (tiny, tiny-xl: none)
     init_unet: str = None  # start policy and reference from this UNet folder (e.g. an SFT run's DIR/unet)
     lora_rank: int = None  # > 0: LoRA adapters of this rank on a frozen UNet; 0: the whole; default: preset's
@@ -236,12 +236,15 @@ PRESETS["tiny-flux"] = dict(PRESETS["tiny-sd3"])
 # the default run: 300 steps at 1e-4 move toy.py's drawing model visibly towards the preferred style
 PRESETS["tiny-drawn"] = dict(PRESETS["tiny"], pretrained=os.path.join(HERE, "toy-drawn"),
                              lr_per_pair=1e-4 / 8, sample_steps=30)
+# its flow twin, toy.py's tiny SD3-shaped model that draws the toy world (toy-drawn-sd3/)
+PRESETS["tiny-sd3-drawn"] = dict(PRESETS["tiny-sd3"], pretrained=os.path.join(HERE, "toy-drawn-sd3"),
+                                 lr_per_pair=1e-4 / 8, sample_steps=30)
 # What may change on --resume: the rest shapes the data order, the model or the loss, and must match.
 FREE_ON_RESUME = ("max_steps", "save_every", "save_every_minutes", "keep", "workers", "eval_data",
                   "eval_split", "eval_pairs", "eval_draws", "sample_steps", "max_nonfinite", "compile",
                   "grad_checkpointing", "cache", "out", "resume", "image_root", "report_to")
 FAMILY = {"tiny": "sd15", "tiny-drawn": "sd15", "sd15": "sd15", "tiny-xl": "sdxl", "sdxl": "sdxl",
-          "tiny-sd3": "sd3", "sd3": "sd3", "tiny-flux": "flux", "flux": "flux"}  # the pipeline a model's folder holds
+          "tiny-sd3": "sd3", "tiny-sd3-drawn": "sd3", "sd3": "sd3", "tiny-flux": "flux", "flux": "flux"}  # its pipeline
 FLOW = ("sd3", "flux")  # the flow-matching families: velocity target, sigmas for timesteps, a transformer
 for name, preset in PRESETS.items():
     preset.setdefault("beta", BETA_EPS)

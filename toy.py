@@ -5,9 +5,10 @@ rpo.py reads as it reads any other: rpo.py imports nothing from here.
   winner is striped and outlined, in `toy-subject` the preferred style depends on the shape. Its preference
   pairs are written as Pick-a-Pic lays them out: parquet files named by split (train, validation_unique and
   its halves' validation and test, on captions never trained on).
-- Tiny models: SD1.5- and SDXL-shaped pipelines a few MB in size, with random weights, or trained to draw the
-  toy world (`tiny-drawn`: the folder toy-drawn/ beside this file); and sd15/sdxl-shaped random folders for
-  speed runs on a GPU without hub access. Each is an ordinary diffusers folder with its CLIP in clip/.
+- Tiny models: SD1.5-, SDXL- and SD3-shaped pipelines a few MB in size, with random weights, or trained to draw
+  the toy world (`tiny-drawn`, `tiny-sd3-drawn`: the folders toy-drawn/ and toy-drawn-sd3/ beside this file); and
+  sd15/sdxl/sd3-shaped random folders for speed runs on a GPU without hub access. Each is an ordinary diffusers
+  folder with its CLIP in clip/.
 - The judge: a small CNN that tells which style an image is drawn in, so eval_prefer.py can score what a tuned
   tiny model draws; and a random InstructPix2Pix for eval_style.py's offline style pairs.
 
@@ -15,6 +16,7 @@ rpo.py reads as it reads any other: rpo.py imports nothing from here.
     python toy.py data toy-subject --out subject   # the second world
     python toy.py model tiny --out tiny            # tiny, tiny-xl, tiny-sd3, sd15, sdxl, sd3: random
     python toy.py model tiny-drawn --out drawn     # rebuilds toy-drawn/ bit for bit (one thread; 25 minutes)
+    python toy.py model tiny-sd3-drawn --out d3    # rebuilds toy-drawn-sd3/ bit for bit (one thread; 12 min)
 
 The tests and the evaluation take the random models from model_folder (built once under RPO_HOME).
 """
@@ -43,6 +45,8 @@ TOY_FILE_ROWS = 16  # rows per parquet file: rpo.py deals files to the ranks and
 # the captions, validation and test, gets half as many
 HELD_OUT_PAIRS = 512
 DRAWN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy-drawn")  # tiny-drawn, shipped
+DRAWN_SD3 = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy-drawn-sd3")  # tiny-sd3-drawn, shipped
+DRAWN_FOLDERS = {"tiny-drawn": DRAWN, "tiny-sd3-drawn": DRAWN_SD3}
 RPO_HOME = os.environ.get("RPO_HOME", os.path.expanduser("~/.cache/rpo"))  # random model folders, the judge
 
 
@@ -225,6 +229,12 @@ SHAPES["tiny-sd3"] = dict(
                      pooled_projection_dim=64, pos_embed_max_size=16),
     vae=vae_config([16, 32], 1.0), clip_vision=TINY_VISION, t5=TINY_T5,
     text=[TINY_TEXT, clip_text_config(32, 2, 2, 32, act="gelu", vocab=TINY_VOCAB)])
+# tiny-drawn's flow twin: tiny-sd3 with a transformer that learns to draw the toy world, 4 layers of 64 (4 heads
+# of 16: tiny-sd3's 2 layers of 16 cannot), and tiny-drawn's trained VAE. Its scheduler shifts by 1, not SD3.5's
+# 3: SD3 shifts its sigmas towards noise by the resolution (3 for 1024 px, from 1 at 256 px); 32 px needs none.
+SHAPES["tiny-sd3-drawn"] = dict(SHAPES["tiny-sd3"], shift=1.0, transformer=dict(
+    SHAPES["tiny-sd3"]["transformer"], num_layers=4, attention_head_dim=16, num_attention_heads=4,
+    caption_projection_dim=64))
 # FLUX.1's: a transformer over 2x2 latent patches packed into tokens (double-stream blocks, then single-stream
 # ones, rotary position ids), CLIP-L's pooled output, T5 as the text stream, a VAE with a shift and a scale; dev
 # embeds a guidance value (schnell: guidance_embeds=False)
@@ -291,29 +301,17 @@ def build_random_pipeline(model, folder):
     vae = AutoencoderKL(**shape["vae"])
     if model == "tiny-drawn":
         train_vae(vae)
+    if model == "tiny-sd3-drawn":  # tiny-drawn's trained VAE (the same shape); its scale and shift follow
+        vae.load_state_dict(AutoencoderKL.from_pretrained(DRAWN, subfolder="vae").state_dict())
     if model.startswith("tiny"):  # as SD chose 0.18215: unit-variance latents, else x_t is noise at every t
         vae.register_to_config(**unit_variance_latents(vae, shifted=family in rpo.FLOW))
-    if family in rpo.FLOW:
-        from transformers import T5Config, T5EncoderModel
-        t5_tok = t5_tokenizer()
-        t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tok), decoder_start_token_id=0, pad_token_id=0,
-                                     eos_token_id=1, **shape["t5"]))
-    if family == "flux":
-        from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-        FluxPipeline(  # FLUX.1-dev's scheduler: shifted by the image's token count
-            transformer=FluxTransformer2DModel(**shape["transformer"]), vae=vae,
-            scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
-                                                      max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096),
-            text_encoder=CLIPTextModel(CLIPTextConfig(**shape["text"][0])), tokenizer=tokenizer,
-            text_encoder_2=t5, tokenizer_2=t5_tok).save_pretrained(tmp)
-    elif family == "sd3":
-        from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-        encoders = [CLIPTextModelWithProjection(CLIPTextConfig(**text)) for text in shape["text"]]
-        StableDiffusion3Pipeline(  # SD3.5's scheduler: shift 3
-            transformer=SD3Transformer2DModel(**shape["transformer"]), vae=vae,
-            scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), text_encoder=encoders[0], tokenizer=tokenizer,
-            text_encoder_2=encoders[1], tokenizer_2=tokenizer, text_encoder_3=t5, tokenizer_3=t5_tok,
-        ).save_pretrained(tmp)
+    if family == "sd3":
+        pipeline = sd3_pipeline(shape, vae, tokenizer)
+        if model == "tiny-sd3-drawn":
+            train_transformer(pipeline)
+        pipeline.save_pretrained(tmp)
+    elif family == "flux":
+        flux_pipeline(shape, vae, tokenizer).save_pretrained(tmp)
     else:
         scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                   clip_sample=False, steps_offset=1)
@@ -335,6 +333,42 @@ def build_random_pipeline(model, folder):
         os.rename(tmp, folder)
     except OSError:  # another process finished first; its folder is the same model (seed 0)
         shutil.rmtree(tmp)
+
+
+def sd3_pipeline(shape, vae, tokenizer):
+    """An SD3 pipeline of a shape's random transformer, CLIP-L, CLIP-G and T5 (its tokenizer built in code) with
+    this VAE and CLIP tokenizer; the scheduler SD3.5's (shift 3) unless the shape says."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+    encoders = [CLIPTextModelWithProjection(CLIPTextConfig(**text)) for text in shape["text"]]
+    t5, t5_tok = random_t5(shape)
+    return StableDiffusion3Pipeline(
+        transformer=SD3Transformer2DModel(**shape["transformer"]), vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=shape.get("shift", 3.0)), text_encoder=encoders[0],
+        tokenizer=tokenizer, text_encoder_2=encoders[1], tokenizer_2=tokenizer, text_encoder_3=t5,
+        tokenizer_3=t5_tok)
+
+
+def flux_pipeline(shape, vae, tokenizer):
+    """A FLUX.1 pipeline of a shape's random transformer, CLIP-L and T5 with this VAE and CLIP tokenizer, and
+    FLUX.1-dev's scheduler: shifted by the image's token count."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+    clip_l = CLIPTextModel(CLIPTextConfig(**shape["text"][0]))
+    t5, t5_tok = random_t5(shape)
+    return FluxPipeline(
+        transformer=FluxTransformer2DModel(**shape["transformer"]), vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                                                  max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096),
+        text_encoder=clip_l, tokenizer=tokenizer, text_encoder_2=t5, tokenizer_2=t5_tok)
+
+
+def random_t5(shape):
+    """A random T5 encoder of the shape's size and its tokenizer (built in code)."""
+    from transformers import T5Config, T5EncoderModel
+    t5_tok = t5_tokenizer()
+    return T5EncoderModel(T5Config(vocab_size=len(t5_tok), decoder_start_token_id=0, pad_token_id=0,
+                                   eos_token_id=1, **shape["t5"])), t5_tok
 
 
 def save_random_clip(model, shape, tokenizer, folder):
@@ -406,6 +440,49 @@ def train_unet(parts, steps=3000, batch=32):
         optimizer.step()
 
 
+def train_transformer(pipeline, steps=2000, batch=16, lr=1e-3, warmup=100):
+    """tiny-sd3-drawn's transformer: draws toy images from their captions (about 12 min on one core). Trained as
+    SD3 is, on what rpo.py measures: x_t = (1 - sigma) x_0 + sigma eps and the velocity target from rpo.py's
+    pair_noise (sigma: the scheduler's sigmas at logit-normal indices) and velocity_target, the timestep sigma x
+    1000. Every style drawn, one caption in ten empty so that sampling can use guidance; each caption's
+    conditioning is the pipeline's own encode_prompt, computed once."""
+    rng, captions = random.Random(1), captions_of("train")
+    vae, transformer, scheduler = pipeline.vae, pipeline.transformer, pipeline.scheduler
+    T = scheduler.config.num_train_timesteps
+    sigmas = scheduler.sigmas[:T].clone()  # as rpo.py's load_models takes them
+    with torch.no_grad():  # the last row: the empty caption
+        states, _, pooled, _ = pipeline.encode_prompt(captions + [""], None, None, do_classifier_free_guidance=False)
+    # adaLN-Zero, as DiT starts: each block the identity and the output 0, which a tiny transformer learns from
+    # in fewer steps than from random modulations
+    for module in transformer.modules():
+        if type(module).__name__.startswith("AdaLayerNorm"):
+            torch.nn.init.zeros_(module.linear.weight)
+            torch.nn.init.zeros_(module.linear.bias)
+    torch.nn.init.zeros_(transformer.proj_out.weight)
+    torch.nn.init.zeros_(transformer.proj_out.bias)
+    optimizer = torch.optim.AdamW(transformer.parameters(), lr=lr)
+    # a short warmup (AdamW's first moments are noisy at this rate), then linearly to 0
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: min(1, (k + 1) / warmup) * (1 - k / steps))
+    transformer.train()
+    for _ in range(steps):
+        chosen = [rng.randrange(len(captions)) for _ in range(batch)]
+        with torch.no_grad():
+            x = drawings(rng, [captions[i] for i in chosen], rpo.PRESETS["tiny"]["resolution"]) / 127.5 - 1
+            shift = vae.config.get("shift_factor") or 0.0  # as rpo.py encodes
+            latents = (vae.encode(x).latent_dist.mode() - shift) * vae.config.scaling_factor
+        conditioning = torch.tensor([len(captions) if rng.random() < 0.1 else i for i in chosen])
+        noise, sigma = rpo.pair_noise([rng.getrandbits(63) for _ in chosen], latents.shape[1:], T, sigmas)
+        x_t, target = rpo.velocity_target(latents, noise, sigma)
+        prediction = transformer(hidden_states=x_t, timestep=sigma * T, encoder_hidden_states=states[conditioning],
+                                 pooled_projections=pooled[conditioning]).sample
+        loss = F.mse_loss(prediction, target)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    transformer.eval()
+
+
 def train_clip(clip, tokenizer, steps=300, batch=64):
     """The tiny CLIP trained with CLIP's contrastive loss on toy captions and images of every style, so that
     the pair embedding f tells colours, shapes and backgrounds apart (about 15 s on 2 cores). Seeded: every
@@ -440,10 +517,10 @@ def building(path):
 
 
 def model_folder(model):
-    """The folder of a model toy.py makes: tiny-drawn's, shipped, or a random one (tiny, tiny-xl, sd15, sdxl)
-    built once in RPO_HOME."""
-    if model == "tiny-drawn":
-        return DRAWN
+    """The folder of a model toy.py makes: tiny-drawn's or tiny-sd3-drawn's, shipped, or a random one (tiny,
+    tiny-xl, tiny-sd3, sd15, sdxl, sd3) built once in RPO_HOME."""
+    if model in DRAWN_FOLDERS:
+        return DRAWN_FOLDERS[model]
     folder = os.path.join(RPO_HOME, f"{model}-random-{FOLDER_VERSION}")
     if not os.path.exists(os.path.join(folder, "model_index.json")):
         with building(folder):
@@ -453,9 +530,10 @@ def model_folder(model):
 
 
 def write_model(model, folder):
-    """`python toy.py model`: a model's diffusers folder, built afresh (tiny-drawn with one thread: the same
-    bits as the shipped toy-drawn/ with the same torch). An earlier model folder there is replaced."""
-    if model == "tiny-drawn":
+    """`python toy.py model`: a model's diffusers folder, built afresh (tiny-drawn and tiny-sd3-drawn with one
+    thread: the same bits as the shipped folder with the same torch). An earlier model folder there is
+    replaced."""
+    if model in DRAWN_FOLDERS:
         torch.set_num_threads(1)
     with written(folder, os.path.isfile(os.path.join(folder, "model_index.json"))) as tmp:
         build_random_pipeline(model, tmp)
