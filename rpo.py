@@ -1,6 +1,6 @@
 """Diffusion-RPO (Gu et al. 2024, arXiv 2406.06382) in one file: preference fine-tuning of a Stable Diffusion
-1.5 / SDXL UNet that contrasts every winner with every loser of a micro-batch, each pair weighted by how alike
-the two prompt-image pairs are in CLIP space.
+1.5 / SDXL UNet (or an SD3.5 / FLUX.1 transformer) that contrasts every winner with every loser of a micro-batch,
+each pair weighted by how alike the two prompt-image pairs are in CLIP space.
 
     python rpo.py                                  # toy-drawn/ on toy-data/ (shipped): CPU, 75 to 85 s
     python rpo.py --model sdxl --data pickapic     # the real thing
