@@ -750,13 +750,13 @@ def load_unets(cfg, base, device, dtype):
 # T5's prompt length: its pipeline's default max_sequence_length, so training sees what sampling sees
 T5_TOKENS = dict(sd3=256, flux=512)
 DENOISER_FOLDER = dict(sd15="unet", sdxl="unet", sd3="transformer", flux="transformer")  # in the pipeline, in DIR
+LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' name for it, saving and loading
+SETTINGS_FILE = "settings.json"  # DIR/settings.json: the run's Config, for the evaluation scripts
 
 
 def denoiser_class(family):
     return getattr(diffusers, dict(sd3="SD3Transformer2DModel", flux="FluxTransformer2DModel").get(
         family, "UNet2DConditionModel"))
-LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' name for it, saving and loading
-SETTINGS_FILE = "settings.json"  # DIR/settings.json: the run's Config, for the evaluation scripts
 
 
 def add_lora(cfg, unet):
