@@ -112,11 +112,15 @@ SCORERS = ("pickscore", "hps", "aesthetic", "clip", "judge")  # judge: the toy w
 
 
 def hub_file(repo_id, filename, repo_type=None):
+    """A hub file, downloaded once into the hub cache; transient network failures retried as rpo.py retries."""
     from huggingface_hub import hf_hub_download
     try:
-        return hf_hub_download(repo_id, filename, repo_type=repo_type)
-    except Exception as e:  # offline, a wrong id, a gated repo
-        fail(f"cannot fetch {filename!r} from {repo_id!r}: {rpo.first_line(e)}")
+        return rpo.retried(f"{filename} of {repo_id}", lambda: hf_hub_download(repo_id, filename, repo_type=repo_type))
+    except (Exception, rpo.Unreachable) as e:  # offline, a wrong id, a gated repo, the network down
+        kind = f" --repo-type {repo_type}" if repo_type else ""
+        fail(f"cannot fetch {filename!r} from {repo_id!r}: {rpo.first_line(e)}. Where the hub is reachable, "
+             f"`hf download {repo_id} {filename}{kind}` puts it in the hub cache (HF_HOME); copied here, it "
+             f"is read offline with HF_HUB_OFFLINE=1")
 
 
 def openclip_as_clip(state):

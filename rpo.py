@@ -189,6 +189,8 @@ class Config:
     guidance: float = 3.5  # FLUX.1-dev's guidance embedding in training: its pipeline's default (docs/flow.md)
     workers: int = 4  # processes decoding JPEGs
     shuffle_buffer: int = 1000
+    io_tries: int = 10  # a data read the network fails is tried this often (with backoff, 1 s doubling to 60 s)
+    io_wait: float = 600.0  # ... and for at most this many seconds; then the run stops, to be resumed
     cache: str = ""  # folder of encoded pairs (VAE latents, text states, CLIP features)
     out: str = None  # the run's folder; default out/run-N, a new N per fresh run, the newest N under --resume
     report_to: str = "tensorboard"  # tensorboard | wandb | none: live curves of metrics.jsonl and the grids
@@ -242,7 +244,8 @@ PRESETS["tiny-sd3-drawn"] = dict(PRESETS["tiny-sd3"], pretrained=os.path.join(HE
 # What may change on --resume: the rest shapes the data order, the model or the loss, and must match.
 FREE_ON_RESUME = ("max_steps", "save_every", "save_every_minutes", "keep", "workers", "eval_data",
                   "eval_split", "eval_pairs", "eval_draws", "sample_steps", "max_nonfinite", "compile",
-                  "grad_checkpointing", "cache", "out", "resume", "image_root", "report_to")
+                  "grad_checkpointing", "cache", "out", "resume", "image_root", "report_to", "io_tries",
+                  "io_wait")
 FAMILY = {"tiny": "sd15", "tiny-drawn": "sd15", "sd15": "sd15", "tiny-xl": "sdxl", "sdxl": "sdxl",
           "tiny-sd3": "sd3", "tiny-sd3-drawn": "sd3", "sd3": "sd3", "tiny-flux": "flux", "flux": "flux"}  # its pipeline
 FLOW = ("sd3", "flux")  # the flow-matching families: velocity target, sigmas for timesteps, a transformer
@@ -258,7 +261,7 @@ RANGES = dict(lora_rank=">= 0", eval_pairs=">= 0", eval_draws=">= 1", max_pairs=
               tau="> 0", resolution=">= 8", batch=">= 1", grad_accum=">= 1", lr="> 0", lr_per_pair="> 0",
               warmup_steps=">= 0", max_steps=">= 1", drop_prompt="0..1", workers=">= 0",
               shuffle_buffer=">= 1", save_every=">= 1", save_every_minutes=">= 0", keep=">= 1", seed=">= 0",
-              max_nonfinite=">= 1", sample_steps=">= 0")
+              max_nonfinite=">= 1", sample_steps=">= 0", io_tries=">= 1", io_wait=">= 0")
 for lib in (diffusers, transformers):  # their load-time chatter would bury the training log
     lib.utils.logging.set_verbosity_error()
     lib.utils.logging.disable_progress_bar()
@@ -318,6 +321,7 @@ def parse_config(argv=None):
         sys.exit(f"rpo.py: --no_t5 is for SD3 only; --model {cfg.model} needs its T5 (FLUX.1 has no T5-free mode)")
     if cfg.random_crop and cfg.cache:
         sys.exit("rpo.py: --random_crop cannot be cached (a cache stores one crop); drop one of them")
+    IO_RETRY.update(tries=cfg.io_tries, wait=cfg.io_wait)  # for the data readers, which take no config
     return cfg
 
 
@@ -585,8 +589,8 @@ def step_vector(sums, counts, flags, device):
 # ----------------------------------------------------------------------------------------- models
 def pretrained(cls, name, **kw):
     """cls.from_pretrained, with one line instead of a traceback when the id or folder cannot be loaded."""
-    try:
-        return cls.from_pretrained(name, **kw)
+    try:  # a transient network failure is tried again (retried), as the data's
+        return retried(repr(name), lambda: cls.from_pretrained(name, **kw))
     except (OSError, ValueError) as e:  # offline, a wrong id, a gated repo, not a diffusers/transformers one
         where = f"{name!r} / {kw['subfolder']}" if "subfolder" in kw else repr(name)
         sys.exit(f"rpo.py: cannot load {cls.__name__} from {where}: {first_line(e)}")
@@ -958,6 +962,9 @@ def main(argv=None):
     try:  # the run folder's lock and the decoders go with this call, however it ends
         with stop_requests() as asked:
             stopped = stages(cfg, run, pool, asked)
+    except Unreachable as e:  # the network is down: stop, checkpoints as they are, and say how to go on
+        sys.exit(f"{e}; nothing was skipped, the checkpoints in {cfg.out} are intact. Once the network is back, "
+                 f"continue with: {resume_command(cfg, run, argv)}")
     finally:
         if pool:
             pool.shutdown()
@@ -965,17 +972,22 @@ def main(argv=None):
             run.lock.close()
     if stopped:  # by a signal: the step it was in is checkpointed
         signal_name, step = stopped
-        given = list(sys.argv[1:] if argv is None else argv)
-        args = [a for i, a in enumerate(given) if not (a == "--resume" or i and given[i - 1] == "--resume"
-                                                       and a.lower() in ("1", "0", "true", "false", "yes",
-                                                                         "no", "on", "off"))]
-        if not any(a == "--out" or a.startswith("--out=") for a in args):
-            args += ["--out", cfg.out]
-        launch = "torchrun [the same options] " if run.ddp else "python "
         if run.master:
             print(f"rpo.py: stopped by {signal_name} at step {step} with a checkpoint in {cfg.out}; continue "
-                  f"with: {launch}{shlex.join(['rpo.py', *args, '--resume'])}", file=sys.stderr)
+                  f"with: {resume_command(cfg, run, argv)}", file=sys.stderr)
         sys.exit(PREEMPTED)
+
+
+def resume_command(cfg, run, argv):
+    """The command line that continues this run: its own, with --out and --resume."""
+    given = list(sys.argv[1:] if argv is None else argv)
+    args = [a for i, a in enumerate(given) if not (a == "--resume" or i and given[i - 1] == "--resume"
+                                                   and a.lower() in ("1", "0", "true", "false", "yes",
+                                                                     "no", "on", "off"))]
+    if not any(a == "--out" or a.startswith("--out=") for a in args):
+        args += ["--out", cfg.out]
+    launch = "torchrun [the same options] " if run.ddp else "python "
+    return f"{launch}{shlex.join(['rpo.py', *map(str, args), '--resume'])}"
 
 
 def stages(cfg, run, pool, asked):
@@ -1133,7 +1145,7 @@ def dataset_paths(cfg, source, split):
                 paths = splits[split]
         if not paths:
             raise FileNotFoundError(f"no {', '.join(DATA_EXTENSIONS)} files there")
-    except Exception as e:  # any network, auth or format error: one line, with what to do instead
+    except (Exception, Unreachable) as e:  # any network, auth or format error: one line, with what to do instead
         sys.exit(f"rpo.py: cannot read dataset {where!r} (split {split!r}): {first_line(e)}. Pass a local "
                  f"copy with --data /path (a file, a folder or a glob), or another hub id with --data_id")
     return paths
@@ -1143,7 +1155,7 @@ def dataset_paths(cfg, source, split):
 def hub_data_files(data_id):
     """A hub dataset's data files by split, as `datasets` resolves them: hf:// URLs pinned to its commit."""
     import datasets
-    return datasets.load_dataset_builder(data_id).config.data_files
+    return retried(f"hub dataset {data_id!r}", lambda: datasets.load_dataset_builder(data_id).config.data_files)
 
 
 def local_files(source, extensions):
@@ -1198,22 +1210,36 @@ def file_kind(path):
 
 @functools.lru_cache(maxsize=8)
 def parquet(path):
-    import fsspec  # local paths and hf:// URLs alike: a hub file is read by byte ranges, not downloaded
+    """A parquet file, local or by URL (hf://: read by byte ranges, never downloaded whole), its footer fetched
+    in one request."""
     import pyarrow.parquet as pq
-    return pq.ParquetFile(fsspec.open(path, "rb").open())
+    file = RangeFile(path)
+    file.hold(max(0, file.size - FOOTER_BYTES), file.size, keep=True)
+    parsed = pq.ParquetFile(file)
+    parsed.range_file = file  # row_group fetches through it
+    return parsed
 
 
 @functools.lru_cache(maxsize=2)  # consecutive windows share a row group: it is read once
 def row_group(path, g, columns):
-    return parquet(path).read_row_group(g, columns=list(columns))
+    """A row group's columns, their bytes fetched in one request (pyarrow then reads them from memory)."""
+    parsed = parquet(path)
+    chunks = [c for c in map(parsed.metadata.row_group(g).column, range(parsed.metadata.num_columns))
+              if c.path_in_schema.split(".")[0] in columns]
+    starts = [min(c.data_page_offset, c.dictionary_page_offset or c.data_page_offset) for c in chunks]
+    if chunks:
+        parsed.range_file.hold(min(starts), max(a + c.total_compressed_size for a, c in zip(starts, chunks)))
+    try:
+        return parsed.read_row_group(g, columns=list(columns))
+    finally:
+        parsed.range_file.release()
 
 
 @functools.lru_cache(maxsize=None)  # windows hop between a source's files: each is parsed once
 def json_records(path):
     """A JSON file's list of records (HPDv2 and HPDv3 publish their pairs as one JSON list)."""
-    import fsspec
-    with fsspec.open(path, "rb") as fh:
-        records = json.load(fh)
+    file = RangeFile(path)
+    records = json.loads(file.fetch(0, file.size))
     if not isinstance(records, list):
         raise ValueError("it holds no JSON list of records")
     return records
@@ -1226,6 +1252,130 @@ def json_pairs_or_none(path, layout):
     except Exception as e:
         warn_unreadable(path, first_line(e))
         return []
+
+
+# ------------------------------------------------------------------ data: reading over a network
+# A failed read is one of two things. Broken content (bytes that arrive whole but do not parse as parquet, JSON or
+# an image) is a counted skip: no retry changes it. A transient I/O failure (a timeout, a reset, a 5xx or 429, a
+# body cut short, a network filesystem's OSError) is tried again with backoff, within --io_tries and --io_wait; then
+# the run stops, to be resumed. It never trains on with a hole that a resume would fill differently.
+IO_RETRY = dict(tries=10, wait=600.0)  # --io_tries, --io_wait (parse_config sets them)
+FOOTER_BYTES = 1 << 16  # a parquet footer's bytes fetched at once: pyarrow's own first read
+TAR_AHEAD = 8 << 20  # a tar shard is read in requests of this size
+
+
+class Unreachable(SystemExit):
+    """Data the network would not deliver within --io_tries and --io_wait: the run stops (past the handlers that
+    count broken content) and main tells how to resume."""
+
+
+def transient(error):
+    """Whether a failure is worth another try: an HTTP answer 5xx, 429 or 408, an HTTP client's timeout or reset,
+    a connection's error, or another OSError the system raised (a network filesystem's EIO); not a missing file,
+    refused access, or an error a library made up (errno None). Libraries wrap the HTTP error in their own
+    (transformers in an OSError): the chain of causes is searched."""
+    import huggingface_hub.constants
+    if huggingface_hub.constants.HF_HUB_OFFLINE:  # offline by choice (HF_HUB_OFFLINE=1): no try reaches the hub
+        return False
+    chain = [error]
+    while (chain[-1].__cause__ or chain[-1].__context__) is not None and len(chain) < 8:
+        chain.append(chain[-1].__cause__ or chain[-1].__context__)
+    for e in chain:
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        if status is not None:
+            return status >= 500 or status in (408, 429)
+        # the HTTP clients' own errors (httpx's, requests', aiohttp's) are not OSErrors
+        if type(e).__module__.split(".")[0] in ("httpx", "httpx2", "httpcore", "requests", "urllib3", "aiohttp"):
+            return True
+    last = chain[-1]
+    if isinstance(last, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        return False
+    return isinstance(last, (ConnectionError, TimeoutError)) or isinstance(last, OSError) and last.errno is not None
+
+
+def retried(what, read):
+    """read(), tried again after a transient failure: waits of 1 s doubling to 60 s (or a 429's Retry-After),
+    up to --io_tries tries and --io_wait seconds. A client's own retries (huggingface_hub's: 5, about 23 s) run
+    inside each try."""
+    start, tries = time.monotonic(), 0
+    while True:
+        try:
+            return read()
+        except Exception as e:
+            tries, waited = tries + 1, time.monotonic() - start
+            if not transient(e):
+                raise
+            if tries >= IO_RETRY["tries"] or waited >= IO_RETRY["wait"]:
+                raise Unreachable(f"rpo.py: cannot read {what}: {first_line(e)} ({tries} tries in {waited:.0f} s, "
+                                  f"--io_tries {IO_RETRY['tries']}, --io_wait {IO_RETRY['wait']:g})") from e
+            after = getattr(getattr(e, "response", None), "headers", {}).get("Retry-After", "")
+            pause = max(min(2.0 ** (tries - 1), 60.0), float(after) if after.isdigit() else 0.0)
+            pause = min(pause, IO_RETRY["wait"] - waited)
+            print(f"rpo.py: warning: {what}: {first_line(e)}; try {tries + 1} of {IO_RETRY['tries']} in "
+                  f"{pause:.0f} s", file=sys.stderr)
+            time.sleep(pause)
+
+
+class RangeFile(io.RawIOBase):
+    """A file (local, hf:// or any fsspec URL) read by byte ranges, each fetch retried. Spans held ahead (a parquet
+    footer, a row group's columns) serve the many small reads a parser makes, so they cost one request each: the
+    hub rate-limits clients that send many small ones."""
+
+    def __init__(self, path, ahead=0):
+        import fsspec
+        self.path, self.ahead, self.pos, self.held, self.handle = path, ahead, 0, {}, None
+        self.fs, self.fs_path = fsspec.core.url_to_fs(path)
+        self.size = retried(path, lambda: self.fs.size(self.fs_path))
+
+    def fetch(self, a, b):
+        """Bytes a..b-1, whole or not at all: a body cut short is a transient failure, not a short file."""
+        def read():
+            try:
+                self.handle = self.handle or self.fs.open(self.fs_path, "rb", cache_type="none")
+                self.handle.seek(a)
+                data = self.handle.read(b - a)
+            except Exception:
+                self.handle = None  # the next try opens the file anew
+                raise
+            if len(data) != b - a:
+                self.handle = None
+                raise ConnectionError(f"a body cut short: {len(data)} of {b - a} bytes")  # transient
+            return data
+        return retried(f"{self.path} (bytes {a}-{b - 1})", read) if b > a else b""
+
+    def hold(self, a, b, keep=False):
+        """Fetch bytes a..b-1 and serve reads from them, until the next span is held (keep: for good, the footer)."""
+        if not self.holding(a, b):
+            self.held[keep] = (a, self.fetch(a, b))
+
+    def holding(self, a, b):
+        return next(((lo, data) for lo, data in self.held.values() if lo <= a and b <= lo + len(data)), None)
+
+    def release(self):
+        self.held.pop(False, None)
+
+    def readinto(self, buffer):
+        a = self.pos
+        b = min(a + len(buffer), self.size)
+        if not self.holding(a, b):  # outside what is held: fetched, with `ahead` more for a reader that reads on
+            self.hold(a, min(max(b, a + self.ahead), self.size))
+        lo, data = self.holding(a, b)
+        buffer[:b - a] = data[a - lo:b - lo]
+        self.pos = b
+        return b - a
+
+    def seek(self, offset, whence=io.SEEK_SET):
+        self.pos = offset + (0, self.pos, self.size)[whence]
+        return self.pos
+
+    def tell(self):
+        return self.pos
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return True
 
 
 # a row of a file, or of a row group, that cannot be read: a counted skip, in the place of the rows it held
@@ -1269,10 +1419,9 @@ def tar_samples(path):
     """A webdataset tar shard's samples, in order, read sequentially (local or hf://, never unpacked to
     disk): {member suffix: bytes} per key, the key being a member's name up to its first dot."""
     import tarfile
-    import fsspec
     key, sample = None, {}
     try:
-        with fsspec.open(path, "rb") as fh, tarfile.open(fileobj=fh, mode="r|*") as tar:
+        with tarfile.open(fileobj=RangeFile(path, ahead=TAR_AHEAD), mode="r|*") as tar:
             for member in tar:
                 if not member.isfile():
                     continue
@@ -1570,9 +1719,8 @@ class PairJob(NamedTuple):
 def decode(blob):
     if isinstance(blob, dict):  # datasets' Image feature stores {'bytes': ..., 'path': ...}; HPDv2/v3 a path
         if blob.get("bytes") is None and blob.get("path"):
-            import fsspec
-            with fsspec.open(blob["path"], "rb") as fh:  # FileNotFoundError: a missing image
-                blob = dict(bytes=fh.read())
+            file = RangeFile(blob["path"])  # FileNotFoundError: a missing image
+            blob = dict(bytes=file.fetch(0, file.size))
         blob = blob.get("bytes")
     img = Image.open(io.BytesIO(blob))
     img.load()
@@ -1955,7 +2103,7 @@ def resume(cfg, m, trainer, run):
         sys.exit(f"rpo.py: {cfg.out} was trained on {n} rank(s), and its data order depends on that number: "
                  f"resume it on {n}, or start a new --out from its weights with --init_unet {cfg.out}/unet "
                  f"(LoRA: --init_lora {cfg.out}/lora)")
-    missing = [k for k in dataclasses.asdict(cfg) if k not in ckpt["config"]]
+    missing = [k for k in dataclasses.asdict(cfg) if k not in ckpt["config"] and k not in FREE_ON_RESUME]
     if missing:
         sys.exit(f"rpo.py: the checkpoint in {cfg.out} was written by an older rpo.py, without "
                  f"--{', --'.join(missing)}; resume it with that version, or start a new --out from its "
@@ -1982,7 +2130,7 @@ def changed_settings(saved, cfg, world):
     """'--flag saved (now new)' for each setting that differs from a checkpoint's config and may not. The
     learning rate is compared as the rate --lr or --lr_per_pair gives."""
     now = dataclasses.asdict(cfg)
-    rates = learning_rate(Config(**{k: saved[k] for k in now}), world), learning_rate(cfg, world)
+    rates = learning_rate(Config(**{k: saved.get(k, v) for k, v in now.items()}), world), learning_rate(cfg, world)
     changed = []
     for k, v in now.items():
         if k == "lr" and not math.isclose(*rates, rel_tol=1e-9):

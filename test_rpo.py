@@ -6,6 +6,8 @@ import dataclasses
 import functools
 import gc
 import glob
+import hashlib
+import http.server
 import importlib.util
 import io
 import itertools
@@ -18,11 +20,15 @@ import shlex
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import textwrap
+import threading
 import time
+import urllib.parse
 from contextlib import contextmanager, nullcontext, redirect_stdout
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -566,18 +572,27 @@ def test_a_cache_built_for_other_settings_is_one_clear_error(tmp_path):
         train(tmp_path / "b", *flags, "--embed", "text")
 
 
-def test_unreachable_hub_dataset_is_one_line_naming_the_id_and_the_way_out(tmp_path, monkeypatch):
+def test_unreachable_hub_dataset_is_one_line_naming_the_id_and_the_way_out_offline_at_once_online_after_its_tries(
+        tmp_path, monkeypatch):
     import datasets
+    import huggingface_hub.constants
+    calls = []
 
-    def offline(*a, **k):
-        raise ConnectionError("Couldn't reach 'yuvalkirstain/pickapic_v2' on the Hub "
-                              "(LocalEntryNotFoundError)")
-    monkeypatch.setattr(datasets, "load_dataset_builder", offline)
-    with pytest.raises(SystemExit) as e:
-        rpo.source_files(rpo.parse_config([]), "pickapic", "train")
-    msg = str(e.value)
-    assert ("\n" not in msg and "yuvalkirstain/pickapic_v2" in msg
-            and "--data /path" in msg and "--data_id" in msg)
+    def unreachable(*a, **k):
+        calls.append(time.monotonic())
+        raise ConnectionError("Couldn't reach 'yuvalkirstain/pickapic_v2' on the Hub (LocalEntryNotFoundError)")
+    monkeypatch.setattr(datasets, "load_dataset_builder", unreachable)
+    for offline, flags, tries in ((True, [], 1), (False, ["--io_tries", "2"], 2)):
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", offline)
+        rpo.hub_data_files.cache_clear()
+        calls.clear()
+        with pytest.raises(SystemExit) as e:
+            rpo.source_files(rpo.parse_config(flags), "pickapic", "train")
+        msg = str(e.value)
+        assert ("\n" not in msg and "yuvalkirstain/pickapic_v2" in msg
+                and "--data /path" in msg and "--data_id" in msg)
+        assert len(calls) == tries  # online, a second try after a second's wait
+    assert calls[1] - calls[0] >= 1 and "(2 tries in 1 s, --io_tries 2, --io_wait 600)" in msg
 
 
 def test_hub_streaming_and_local_reading_give_the_same_pairs_in_the_same_order(tmp_path):
@@ -611,6 +626,276 @@ def test_a_hub_datasets_files_are_read_by_url_through_fsspec_like_local_ones(tmp
         return [[p["index"] for p in b] for b, _ in batches]
     hub = rpo.parse_config(["--data", "pickapic", "--data_id", "someone/pickapic-copy", "--batch", "3"])
     assert take(hub) == take(rpo.parse_config(["--data", str(folder), "--batch", "3"]))
+
+
+# --------------------------------------------------------------------- a hub that speaks HTTP, on 127.0.0.1
+class Hub:
+    """Enough of the hub's HTTP API, on 127.0.0.1, for the real `datasets` and huggingface_hub clients to resolve
+    a repository's files at a pinned commit and read them by byte ranges: what they asked for when logged
+    (`requests`). `fault(n, method, path)` may name a fault for the n-th request: 503, 429 (Retry-After 1),
+    reset (the connection dies unanswered), cut (the body breaks off), short (fewer bytes, headers agreeing),
+    slow (3 s: past the clients' timeout)."""
+
+    def __init__(self):
+        self.repos, self.requests, self.fault, self.lock = {}, [], None, threading.Lock()
+        hub = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                hub.answer(self)
+            do_HEAD = do_POST = do_GET
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def add(self, repo_id, files, kind="dataset", sha="5" * 40):
+        """Repository repo_id of this kind (dataset, model) at commit sha: a local folder, or {name: bytes}."""
+        if not isinstance(files, dict):
+            files = {p.relative_to(files).as_posix(): p.read_bytes() for p in sorted(Path(files).rglob("*"))
+                     if p.is_file()}
+        self.repos[kind, repo_id] = sha, files
+
+    def env(self, home):
+        """A client's environment: this hub, online (the suite runs with the hub offline), its own cache, a 2 s
+        timeout, no proxy for 127.0.0.1."""
+        return dict(HF_ENDPOINT=self.url, HF_HUB_OFFLINE="0", HF_DATASETS_OFFLINE="0", HF_HOME=str(home),
+                    HF_HUB_DOWNLOAD_TIMEOUT="2", HF_HUB_ETAG_TIMEOUT="2", HF_HUB_DISABLE_TELEMETRY="1",
+                    NO_PROXY="127.0.0.1", no_proxy="127.0.0.1")
+
+    def answer(self, request):
+        n = int(request.headers.get("Content-Length") or 0)
+        body = request.rfile.read(n) if n else b""
+        url = urllib.parse.urlsplit(request.path)
+        path = urllib.parse.unquote(url.path)
+        with self.lock:
+            self.requests.append((request.command, path, request.headers.get("Range")))
+            fault = self.fault(len(self.requests), request.command, path) if self.fault else None
+        if fault in ("503", "429"):
+            return reply(request, int(fault), b"busy", {"Retry-After": "1"} if fault == "429" else {})
+        if fault == "reset":
+            request.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            request.close_connection = True
+            return
+        if fault == "slow":
+            time.sleep(3)
+        code, data, headers = self.route(request.command, path, url.query, body, request.headers.get("Range"))
+        if fault == "short" and code == 206:
+            first, rest = headers["Content-Range"].split("-", 1)
+            data = data[:len(data) // 2]
+            headers["Content-Range"] = f"{first}-{int(first.split()[1]) + len(data) - 1}/{rest.split('/')[1]}"
+        reply(request, code, data, headers, cut=fault == "cut" and code in (200, 206))
+
+    def route(self, method, path, query, body, byte_range):
+        for (kind, repo_id), (sha, files) in self.repos.items():
+            api = f"/api/{kind}s/{repo_id}"
+            if path in (api, f"{api}/revision/main", f"{api}/revision/{sha}"):
+                return 200, json.dumps(dict(id=repo_id, sha=sha, private=False, gated=False, disabled=False,
+                                            tags=[], cardData={}, siblings=[dict(rfilename=p) for p in files])
+                                       ).encode(), {"Content-Type": "application/json"}
+            tree = re.fullmatch(rf"{api}/tree/(?:main|{sha})/?(.*)", path)
+            if tree:  # a folder's entries, or all below it (recursive=true)
+                folder = tree.group(1).strip("/") + "/" if tree.group(1).strip("/") else ""
+                found = set()
+                for p in files:
+                    parts = p[len(folder):].split("/") if p.startswith(folder) else []
+                    depth = len(parts) if "recursive=true" in query.lower() else min(1, len(parts))
+                    found |= {folder + "/".join(parts[:i + 1]) for i in range(depth)}
+                if folder and not found:
+                    break
+                return 200, json.dumps([hub_entry(files, p) for p in sorted(found)]).encode(), \
+                    {"Content-Type": "application/json"}
+            if re.fullmatch(rf"{api}/paths-info/(?:main|{sha})", path):
+                asked = urllib.parse.parse_qs(body.decode()).get("paths", [])
+                return 200, json.dumps([hub_entry(files, p) for p in asked if p in files]).encode(), \
+                    {"Content-Type": "application/json"}
+            resolve = re.fullmatch(rf"/{'' if kind == 'model' else kind + 's/'}{repo_id}/resolve/(?:main|{sha})/(.*)",
+                                   path)
+            if resolve and resolve.group(1) in files:
+                data = files[resolve.group(1)]
+                headers = {"ETag": f'"{hashlib.sha256(data).hexdigest()}"', "X-Repo-Commit": sha,
+                           "Accept-Ranges": "bytes", "Content-Type": "application/octet-stream"}
+                if not byte_range:
+                    return 200, data, headers
+                a, b = byte_range.split("=")[1].split("-")
+                a, b = int(a), min(int(b or len(data) - 1), len(data) - 1)
+                return 206, data[a:b + 1], {**headers, "Content-Range": f"bytes {a}-{b}/{len(data)}"}
+        return 404, b'{"error": "not found"}', {"Content-Type": "application/json", "X-Error-Code": "EntryNotFound"}
+
+    def ranges(self, name):
+        """The byte ranges asked of files whose path ends with name."""
+        return [r for method, path, r in self.requests if method == "GET" and r and path.endswith(name)]
+
+
+def hub_entry(files, path):
+    """A file's or a folder's entry in the hub's tree listings."""
+    if path not in files:
+        return dict(type="directory", path=path, oid="d" * 40)
+    data = files[path]
+    return dict(type="file", path=path, size=len(data), oid=hashlib.sha1(data).hexdigest(),
+                lfs=dict(oid=hashlib.sha256(data).hexdigest(), size=len(data), pointerSize=134))
+
+
+def reply(request, code, data, headers, cut=False):
+    """An answer; cut: the headers promise all of data, the body breaks off halfway and the connection closes."""
+    request.send_response(code)
+    for key, value in headers.items():
+        request.send_header(key, value)
+    request.send_header("Content-Length", str(len(data)))
+    request.end_headers()
+    if request.command != "HEAD":
+        try:
+            request.wfile.write(data[:len(data) // 2] if cut else data)
+        except ConnectionError:  # the client gave up (a timeout)
+            pass
+    request.close_connection = request.close_connection or cut
+
+
+@pytest.fixture
+def hub():
+    hub = Hub()
+    yield hub
+    hub.server.shutdown()
+    hub.server.server_close()
+
+
+def noisy_jpeg(rng, size=160):
+    """A JPEG of noise, about 45 kB: a row group of 3 rows outgrows the 64 kB read with a parquet footer."""
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+HUB_TRAIN_ROWS = (6, 9, 12, 9)  # rows of its train files, 3 to a row group: files of 2 to 4 row groups
+
+
+@pytest.fixture(scope="module")
+def hub_copy(tmp_path_factory):
+    """A Pick-a-Pic v2 copy as the hub lays it out (data/{split}-0000k-of-0000n.parquet): four train files of
+    different sizes, one of them corrupt (cut in half: a counted skip), every fifth row a tie, one image that
+    does not decode, one caption that is not a string; and validation_unique, held out."""
+    rng = np.random.default_rng(0)
+    rows = [dict(r, jpg_0=noisy_jpeg(rng), jpg_1=noisy_jpeg(rng)) for r in pickapic_rows(sum(HUB_TRAIN_ROWS) + 6)]
+    rows[3]["jpg_1"], rows[7]["caption"] = b"not an image", None
+    folder = tmp_path_factory.mktemp("hub_copy")
+    (folder / "data").mkdir()
+    starts = np.cumsum([0, *HUB_TRAIN_ROWS])
+    for k, (lo, n) in enumerate(zip(starts, HUB_TRAIN_ROWS)):
+        pq.write_table(pa.Table.from_pylist(rows[lo:lo + n]),
+                       folder / "data" / f"train-{k:05d}-of-{len(HUB_TRAIN_ROWS):05d}.parquet", row_group_size=3)
+    pq.write_table(pa.Table.from_pylist(rows[starts[-1]:]),
+                   folder / "data" / "validation_unique-00000-of-00001.parquet")
+    truncate(folder / "data" / "train-00003-of-00004.parquet")  # the first file of epoch 0 at seed 0
+    return folder
+
+
+# save points at 4 and 8; held-out pairs from validation_unique
+HUB_FLAGS = [*tiny(), "--batch", 2, "--max_steps", 8, "--save_every", 4, "--eval_pairs", 4, "--eval_draws", 1,
+             "--sample_steps", 0, "--report_to", "none", "--shuffle_buffer", 6, "--resume"]
+
+
+@pytest.fixture(scope="module")
+def hub_copy_read_locally(hub_copy, tmp_path_factory):
+    """The run of HUB_FLAGS on the copy's files on local disk: its folder and metrics."""
+    out = tmp_path_factory.mktemp("hub_copy_locally")
+    return out, run_script(out, *HUB_FLAGS, "--data", hub_copy)
+
+
+def from_the_hub(hub, hub_copy, tmp_path):
+    """The copy served as someone/copy; the environment that points the clients at it."""
+    hub.add("someone/copy", hub_copy)
+    return hub.env(tmp_path / "hf_home")
+
+
+def test_through_the_real_hub_clients_a_run_reads_the_same_pairs_in_the_same_order_one_request_per_row_group(
+        hub, hub_copy, tmp_path):
+    env = from_the_hub(hub, hub_copy, tmp_path)
+    epoch = """
+        import json, sys, rpo
+        for data in (["--data", "pickapic", "--data_id", "someone/copy"], ["--data", sys.argv[1]]):
+            cfg = rpo.parse_config([*data, "--batch", "2", "--shuffle_buffer", "6", "--workers", "0"])
+            pairs = []
+            for batch, state in rpo.pair_batches(cfg, 0, 1):
+                if state["epoch"] > 0:
+                    break
+                pairs.append([(p["index"], p["caption"]) for p in batch])
+            print(json.dumps([pairs, state["counts"]]))
+    """
+    stdout, _ = finish(start([sys.executable, "-c", textwrap.dedent(epoch), str(hub_copy)], env))
+    from_hub, from_disk = map(json.loads, stdout.splitlines()[-2:])
+    assert from_hub == from_disk and from_hub[1]["unreadable"] == 1 and len(from_hub[0]) > 5
+    for k, rows in enumerate(HUB_TRAIN_ROWS):  # the footer, then one request per row group, whatever the size
+        name = f"data/train-{k:05d}-of-00004.parquet"
+        groups = 0 if k == 3 else math.ceil(rows / 3)  # file 3 is corrupt: its footer read, nothing more
+        assert len(hub.ranges(name)) == 1 + groups, (name, hub.ranges(name))
+    revisions = {path.split("/")[5] for method, path, _ in hub.requests if "/resolve/" in path and "data/" in path}
+    assert revisions == {"5" * 40}  # every data file read at the commit resolved first
+
+
+def flaky(kinds, every):
+    """A fault for every `every`-th byte-range request, the kinds in turn."""
+    asked = itertools.count(1)
+
+    def fault(n, method, path):
+        if method == "GET" and "/resolve/" in path and path.endswith(".parquet"):
+            k = next(asked)
+            return kinds[(k // every) % len(kinds)] if k % every == 0 else None
+    return fault
+
+
+FAULTS = ("503", "429", "reset", "cut", "short", "slow")
+
+
+def test_faults_throughout_are_retried_an_outage_stops_in_one_line_within_its_bounds_and_resumes_to_the_local_run(
+        hub, hub_copy, hub_copy_read_locally, tmp_path):
+    env = from_the_hub(hub, hub_copy, tmp_path)
+    out, local_out, local = tmp_path / "run", *hub_copy_read_locally
+    flags = [*HUB_FLAGS, "--data", "pickapic", "--data_id", "someone/copy", "--io_tries", 3, "--io_wait", 2]
+    faults, down = flaky(FAULTS, 3), []
+
+    def faults_then_an_outage(n, method, path):
+        # every third data request fails (footers: opening a file; row groups); once step 4's checkpoint is
+        # written, the hub answers 503 to everything
+        if (out / "ckpt-0000004.pt").exists():
+            down.append(down[0] if down else time.monotonic())
+            return "503"
+        return faults(n, method, path)
+    hub.fault = faults_then_an_outage
+    returncode, _, stderr = ended(start(rpo_command(out, *flags), env), 300)
+    stopped = time.monotonic()
+    # the short bodies, which the client takes for whole answers, were caught and tried again
+    assert "a body cut short" in stderr and "try 2 of 3" in stderr
+    lines = [line for line in stderr.splitlines() if line.startswith("rpo.py: cannot read")]
+    assert returncode == 1 and len(lines) == 1, stderr[-3000:]
+    assert re.fullmatch(rf"rpo.py: cannot read hf://datasets/someone/copy@5{{40}}/data/train-\S+ \(bytes \d+-\d+\): "
+                        rf".*503.* \(1 tries in \d+ s, --io_tries 3, --io_wait 2\); nothing was skipped, the "
+                        rf"checkpoints in {out} are intact. Once the network is back, continue with: python "
+                        rf"rpo.py .*--resume", lines[0]), lines[0]
+    # no new try after --io_wait, and a try is the client's own retries (huggingface_hub's: 5 in 23 s)
+    assert stopped - down[0] < 2 + 23 + 15
+    step = rpo.load_checkpoint(str(out))["step"]
+    assert step >= 4 and len(logged(out)) == step < 8
+    hub.fault = None  # the hub is back
+    run_script(out, *flags, env=env, timeout=300)
+    assert logged(out) == local and same_weights(out, local_out)
+    assert local[-1]["unreadable"] == 1 and counts_pairs(local[-1]["heldout_accuracy"], 4)
+
+
+def test_under_torchrun_two_ranks_reading_a_flaky_hub_end_as_two_ranks_reading_local_files(
+        hub, hub_copy, tmp_path):
+    env = from_the_hub(hub, hub_copy, tmp_path)
+    flags = [*HUB_FLAGS, "--max_steps", 4]
+    local = run_script(tmp_path / "local", *flags, "--data", hub_copy, nproc=2, timeout=300)
+    hub.fault = flaky(FAULTS, 2)
+    from_hub = run_script(tmp_path / "hub", *flags, "--data", "pickapic", "--data_id", "someone/copy", nproc=2,
+                          env=env, timeout=300)
+    assert from_hub == local and same_weights(tmp_path / "hub", tmp_path / "local")
+    assert sum(1 for r in hub.requests if r[0] == "GET" and "/resolve/" in r[1] and r[2]) > 12
 
 
 def test_pair_order_does_not_depend_on_the_number_of_decode_workers(tmp_path):
@@ -3264,31 +3549,38 @@ def torch_bytes(obj):
     return buf.getvalue()
 
 
-@pytest.fixture
-def scorer_hub(tmp_path, monkeypatch):
-    """An offline hub cache holding tiny random PickScore, HPSv2.1, aesthetic predictor and CLIP ViT-L/14
+def scorer_repos(tmp_path):
+    """{repo id: {file name: bytes}}: tiny random PickScore, HPSv2.1, aesthetic predictor and CLIP ViT-L/14
     under their published ids and file layouts (the tokenizer: rpo's byte-level one)."""
-    import huggingface_hub.constants
     from transformers import CLIPConfig, CLIPModel
-    cache = tmp_path / "hub"
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     tokenizer = saved_files(toy.byte_level_tokenizer().save_pretrained, tmp_path / "tokenizer")
-    shape = toy.SHAPES["tiny"]
+    shape, repos = toy.SHAPES["tiny"], {}
     for k, repo_id in enumerate((eval_prefer.PICKSCORE, eval_prefer.CLIP_L14)):
         torch.manual_seed(k)
         clip = CLIPModel(CLIPConfig(text_config=shape["text"][0], vision_config=shape["clip_vision"],
                                     projection_dim=32))
-        in_hub_cache(cache, repo_id, {**saved_files(clip.save_pretrained, tmp_path / f"clip{k}"),
-                                      **(tokenizer if repo_id == eval_prefer.CLIP_L14 else {})})
-    in_hub_cache(cache, eval_prefer.CLIP_H14, tokenizer)
+        repos[repo_id] = {**saved_files(clip.save_pretrained, tmp_path / f"clip{k}"),
+                          **(tokenizer if repo_id == eval_prefer.CLIP_L14 else {})}
+    repos[eval_prefer.CLIP_H14] = tokenizer
     hps_repo, hps_file = eval_prefer.HPS
-    in_hub_cache(cache, hps_repo, {hps_file: torch_bytes(dict(state_dict=openclip_state()))})
+    repos[hps_repo] = {hps_file: torch_bytes(dict(state_dict=openclip_state()))}
     mlp = torch.nn.Sequential(torch.nn.Linear(32, 1024), torch.nn.Dropout(), torch.nn.Linear(1024, 128),
                               torch.nn.Dropout(), torch.nn.Linear(128, 64), torch.nn.Dropout(),
                               torch.nn.Linear(64, 16), torch.nn.Linear(16, 1))
     state = {f"layers.{k}": v for k, v in mlp.state_dict().items()}
-    in_hub_cache(cache, eval_prefer.AESTHETIC[0], {eval_prefer.AESTHETIC[1]: torch_bytes(state)})
+    repos[eval_prefer.AESTHETIC[0]] = {eval_prefer.AESTHETIC[1]: torch_bytes(state)}
+    return repos
+
+
+@pytest.fixture
+def scorer_hub(tmp_path, monkeypatch):
+    """An offline hub cache holding scorer_repos."""
+    import huggingface_hub.constants
+    cache = tmp_path / "hub"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    for repo_id, files in scorer_repos(tmp_path).items():
+        in_hub_cache(cache, repo_id, files)
     return cache
 
 
@@ -3310,6 +3602,34 @@ def test_prefer_loads_the_published_scorers_from_the_hub_and_a_run_equal_to_the_
         assert report["scores"][same][scorer] == report["scores"]["base"][scorer]
         assert report["win_rate_vs_base"][same][scorer] == dict(rate=0.5, ci=[0.5, 0.5], p=1.0)
     assert report["protocol"]["prompts"] == 3 and report["protocol"]["steps"] == 2
+
+
+def test_prefer_downloads_scorers_and_prompts_through_the_hub_client_past_transient_faults_a_missing_one_is_one_line(
+        hub, tmp_path):
+    for repo_id, files in scorer_repos(tmp_path).items():
+        hub.add(repo_id, files, kind="model")
+    hub.add("someone/pickapic", pickapic_copy(tmp_path / "prompts", "data", splits=("test_unique",)))
+    # one fault of each kind, on every third of the first 18 requests
+    hub.fault = flaky_downloads = lambda n, method, path: FAULTS[n // 3 - 1] if n % 3 == 0 and n <= 18 else None
+    report = tmp_path / "r.json"
+    prefer = [sys.executable, os.path.join(HERE, "eval_prefer.py"), "--model", "tiny", "--prompts", "pickapic",
+              "--data_id", "someone/pickapic", "--n", 2, "--steps", 1, "--sheet", 0, "--out", report]
+    finish(start([*map(str, prefer), "--scorers", "pickscore", "hps", "aesthetic", "clip"],
+                 hub.env(tmp_path / "hf_home")), timeout=300)
+    scores = json.load(open(report))["scores"]["base"]
+    assert {name: len(s) for name, s in scores.items()} == dict(pickscore=2, hps=2, aesthetic=2, clip=2)
+    assert all(math.isfinite(v) for s in scores.values() for v in s)
+    served = {path.split("/resolve/")[0] for _, path, _ in hub.requests if "/resolve/" in path}
+    assert served >= {f"/{repo_id}" for repo_id in scorer_repos(tmp_path)} | {"/datasets/someone/pickapic"}
+    assert [flaky_downloads(n, "", "") for n in range(3, 19, 3)] == list(FAULTS) and len(hub.requests) > 18
+    # a file the hub does not have: one line naming it, and where a copy goes for offline use
+    del hub.repos["model", eval_prefer.AESTHETIC[0]][1][eval_prefer.AESTHETIC[1]]
+    hub.fault = None
+    returncode, _, stderr = ended(start([*map(str, prefer), "--scorers", "aesthetic"],
+                                        hub.env(tmp_path / "empty_home")), 300)
+    assert returncode == 1 and stderr.strip().splitlines()[-1].startswith(
+        f"eval_prefer.py: cannot fetch {eval_prefer.AESTHETIC[1]!r} from {eval_prefer.AESTHETIC[0]!r}: ")
+    assert "HF_HUB_OFFLINE=1" in stderr.strip().splitlines()[-1]
 
 
 def test_the_hps_scorer_reads_each_caption_as_openclip_cleans_it(scorer_hub):
