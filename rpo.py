@@ -1306,7 +1306,7 @@ def retried(what, read):
             if not transient(e):
                 raise
             if tries >= IO_RETRY["tries"] or waited >= IO_RETRY["wait"]:
-                raise Unreachable(f"rpo.py: cannot read {what}: {first_line(e)} ({tries} tries in {waited:.0f} s, "
+                raise Unreachable(f"rpo.py: cannot read {what}: {first_line(e)} (tries: {tries} in {waited:.0f} s; "
                                   f"--io_tries {IO_RETRY['tries']}, --io_wait {IO_RETRY['wait']:g})") from e
             after = getattr(getattr(e, "response", None), "headers", {}).get("Retry-After", "")
             pause = max(min(2.0 ** (tries - 1), 60.0), float(after) if after.isdigit() else 0.0)

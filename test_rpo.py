@@ -592,7 +592,7 @@ def test_unreachable_hub_dataset_is_one_line_naming_the_id_and_the_way_out_offli
         assert ("\n" not in msg and "yuvalkirstain/pickapic_v2" in msg
                 and "--data /path" in msg and "--data_id" in msg)
         assert len(calls) == tries  # online, a second try after a second's wait
-    assert calls[1] - calls[0] >= 1 and "(2 tries in 1 s, --io_tries 2, --io_wait 600)" in msg
+    assert calls[1] - calls[0] >= 1 and "(tries: 2 in 1 s; --io_tries 2, --io_wait 600)" in msg
 
 
 def test_hub_streaming_and_local_reading_give_the_same_pairs_in_the_same_order(tmp_path):
@@ -868,7 +868,7 @@ def test_a_persistent_outage_stops_the_run_in_one_line_within_its_bounds_and_the
     lines = [line for line in stderr.splitlines() if line.startswith("rpo.py: cannot read")]
     assert returncode == 1 and len(lines) == 1, stderr[-3000:]
     assert re.fullmatch(rf"rpo.py: cannot read hf://datasets/someone/copy@5{{40}}/data/train-\S+ \(bytes \d+-\d+\): "
-                        rf".*503.* \(1 tries in \d+ s, --io_tries 3, --io_wait 2\); nothing was skipped, the "
+                        rf".*503.* \(tries: 1 in \d+ s; --io_tries 3, --io_wait 2\); nothing was skipped, the "
                         rf"checkpoints in {out} are intact. Once the network is back, continue with: python "
                         rf"rpo.py .*--resume", lines[0]), lines[0]
     # no new try after --io_wait, and a try is the client's own retries (huggingface_hub's: 5 in 23 s)
