@@ -826,25 +826,33 @@ def from_the_hub(hub, hub_copy, tmp_path):
 def test_through_the_real_hub_clients_a_run_reads_the_same_pairs_in_the_same_order_one_request_per_row_group(
         hub, hub_copy, tmp_path):
     env = from_the_hub(hub, hub_copy, tmp_path)
+    layout_fixture(tmp_path / "wds", "pickapic-wds")  # and webdataset tar shards, as a hub copy may come
+    hub.add("someone/wds", tmp_path / "wds")
     epoch = """
         import json, sys, rpo
-        for data in (["--data", "pickapic", "--data_id", "someone/copy"], ["--data", sys.argv[1]]):
-            cfg = rpo.parse_config([*data, "--batch", "2", "--shuffle_buffer", "6", "--workers", "0"])
-            pairs = []
-            for batch, state in rpo.pair_batches(cfg, 0, 1):
-                if state["epoch"] > 0:
-                    break
-                pairs.append([(p["index"], p["caption"]) for p in batch])
-            print(json.dumps([pairs, state["counts"]]))
+        for data_id, folder in zip(("someone/copy", "someone/wds"), sys.argv[1:]):
+            for data in (["--data", "pickapic", "--data_id", data_id], ["--data", folder]):
+                cfg = rpo.parse_config([*data, "--batch", "2", "--shuffle_buffer", "6", "--workers", "0"])
+                pairs = []
+                for batch, state in rpo.pair_batches(cfg, 0, 1):
+                    if state["epoch"] > 0:
+                        break
+                    pairs.append([(p["index"], p["caption"]) for p in batch])
+                print(json.dumps([pairs, state["counts"]]))
     """
-    stdout, _ = finish(start([sys.executable, "-c", textwrap.dedent(epoch), str(hub_copy)], env))
-    from_hub, from_disk = map(json.loads, stdout.splitlines()[-2:])
-    assert from_hub == from_disk and from_hub[1]["unreadable"] == 1 and len(from_hub[0]) > 5
+    stdout, _ = finish(start([sys.executable, "-c", textwrap.dedent(epoch), str(hub_copy), str(tmp_path / "wds")],
+                             env))
+    parquet_hub, parquet_disk, tar_hub, tar_disk = map(json.loads, stdout.splitlines()[-4:])
+    assert parquet_hub == parquet_disk and parquet_hub[1]["unreadable"] == 1 and len(parquet_hub[0]) > 5
+    assert tar_hub == tar_disk and tar_hub[1]["bad_image"] == 1 and len(tar_hub[0]) == 5  # 10 usable pairs
     for k, rows in enumerate(HUB_TRAIN_ROWS):  # the footer, then one request per row group, whatever the size
         name = f"data/train-{k:05d}-of-00004.parquet"
         groups = 0 if k == 3 else math.ceil(rows / 3)  # file 3 is corrupt: its footer read, nothing more
         assert len(hub.ranges(name)) == 1 + groups, (name, hub.ranges(name))
-    revisions = {path.split("/")[5] for method, path, _ in hub.requests if "/resolve/" in path and "data/" in path}
+    for k in range(2):  # a tar shard is read in requests of 8 MB: one under that, whole, each time it is read
+        size = (tmp_path / "wds" / f"{k:05d}.tar").stat().st_size
+        assert set(hub.ranges(f"{k:05d}.tar")) == {f"bytes=0-{size - 1}"}
+    revisions = {path.split("/")[5] for method, path, _ in hub.requests if path.endswith((".parquet", ".tar"))}
     assert revisions == {"5" * 40}  # every data file read at the commit resolved first
 
 
