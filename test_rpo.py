@@ -814,7 +814,7 @@ HUB_FLAGS = [*tiny(), "--batch", 2, "--max_steps", 8, "--save_every", 4, "--eval
 def hub_copy_read_locally(hub_copy, tmp_path_factory):
     """The run of HUB_FLAGS on the copy's files on local disk: its folder and metrics."""
     out = tmp_path_factory.mktemp("hub_copy_locally")
-    return out, run_script(out, *HUB_FLAGS, "--data", hub_copy)
+    return out, train(out, *HUB_FLAGS, "--data", hub_copy)[1]
 
 
 def from_the_hub(hub, hub_copy, tmp_path):
@@ -3112,9 +3112,9 @@ def test_each_gpu_run_trains_on_the_tiny_shape_of_its_kind_on_a_cpu(tmp_path, na
     shape, flags, torchrun = GPU_RUNS[name]
     if torchrun or "--compile" in flags:  # torchrun's, and compile's caches: a child process
         summary, metrics, _ = gpu_run(tmp_path, name, on_tiny=True)
-    else:  # the same command line in this process, without a child's start-up
+    else:  # the same command line in this process, without a child's start-up, for one step
         _, _, _, out, *args = gpu_command(tmp_path, name, on_tiny=True)
-        summary, metrics = train(out, *args)
+        summary, metrics = train(out, *args, "--max_steps", 1)
     assert summary["steps"] == len(metrics) > 0 and summary["world"] == 1
 
 
@@ -3665,7 +3665,8 @@ def test_prefer_loads_the_published_scorers_from_the_hub_and_a_run_equal_to_the_
 
 def test_prefer_downloads_scorers_and_prompts_through_the_hub_client_past_transient_faults_a_missing_one_is_one_line(
         hub, tmp_path):
-    for repo_id, files in scorer_repos(tmp_path).items():
+    repos = scorer_repos(tmp_path)
+    for repo_id, files in repos.items():
         hub.add(repo_id, files, kind="model")
     hub.add("someone/pickapic", pickapic_copy(tmp_path / "prompts", "data", splits=("test_unique",)))
     # faults on the 3rd and the 6th request
@@ -3679,7 +3680,7 @@ def test_prefer_downloads_scorers_and_prompts_through_the_hub_client_past_transi
     assert {name: len(s) for name, s in scores.items()} == dict(pickscore=2, hps=2, aesthetic=2, clip=2)
     assert all(math.isfinite(v) for s in scores.values() for v in s)
     served = {path.split("/resolve/")[0] for _, path, _ in hub.requests if "/resolve/" in path}
-    assert served >= {f"/{repo_id}" for repo_id in scorer_repos(tmp_path)} | {"/datasets/someone/pickapic"}
+    assert served >= {f"/{repo_id}" for repo_id in repos} | {"/datasets/someone/pickapic"}
     assert len(hub.requests) > 6
     # a file the hub does not have: one line naming it, and where a copy goes for offline use
     del hub.repos["model", eval_prefer.AESTHETIC[0]][1][eval_prefer.AESTHETIC[1]]
