@@ -3067,8 +3067,9 @@ def counts_pairs(accuracy, n):
 
 # Each GPU test's run, in one place: its shape, its flags (<tmp>: the test's folder) and whether torchrun starts
 # it. On a GPU it trains that shape with random weights from toy.py's folder (built once under this session's
-# RPO_HOME, offline); on a CPU, test_each_gpu_run_trains_on_the_tiny_shape_of_its_kind_on_a_cpu starts the same
-# command on the tiny shape of its kind at 32 px, so that a renamed flag cannot break the GPU set unseen.
+# RPO_HOME, offline); on a CPU, test_each_gpu_run_trains_on_the_tiny_shape_of_its_kind_on_a_cpu runs the same
+# command on the tiny shape of its kind at 32 px (for one step, but torchrun's and compile's rows), so that a
+# renamed flag cannot break the GPU set unseen.
 SD15 = ["--batch", 4, "--grad_accum", 1, "--max_steps", 3, "--max_pairs", 64, "--eval_pairs", 8,
         "--eval_draws", 2]
 GPU_RUNS = {
