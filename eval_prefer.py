@@ -493,12 +493,10 @@ def prompt_set(args):
 def prompt_column(path):
     """The prompts of one file: a parquet's caption (Pick-a-Pic) or Prompt (PartiPrompts) column, or a .tsv's
     Prompt column."""
-    import fsspec
     if path.endswith((".tsv", ".csv")):
         import pyarrow.csv
-        with fsspec.open(path, "rb") as fh:
-            table = pyarrow.csv.read_csv(fh, parse_options=pyarrow.csv.ParseOptions(
-                delimiter="\t" if path.endswith(".tsv") else ","))
+        table = pyarrow.csv.read_csv(io.BytesIO(rpo.file_bytes(path)), parse_options=pyarrow.csv.ParseOptions(
+            delimiter="\t" if path.endswith(".tsv") else ","))
         names = table.column_names
     else:
         names = rpo.parquet(path).schema_arrow.names

@@ -1238,8 +1238,7 @@ def row_group(path, g, columns):
 @functools.lru_cache(maxsize=None)  # windows hop between a source's files: each is parsed once
 def json_records(path):
     """A JSON file's list of records (HPDv2 and HPDv3 publish their pairs as one JSON list)."""
-    file = RangeFile(path)
-    records = json.loads(file.fetch(0, file.size))
+    records = json.loads(file_bytes(path))
     if not isinstance(records, list):
         raise ValueError("it holds no JSON list of records")
     return records
@@ -1376,6 +1375,12 @@ class RangeFile(io.RawIOBase):
 
     def seekable(self):
         return True
+
+
+def file_bytes(path):
+    """A whole file's bytes (a JSON list, an image by path, a prompt file), local or by URL, fetched retried."""
+    file = RangeFile(path)
+    return file.fetch(0, file.size)
 
 
 # a row of a file, or of a row group, that cannot be read: a counted skip, in the place of the rows it held
@@ -1719,8 +1724,7 @@ class PairJob(NamedTuple):
 def decode(blob):
     if isinstance(blob, dict):  # datasets' Image feature stores {'bytes': ..., 'path': ...}; HPDv2/v3 a path
         if blob.get("bytes") is None and blob.get("path"):
-            file = RangeFile(blob["path"])  # FileNotFoundError: a missing image
-            blob = dict(bytes=file.fetch(0, file.size))
+            blob = dict(bytes=file_bytes(blob["path"]))  # FileNotFoundError: a missing image
         blob = blob.get("bytes")
     img = Image.open(io.BytesIO(blob))
     img.load()
