@@ -86,9 +86,10 @@ def rpo_loss(err_w, err_l, ref_err_w, ref_err_l, beta, weights=None):
     return -F.logsigmoid(-(beta / 2) * weights * (s_w[:, None] - s_l[None, :])).mean()
 
 
+# accuracy = mean_i [s_w[i] < s_l[i]] (ties 1/2), margin = mean_i (beta/2)(s_l[i] - s_w[i]), w_diag = mean_i w_ii
 def preference_metrics(err_w, err_l, ref_err_w, ref_err_l, beta, weights=None):
-    """Implicit accuracy (s_w < s_l, ties half), reward margin (beta/2)(s_l - s_w), mean w_ii and the
-    diagonal's effective beta x w_ii, policy and reference MSE."""
+    """What metrics.jsonl logs of a micro-batch: those, beta x w_diag (the diagonal's effective beta), policy and
+    reference MSE."""
     s_w, s_l = (err_w - ref_err_w).detach().float(), (err_l - ref_err_l).detach().float()
     w_diag = weights.diagonal().mean() if weights is not None else s_w.new_ones(())
     return dict(accuracy=((s_w < s_l).float() + 0.5 * (s_w == s_l).float()).mean(),
@@ -150,7 +151,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))  # the default run's model and
 class Config:
     model: str = "tiny-drawn"  # sd15 | sdxl | sd3 | flux | toy.py's shapes (PRESETS): tiny-drawn, tiny, ...
     pretrained: str = None  # hub id or local diffusers folder; default from the preset (tiny, tiny-xl: none)
-    init_unet: str = None  # start policy and reference from this UNet folder (e.g. an SFT run's DIR/unet)
+    init_unet: str = None  # start policy and reference from this UNet (transformer) folder: an SFT run's DIR/unet
     lora_rank: int = None  # > 0: LoRA adapters of this rank on a frozen UNet; 0: the whole; default: preset's
     lora_modules: str = None  # the layers that get adapters; default from the preset
     init_lora: str = None  # start the adapters from a previous run's DIR/lora, for policy and reference
@@ -194,7 +195,7 @@ class Config:
     cache: str = ""  # folder of encoded pairs (VAE latents, text states, CLIP features)
     out: str = None  # the run's folder; default out/run-N, a new N per fresh run, the newest N under --resume
     report_to: str = "tensorboard"  # tensorboard | wandb | none: live curves of metrics.jsonl and the grids
-    save_every: int = None  # steps between save points: checkpoint, DIR/unet, held-out metrics, samples
+    save_every: int = None  # steps between save points: checkpoint, weights, held-out metrics, samples
     save_every_minutes: float = 30.0  # also a checkpoint this long after the last one; 0 = off
     keep: int = 2
     resume: bool = False
@@ -315,8 +316,6 @@ def parse_config(argv=None):
                  f"{cfg.report_to}, or pass --report_to none")
     if cfg.layout not in (None, *LAYOUTS):
         sys.exit(f"rpo.py: --layout must be one of {list(LAYOUTS)}, got {cfg.layout!r}")
-    if cfg.lora_rank < 0:
-        sys.exit(f"rpo.py: --lora_rank must be 0 (the whole UNet) or a positive rank, got {cfg.lora_rank}")
     if cfg.no_t5 and FAMILY[cfg.model] != "sd3":
         sys.exit(f"rpo.py: --no_t5 is for SD3 only; --model {cfg.model} needs its T5 (FLUX.1 has no T5-free mode)")
     if cfg.random_crop and cfg.cache:
@@ -329,7 +328,7 @@ def parse_config(argv=None):
 class Pairs(NamedTuple):
     """An encoded micro-batch of M pairs, on the training device: what the loss needs."""
     index: list  # pair ids: each seeds its pair's noise, timestep, flip and prompt dropout
-    latents_w: torch.Tensor  # VAE latents of the winners [M, 4, h, w] and of the losers
+    latents_w: torch.Tensor  # VAE latents of the winners [M, C, h, w] and of the losers
     latents_l: torch.Tensor
     prompt: torch.Tensor  # text-encoder states of the captions
     pooled: torch.Tensor  # SDXL's pooled text embedding (None for SD1.5)
@@ -551,9 +550,8 @@ def train(cfg, m, run, trainer, batches, heldout, step, nonfinite, tracker, aske
             if stop:
                 sys.exit(f"rpo.py: {nonfinite_run} non-finite steps (loss or gradient) in a row at step "
                          f"{step}; stopped with a checkpoint of the last good weights in {cfg.out}. A resume "
-                         f"would meet them again: start a new --out from those weights, --init_unet "
-                         f"{cfg.out}/unet (LoRA: --init_lora {cfg.out}/lora), with a lower --lr or --beta, "
-                         f"or --precision bf16 or fp32")
+                         f"would meet them again: start a new --out from those weights, {weights_flag(cfg)}, "
+                         f"with a lower --lr or --beta, or --precision bf16 or fp32")
             if signalled and step < cfg.max_steps:
                 stopped_by = asked["signal"] or "a signal to another rank"
                 break
@@ -746,7 +744,7 @@ def load_unets(cfg, base, device, dtype):
     if cfg.grad_checkpointing:
         unet.enable_gradient_checkpointing()
     if device.type == "cuda" and family not in FLOW:
-        for each in (unet, ref_unet or unet):
+        for each in filter(None, (unet, ref_unet)):
             each.to(memory_format=torch.channels_last)
     return unet, ref_unet
 
@@ -864,7 +862,7 @@ def pair_embeddings(m, captions, pixels, embed):
         text = m.clip.get_text_features(ids.to(m.device)).pooler_output.repeat(len(pixels) // len(captions), 1)
     if embed in ("image", "both"):
         x = clip_pixels(pixels.to(m.device), m.clip.config.vision_config.image_size)
-        image = m.clip.get_image_features(x).pooler_output.to(m.dtype)
+        image = m.clip.get_image_features(x).pooler_output
     return pair_embedding(text, image)
 
 
@@ -990,6 +988,13 @@ def resume_command(cfg, run, argv):
     return f"{launch}{shlex.join(['rpo.py', *map(str, args), '--resume'])}"
 
 
+def weights_flag(cfg):
+    """The flag that starts a new run from this run's saved weights: DIR/lora, or DIR/unet (DIR/transformer)."""
+    if cfg.lora_rank or cfg.init_lora:
+        return f"--init_lora {cfg.out}/lora"
+    return f"--init_unet {cfg.out}/{DENOISER_FOLDER[FAMILY[cfg.model]]}"
+
+
 def stages(cfg, run, pool, asked):
     """The run, from the models to the summary line. Returns (signal, step) if a signal stopped it early."""
     for source, split in ((cfg.data, cfg.split), heldout_source(cfg)):
@@ -1054,7 +1059,7 @@ def describe(cfg, m, run, trainer):
     ranks = f"{run.world} rank(s) ({dist.get_backend()})" if run.ddp else "1 process"
     trained = sum(p.numel() for p in trainer.params) / 1e6
     pairs = cfg.batch * cfg.grad_accum * run.world
-    scaled = f" = {cfg.lr_per_pair:g} per pair x {pairs}" if cfg.lr is None else " (--lr)"
+    scaled = f" = {cfg.lr_per_pair:g} per pair x {pairs}" if cfg.lr is None else " (fixed, not per pair)"
     row = cfg.batch * (run.world if cfg.global_contrast else 1)
     weights = f", each row of w over {row} pairs" if cfg.loss == "rpo" else ""
     emulated = run.device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False)
@@ -1855,9 +1860,11 @@ def cache_meta(cfg, m, files):
     grows, say a download that went on, makes it another source); hub URLs name their commit."""
     paths = sorted({f.path.split("#")[0] for f in files})
     sizes = [[p, os.path.getsize(p) if os.path.isfile(p) else None] for p in paths]
+    # layout, image_root and no_t5 are None when unset, as a cache from before these keys reads them
     return dict(base=m.base, model=cfg.model, resolution=cfg.resolution, clip=cfg.clip, embed=cfg.embed,
                 data=cfg.data, data_id=cfg.data_id if cfg.data == "pickapic" else None, split=cfg.split,
                 max_pairs=cfg.max_pairs, time_ids=cfg.time_ids, dtype=str(m.dtype), files=sizes,
+                layout=cfg.layout, image_root=cfg.image_root, no_t5=cfg.no_t5 or None,
                 format=3)  # 2: keeps each row's caption, for spread; 3: a caption's text states once
 
 
@@ -2105,8 +2112,7 @@ def resume(cfg, m, trainer, run):
     if len(ckpt["data_states"]) != run.world:  # the data order depends on the world size
         n = len(ckpt["data_states"])
         sys.exit(f"rpo.py: {cfg.out} was trained on {n} rank(s), and its data order depends on that number: "
-                 f"resume it on {n}, or start a new --out from its weights with --init_unet {cfg.out}/unet "
-                 f"(LoRA: --init_lora {cfg.out}/lora)")
+                 f"resume it on {n}, or start a new --out from its weights with {weights_flag(cfg)}")
     missing = [k for k in dataclasses.asdict(cfg) if k not in ckpt["config"] and k not in FREE_ON_RESUME]
     if missing:
         sys.exit(f"rpo.py: the checkpoint in {cfg.out} was written by an older rpo.py, without "
@@ -2167,8 +2173,7 @@ def save_checkpoint(cfg, m, trainer, step, nonfinite, state, run, record, save_p
     if not weights_are_finite(m.unet):  # the same weights on every rank: every rank stops here
         sys.exit(f"rpo.py: the weights became non-finite by step {step} and were not saved; the newest "
                  f"checkpoint in {cfg.out}, if any, holds the last good ones. Start a new --out from the "
-                 f"last saved weights, --init_unet {cfg.out}/unet (LoRA: --init_lora {cfg.out}/lora), with a "
-                 f"lower --lr or --beta")
+                 f"last saved weights, {weights_flag(cfg)}, with a lower --lr or --beta")
     states = [None] * run.world  # every rank's data state: epoch, place in its share, skip counts
     if dist.is_initialized():
         dist.all_gather_object(states, state)
@@ -2539,7 +2544,7 @@ def open_tracker(cfg, step):
 
 
 def json_line(record):
-    """Strict JSON: a value that is not a finite number (a skipped step's loss, SFT's accuracy) is null."""
+    """Strict JSON: a value that is not a finite number (a skipped step's loss) is null."""
     return json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v
                        for k, v in record.items()}, allow_nan=False)
 
