@@ -2047,14 +2047,15 @@ DDP_FLAGS = ["--max_steps", 3, "--save_every", 3, "--eval_pairs", 0, "--max_pair
              "--sample_steps", 0, "--lr", 1e-5]
 
 
-def assert_same_training(out_a, metrics_a, out_b, metrics_b, same_encoding=True):
-    """Same losses, pair weights and final weights; the same implicit accuracy too when both runs encoded
-    the pairs the same way (at step 1 policy = reference, and s = 0 up to the last bit decides ties)."""
+def assert_same_training(out_a, metrics_a, out_b, metrics_b, same_forwards=True):
+    """Same losses, pair weights and final weights; the same implicit accuracy too when both runs' encoders and
+    denoisers saw batches of the same sizes (at step 1 policy = reference: s = 0 up to last bits, which decide
+    the ties, and some CPUs' kernels round a batch of 8 differently from two of 4)."""
     assert len(metrics_a) == len(metrics_b) == 3
     for a, b in zip(metrics_a, metrics_b):
         assert (a["loss"] == pytest.approx(b["loss"], abs=1e-5)
                 and a["w_diag"] == pytest.approx(b["w_diag"], abs=1e-6))
-        assert a["accuracy"] == b["accuracy"] or not same_encoding
+        assert a["accuracy"] == b["accuracy"] or not same_forwards
     w1, w2 = final_unet(out_a), final_unet(out_b)
     assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-5
 
@@ -2112,7 +2113,7 @@ def test_global_contrast_on_two_processes_builds_the_matrix_of_one_process_with_
     one = run_script(tmp_path / "one", *flags, "--batch", 4, script=as_two_ranks)
     two = rpo_command(tmp_path / "two", *flags, "--batch", 2, "--global_contrast", nproc=2)
     _, stderr = finish(start(two))
-    assert_same_training(tmp_path / "one", one, tmp_path / "two", logged(tmp_path / "two"))
+    assert_same_training(tmp_path / "one", one, tmp_path / "two", logged(tmp_path / "two"), same_forwards=False)
     assert "each row of w over 4 pairs" in stderr  # the start-up line: what the diagonal's beta is divided by
 
 
@@ -2139,7 +2140,7 @@ def test_a_cache_built_by_two_ranks_trains_like_the_uncached_run(tmp_path, one_p
                      script=launcher(tmp_path, "small_chunks.py", "rpo.CACHE_CHUNK = 8"))
     assert sorted(os.listdir(cache)) == [f"file-{k:06d}.pt" for k in range(4)] + ["meta.json"]
     assert json.load(open(cache / "meta.json"))["rows"] == [16] * 4
-    assert_same_training(*one_process_2x4, tmp_path / "two", two, same_encoding=False)
+    assert_same_training(*one_process_2x4, tmp_path / "two", two, same_forwards=False)
 
 
 def free_port():
@@ -3119,11 +3120,13 @@ def gpu_command(tmp_path, name, on_tiny=False):
 
 
 @pytest.mark.parametrize("name", list(GPU_RUNS))
-def test_each_gpu_run_trains_on_the_tiny_shape_of_its_kind_on_a_cpu(tmp_path, name):
+def test_each_gpu_run_trains_on_the_tiny_shape_of_its_kind_on_a_cpu(tmp_path, name, monkeypatch):
     shape, flags, torchrun = GPU_RUNS[name]
-    if torchrun or "--compile" in flags:  # torchrun's, and compile's caches: a child process
+    if torchrun:  # torchrun's own processes
         summary, metrics, _ = gpu_run(tmp_path, name, on_tiny=True)
     else:  # the same command line in this process, without a child's start-up, for one step
+        if "--compile" in flags:  # dynamo's capture, with autograd: inductor's CPU code would take minutes to build
+            monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
         _, _, _, out, *args = gpu_command(tmp_path, name, on_tiny=True)
         summary, metrics = train(out, *args, "--max_steps", 1)
     assert summary["steps"] == len(metrics) > 0 and summary["world"] == 1
