@@ -257,7 +257,8 @@ def scored_by_clip(clip, tokenizer, formula, images, prompts, device, dtype, bat
 
 
 def scored_by_judge(judge, world, images, prompts, device, dtype, batch):
-    return toy_world().judge_scores(judge, images, prompts, world).numpy()
+    return np.concatenate([toy_world().judge_scores(judge, images[i:i + batch], prompts[i:i + batch], world).numpy()
+                           for i in range(0, len(images), batch)])
 
 
 # Below: CLIP, generation from a run's weights and the comparison sheet, which eval_style.py uses too.
@@ -340,7 +341,7 @@ def load_pipeline(model, base, device, dtype):
                  sd3=dict(), flux=dict())[family]
     pipe = rpo.pretrained(rpo.pipeline_class(family), base, dtype=dtype, **extra)
     if family not in rpo.FLOW:  # the flow models sample with their own flow-matching Euler, as rpo.py's samples
-        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)  # as rpo.py's samples
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.to(device).set_progress_bar_config(disable=True)
     return pipe
 
@@ -440,6 +441,7 @@ def save_sheet(out, columns, captions):
 
 # ---------------------------------------------------------------------------------------- prompts
 PICKAPIC_TEST, PARTI = "test_unique", "nateraw/parti-prompts"  # Pick-a-Pic's 500 test prompts; PartiPrompts
+TOY_SPLITS = ("test", "validation", "heldout", "train")  # toy.captions_of's
 # HPSv2's benchmark: 800 prompts in each of four styles, the hub dataset's benchmark/STYLE.json
 HPSV2_BENCHMARK, HPSV2_STYLES = "zhwang/HPDv2", ("anime", "concept-art", "paintings", "photo")
 
@@ -464,16 +466,23 @@ def prompt_sets(args):
     return sets
 
 
+def text_lines(path, what, script=SCRIPT):
+    """A .txt file's lines, stripped, blank ones dropped: prompts or captions, one a line."""
+    if not os.path.isfile(path):
+        fail(f"{what} {path!r} does not exist", script)
+    return [line.strip() for line in open(path, encoding="utf-8") if line.strip()]
+
+
 def prompt_set(args):
     """The prompts, in order: a toy world's captions of --split, or unique captions read from Pick-a-Pic's
-    --split (hub id --data_id), PartiPrompts, or a file: .txt (one per line), .tsv (PartiPrompts' own) or
-    parquet files with a caption column."""
+    --split (hub id --data_id), PartiPrompts, or a file: .txt (one per line), or .tsv (PartiPrompts' own), .csv
+    or parquet files with a caption or Prompt column."""
     if args.prompts in toy_world().WORLDS:
+        if (args.split or "test") not in TOY_SPLITS:
+            fail(f"--split {args.split!r}: a toy world's prompts are one of {', '.join(TOY_SPLITS)}")
         return toy_world().captions_of(args.split or "test")
     if args.prompts.endswith(".txt"):
-        if not os.path.isfile(args.prompts):
-            fail(f"--prompts {args.prompts!r} does not exist")
-        return [line.strip() for line in open(args.prompts) if line.strip()]
+        return list(dict.fromkeys(text_lines(args.prompts, "--prompts")))  # unique, in order
     if args.prompts in ("pickapic", "parti"):
         data_id = args.data_id if args.prompts == "pickapic" else PARTI
         split = args.split or (PICKAPIC_TEST if args.prompts == "pickapic" else "train")
@@ -491,8 +500,8 @@ def prompt_set(args):
 
 
 def prompt_column(path):
-    """The prompts of one file: a parquet's caption (Pick-a-Pic) or Prompt (PartiPrompts) column, or a .tsv's
-    Prompt column."""
+    """The prompts of one file: the caption (Pick-a-Pic) or Prompt (PartiPrompts) column of a parquet, .tsv or
+    .csv file."""
     if path.endswith((".tsv", ".csv")):
         import pyarrow.csv
         table = pyarrow.csv.read_csv(io.BytesIO(rpo.file_bytes(path)), parse_options=pyarrow.csv.ParseOptions(
@@ -535,19 +544,46 @@ def print_report(report, protocol):
             print(f"{name:<{width}}" + "".join(f"{m:>13.4g}" for m in [*means, np.mean(means)]))
 
 
-def trained_world(paths, default):
-    """The toy world the runs were trained in, read from their DIR/settings.json (default without any). Each
-    path is checked to be a run first; nothing in it is loaded but that JSON file."""
-    worlds = set()
+def run_settings(paths, script=SCRIPT):
+    """The rpo.py settings of each run (its DIR/settings.json; None where it has none). Each path is checked to
+    be a run first; nothing in it is loaded but that JSON file."""
+    found = []
     for path in paths:
-        run_weights(path)
-        settings = os.path.join(path, rpo.SETTINGS_FILE)
-        if os.path.isfile(settings):
-            try:
-                data = json.load(open(settings))["data"]
-                worlds.add(toy_world().world_of(data) or data)  # a toy world's data folder: the world
-            except (ValueError, KeyError, TypeError) as e:
-                fail(f"{settings} is not the settings file rpo.py writes ({rpo.first_line(e)})")
+        run_weights(path, script)
+        file = os.path.join(path, rpo.SETTINGS_FILE)
+        if not os.path.isfile(file):
+            found.append(None)
+            continue
+        try:
+            settings = json.load(open(file))
+            if not all(isinstance(settings[key], str) for key in ("model", "pretrained", "data")):
+                raise TypeError("model, pretrained and data must be strings")
+        except (ValueError, KeyError, TypeError) as e:
+            fail(f"{file} is not the settings file rpo.py writes ({rpo.first_line(e)})", script)
+        found.append(settings)
+    return found
+
+
+def trained_as(args, settings, script=SCRIPT):
+    """--model and --base default to the runs' own: the model they were trained as and the base they were tuned
+    from. A run whose family --model cannot draw is an error before any work."""
+    known = [s for s in settings if s]
+    for key, name in (("model", "model"), ("pretrained", "base")):
+        values = sorted({s[key] for s in known})
+        if getattr(args, name, None) is None and len(values) > 1:
+            fail(f"the runs differ in their {name} ({', '.join(values)}); pass --{name}", script)
+        if getattr(args, name, None) is None and values:
+            setattr(args, name, values[0])
+    args.model = args.model or "tiny-drawn"
+    for s in known:
+        if rpo.FAMILY.get(s["model"]) != rpo.FAMILY[args.model]:
+            fail(f"a run was trained as --model {s['model']}, which --model {args.model}'s pipeline cannot draw "
+                 f"with: pass --model {s['model']}", script)
+
+
+def trained_world(settings, default):
+    """The toy world the runs were trained in, read from their settings (default without any)."""
+    worlds = {toy_world().world_of(s["data"]) or s["data"] for s in settings if s}  # a world's data folder: it
     if len(worlds) > 1:
         fail(f"the runs were trained on different data ({', '.join(sorted(map(str, worlds)))}); pass --prompts")
     world = worlds.pop() if worlds else default
@@ -606,9 +642,9 @@ def prefer(args, cfg):
 def model_flags():
     """The flags of the model and how it draws, which eval_style.py takes too."""
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--model", default="tiny-drawn", choices=list(rpo.FAMILY),
-                        help="tiny-drawn, tiny-sd3-drawn, tiny, tiny-xl, tiny-sd3, tiny-flux: toy.py's models, "
-                             "offline")
+    common.add_argument("--model", choices=list(rpo.FAMILY),
+                        help="default the tuned run's (its settings.json), else tiny-drawn; tiny-drawn, "
+                             "tiny-sd3-drawn, tiny, tiny-xl, tiny-sd3, tiny-flux: toy.py's models, offline")
     common.add_argument("--steps", type=int, help="denoising steps; default 50 for eval_prefer.py, else "
                                                   "rpo.py's sample_steps for --model")
     common.add_argument("--guidance", type=float, help="default 7.5; FLUX.1: 3.5, its embedded guidance as "
@@ -624,9 +660,10 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 parents=[model_flags()])
     p.add_argument("--runs", nargs="*", default=[],
-                   help="tuned runs: rpo.py's OUT folders (unet/ or lora/); the base model is always scored")
-    p.add_argument("--prompts", help="toy | toy-subject | pickapic | parti | hpsv2 | a .txt, .tsv or parquet "
-                                     "path; default pickapic, or for tiny models the runs' toy world")
+                   help="tuned runs: rpo.py's OUT folders (unet/, transformer/ or lora/); the base model is "
+                        "always scored")
+    p.add_argument("--prompts", help="toy | toy-subject | pickapic | parti | hpsv2 | a .txt, .tsv, .csv or "
+                                     "parquet path; default pickapic, or for tiny models the runs' toy world")
     p.add_argument("--data_id", default=rpo.Config.data_id,
                    help="the Pick-a-Pic that --prompts pickapic reads")
     p.add_argument("--split", help=f"default test for toy, {PICKAPIC_TEST} for pickapic, train otherwise")
@@ -634,7 +671,8 @@ def parse_args(argv):
     p.add_argument("--per_prompt", type=int, default=1, help="images per prompt, their scores averaged")
     p.add_argument("--scorers", nargs="+", choices=SCORERS,
                    help="default judge and clip for tiny models, else pickscore, hps, aesthetic and clip")
-    p.add_argument("--base", help="base pipeline id or folder; default rpo.py's for --model")
+    p.add_argument("--base", help="base pipeline id or folder; default the runs' own (their settings.json), "
+                                  "else rpo.py's for --model")
     p.add_argument("--clip", help="the CLIP of the CLIP score; default rpo.py's for --model")
     p.add_argument("--save", help="write the generated images to SAVE/<model>/")
     p.add_argument("--out", default="prefer.json",
@@ -671,27 +709,43 @@ def model_guidance(args):
 
 
 def toy_world():
-    """toy.py, imported only when something of the toy world is asked for: its judge, prompts or tiny models."""
+    """toy.py, imported on first use, not with this module: the toy world's judge, prompts and tiny models, and
+    whether a name or a data folder is a toy world's."""
     import toy
     return toy
 
 
-def fill_defaults(args, cfg):
+def check_numbers(args, script=SCRIPT):
+    """The counts and sizes a command was given (those it has), before any work."""
+    for name, least in (("batch", 1), ("per_prompt", 1), ("steps", 1), ("resolution", 8), ("n", 0)):
+        value = getattr(args, name, None)
+        if value is not None and value < least:
+            fail(f"--{name} must be at least {least}, got {value}", script)
+    factor = 16 if rpo.FAMILY[args.model] in rpo.FLOW else 8  # as rpo.py: the VAE's 8, times 2 x 2 patches
+    if args.resolution and args.resolution % factor:
+        fail(f"--resolution must be a multiple of {factor} for --model {args.model}, got {args.resolution}",
+             script)
+
+
+def fill_defaults(args, cfg, settings):
     """The defaults that depend on --model, as the flags' help texts say."""
     tiny = args.model.startswith("tiny")
     args.steps = args.steps or 50
     args.resolution = args.resolution or cfg.resolution
     args.guidance = model_guidance(args)
     # tiny models: the toy world their runs were trained in
-    args.prompts = args.prompts or (trained_world(args.runs, "toy") if tiny else "pickapic")
+    args.prompts = args.prompts or (trained_world(settings, "toy") if tiny else "pickapic")
     args.scorers = args.scorers or (["judge", "clip"] if tiny else list(SCORERS[:4]))
 
 
 def main(argv=None):
     args = parse_args(argv)
     check_report(args)
+    settings = run_settings(args.runs)
+    trained_as(args, settings)
+    check_numbers(args)
     cfg = presets(args.model)
-    fill_defaults(args, cfg)
+    fill_defaults(args, cfg, settings)
     return prefer(args, cfg)
 
 

@@ -220,9 +220,7 @@ def style_set(path, cfg, what):
     """Captions and style images from a Pick-a-Pic-schema parquet (the winners), a folder of images, or a .txt
     of captions."""
     if path.endswith(".txt"):
-        if not os.path.isfile(path):
-            fail(f"{what} {path!r} does not exist")
-        return [line.strip() for line in open(path) if line.strip()], None
+        return eval_prefer.text_lines(path, what, SCRIPT), None
     if os.path.isdir(path) and not glob.glob(os.path.join(path, "**", "*.parquet"), recursive=True):
         files = sorted(f for f in os.listdir(path) if f.lower().endswith(IMAGE_EXTS))
         if not files:
@@ -323,7 +321,8 @@ def parse_args(argv):
                        help="FD, Gram distance and CLIP score of base and tuned models")
     s.add_argument("--unet", help="the tuned run: rpo.py's OUT (unet/, transformer/ or lora/), or the folder; "
                                    "without it only the base model is scored")
-    s.add_argument("--base", help="base pipeline id or folder; default rpo.py's for --model")
+    s.add_argument("--base", help="base pipeline id or folder; default the run's own (its settings.json), else "
+                                  "rpo.py's for --model")
     s.add_argument("--prompts", default="style_test.parquet",
                    help="held-out captions: make-data's test parquet or a .txt")
     s.add_argument("--ref",
@@ -357,6 +356,9 @@ def main(argv=None):
     args = parse_args(argv)
     if args.command == "score":
         eval_prefer.check_report(args, SCRIPT)
+    settings = eval_prefer.run_settings([args.unet] if getattr(args, "unet", None) else [], SCRIPT)
+    eval_prefer.trained_as(args, settings, SCRIPT)  # --model and --base: the tuned run's by default
+    eval_prefer.check_numbers(args, SCRIPT)
     cfg = eval_prefer.presets(args.model)
     fill_defaults(args, cfg)
     if args.command == "score":

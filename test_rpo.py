@@ -3589,7 +3589,7 @@ def test_prompt_sets_read_pick_a_pic_partiprompts_and_text_files_unique_and_in_o
     monkeypatch.setattr(datasets, "load_dataset_builder", lambda data_id: builder)
     (tmp_path / "PartiPrompts.tsv").write_text("Prompt\tCategory\tChallenge\tNote\n"
                                                "a red cube\tArtifacts\tColors\t\nbread\tFood\tBasic\tshort\n")
-    (tmp_path / "p.txt").write_text("one\n\ntwo\n")
+    (tmp_path / "p.txt").write_text("one\n\ntwo\none\n")
 
     def prompts(*flags):
         return eval_prefer.prompt_set(eval_prefer.parse_args([*map(str, flags)]))
@@ -3597,6 +3597,77 @@ def test_prompt_sets_read_pick_a_pic_partiprompts_and_text_files_unique_and_in_o
     assert prompts("--prompts", tmp_path / "PartiPrompts.tsv") == ["a red cube", "bread"]
     assert prompts("--prompts", tmp_path / "p.txt") == ["one", "two"]
     assert prompts("--prompts", "toy") == toy.captions_of("test")
+    assert prompts("--prompts", "toy", "--split", "validation") == toy.captions_of("validation")
+    with pytest.raises(SystemExit, match="^eval_prefer.py: --split 'tset': a toy world's prompts are one of test, "
+                                         "validation, heldout, train$"):
+        prompts("--prompts", "toy", "--split", "tset")
+
+
+def a_run(folder, **settings):
+    """A run's folder as rpo.py leaves it, as far as the evaluations read it before loading: its settings.json
+    (rpo.py's defaults, but `settings`) and a unet/ with a config."""
+    (folder / "unet").mkdir(parents=True)
+    (folder / "unet" / "config.json").write_text("{}")
+    (folder / "settings.json").write_text(json.dumps(dict(dataclasses.asdict(rpo.Config()), **settings)))
+    return str(folder)
+
+
+def test_the_evaluations_draw_with_the_model_and_base_a_run_was_tuned_from_and_refuse_one_of_another_family(
+        tmp_path, monkeypatch):
+    sdxl = a_run(tmp_path / "sdxl", model="sdxl", pretrained="/bases/sdxl")
+    other = a_run(tmp_path / "other", model="sdxl", pretrained="/bases/other-sdxl")
+    untold = str(tmp_path / "untold")  # a run without settings.json: rpo.py's defaults for the tiny model
+    a_run(tmp_path / "untold")
+    os.remove(tmp_path / "untold" / "settings.json")
+
+    def drawn_with(*argv):
+        args = eval_prefer.parse_args([*map(str, argv)])
+        eval_prefer.trained_as(args, eval_prefer.run_settings(args.runs))
+        return args.model, args.base
+    assert drawn_with("--runs", sdxl) == ("sdxl", "/bases/sdxl")
+    assert drawn_with("--runs", sdxl, other, "--base", "/bases/mine") == ("sdxl", "/bases/mine")
+    assert drawn_with("--runs", untold) == ("tiny-drawn", None)  # None: the preset's base
+    monkeypatch.setattr(eval_prefer, "presets", lambda model: pytest.fail("work started"))
+    for main, argv, message in [
+        (eval_prefer.main, ["--runs", sdxl, "--model", "sd15"],
+         "eval_prefer.py: a run was trained as --model sdxl, which --model sd15's pipeline cannot draw with: pass "
+         "--model sdxl"),
+        (eval_prefer.main, ["--runs", sdxl, other],
+         "eval_prefer.py: the runs differ in their base (/bases/other-sdxl, /bases/sdxl); pass --base"),
+        (eval_style.main, ["score", "--unet", sdxl, "--model", "tiny-sd3"],
+         "eval_style.py: a run was trained as --model sdxl, which --model tiny-sd3's pipeline cannot draw with: "
+         "pass --model sdxl")]:
+        with pytest.raises(SystemExit, match=f"^{re.escape(message)}$"):
+            main(argv)
+
+
+@pytest.mark.parametrize("script, argv, message", [
+    ("eval_prefer.py", ["--batch", 0], "--batch must be at least 1, got 0"),
+    ("eval_prefer.py", ["--per_prompt", 0], "--per_prompt must be at least 1, got 0"),
+    ("eval_prefer.py", ["--steps", 0], "--steps must be at least 1, got 0"),
+    ("eval_prefer.py", ["--n", -3], "--n must be at least 0, got -3"),
+    ("eval_prefer.py", ["--model", "tiny-sd3", "--resolution", 40],
+     "--resolution must be a multiple of 16 for --model tiny-sd3, got 40"),
+    ("eval_style.py", ["score", "--batch", 0], "--batch must be at least 1, got 0"),
+    ("eval_style.py", ["make-data", "--resolution", 36], "--resolution must be a multiple of 8 for --model "
+                                                         "tiny-drawn, got 36")])
+def test_an_evaluations_count_or_size_out_of_range_is_one_line_before_any_work(script, argv, message, monkeypatch):
+    monkeypatch.setattr(eval_prefer, "presets", lambda model: pytest.fail("work started"))
+    main = dict(zip(("eval_prefer.py", "eval_style.py"), (eval_prefer.main, eval_style.main)))[script]
+    with pytest.raises(SystemExit, match=f"^{re.escape(script)}: {re.escape(message)}$"):
+        main([*map(str, argv)])
+
+
+def test_the_toy_judge_scores_in_micro_batches_as_it_scores_in_one(monkeypatch):
+    judge, seen = toy.judge_net().eval(), []
+    real = toy.judge_scores
+    monkeypatch.setattr(toy, "judge_scores", lambda j, images, *a: seen.append(len(images)) or real(j, images, *a))
+    captions = toy.captions_of("test")[:5]
+    images = [Image.fromarray(np.random.default_rng(k).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+              for k in range(5)]
+    scores = eval_prefer.scored_by_judge(judge, "toy", images, captions, torch.device("cpu"), torch.float32, 2)
+    assert seen == [2, 2, 1]
+    assert scores == pytest.approx(real(judge, images, captions, "toy").numpy(), abs=1e-6)
 
 
 def in_hub_cache(cache, repo_id, files, repo_type="model"):
