@@ -187,9 +187,11 @@ def make_data(args, cfg):
     instruction, _ = style_of(args)
     if not instruction:
         fail(f"unknown style {args.style!r} (known: {', '.join(STYLES)}); pass --instruction \"make it ...\"")
+    test_out = args.test_out or args.out.removesuffix(".parquet") + "_test.parquet"
+    if os.path.abspath(test_out) == os.path.abspath(args.out):
+        fail(f"--test_out {test_out!r} is --out: the held-out pairs need a file of their own")
     device, dtype = eval_prefer.device_dtype()
     pipe = load_editor(args, device, dtype)
-    test_out = args.test_out or args.out.removesuffix(".parquet") + "_test.parquet"
     chunks = edited_chunks(pipe, source_images(args, cfg), instruction, args, device)
     n = write_pairs(chunks, args.out, test_out, args.test_every)
     if not n.get(args.out) or not n.get(test_out):
@@ -259,6 +261,10 @@ def print_table(rows):
 
 
 def score(args, cfg):
+    names = [os.path.basename(os.path.normpath(d)) for d in args.images or []]  # the report's keys
+    if len(set(names)) < len(names) or {"reference", "style", "phrase"} & set(names):
+        fail(f"--images {' '.join(names)}: the report names each folder by its last part, so these must differ "
+             f"from each other and from reference, style and phrase")
     device, dtype = eval_prefer.device_dtype()
     _, phrase = style_of(args)
     base = args.base or cfg.pretrained
@@ -269,7 +275,7 @@ def score(args, cfg):
         fail("no style reference images: pass --ref, a parquet from make-data or a folder of images")
     weights = eval_prefer.run_weights(args.unet, SCRIPT) if args.unet else None
     if args.images:
-        sets = {os.path.basename(os.path.normpath(d)): style_set(d, cfg, "--images")[1] for d in args.images}
+        sets = {name: style_set(d, cfg, "--images")[1] for name, d in zip(names, args.images)}
     else:
         sets = generate_sets(args, base, captions, weights, device, dtype)
     if args.save:

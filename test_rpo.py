@@ -3383,16 +3383,27 @@ def test_scoring_the_reference_images_themselves_gives_zero_distances(style_data
     assert r["fd"] == pytest.approx(0, abs=1e-4) and r["gram"] == pytest.approx(0, abs=1e-6)
 
 
-def test_unknown_style_without_instruction_exits_with_one_line(tmp_path):
+def test_make_data_with_an_unknown_style_or_one_file_for_both_splits_exits_with_one_line(tmp_path):
     with pytest.raises(SystemExit, match="eval_style.py: unknown style 'cubism'"):
         run_style("make-data", "--model", "tiny", "--style", "cubism", "--n", 4,
                   "--out", tmp_path / "s.parquet")
+    with pytest.raises(SystemExit, match="^eval_style.py: --test_out .* is --out: the held-out pairs need a file "
+                                         "of their own$"):
+        run_style("make-data", "--model", "tiny", "--n", 4, "--out", tmp_path / "s.parquet",
+                  "--test_out", tmp_path / "." / "s.parquet")
 
 
 def test_missing_prompts_file_exits_with_one_line(tmp_path):
     with pytest.raises(SystemExit, match="eval_style.py: --prompts .* does not exist"):
         run_style("score", "--model", "tiny", "--prompts", tmp_path / "nope.parquet",
                   "--out", tmp_path / "s.json")
+
+
+def test_image_folders_that_the_style_report_would_name_alike_exit_with_one_line(tmp_path):
+    for folders in (["a/samples", "b/samples"], ["run/reference"]):
+        with pytest.raises(SystemExit, match=r"^eval_style.py: --images .*: the report names each folder by its "
+                                             r"last part, so these must differ .*$"):
+            run_style("score", "--model", "tiny", "--images", *(tmp_path / f for f in folders))
 
 
 # --------------------------------------------------------------------- preference evaluation: prefer
