@@ -262,7 +262,7 @@ RANGES = dict(lora_rank=">= 0", eval_pairs=">= 0", eval_draws=">= 1", max_pairs=
               tau="> 0", resolution=">= 8", batch=">= 1", grad_accum=">= 1", lr="> 0", lr_per_pair="> 0",
               warmup_steps=">= 0", max_steps=">= 1", drop_prompt="0..1", workers=">= 0",
               shuffle_buffer=">= 1", save_every=">= 1", save_every_minutes=">= 0", keep=">= 1", seed=">= 0",
-              max_nonfinite=">= 1", sample_steps=">= 0", io_tries=">= 1", io_wait=">= 0")
+              max_nonfinite=">= 1", sample_steps=">= 0", io_tries=">= 1", io_wait=">= 0", guidance=">= 0")
 for lib in (diffusers, transformers):  # their load-time chatter would bury the training log
     lib.utils.logging.set_verbosity_error()
     lib.utils.logging.disable_progress_bar()
@@ -997,11 +997,13 @@ def weights_flag(cfg):
 
 def stages(cfg, run, pool, asked):
     """The run, from the models to the summary line. Returns (signal, step) if a signal stopped it early."""
-    for source, split in ((cfg.data, cfg.split), heldout_source(cfg)):
-        if source:  # a source rpo.py cannot read stops here, in one line, before the models load
-            files = source_files(cfg, source, split)
-            if run.master:
-                check_files(files)
+    # a source rpo.py cannot read stops here, in one line, before the models load: the data first, whose split
+    # names the held-out default comes from
+    files = source_files(cfg, cfg.data, cfg.split)
+    heldout, split = heldout_source(cfg)
+    files += source_files(cfg, heldout, split) if heldout else []
+    if run.master:
+        check_files(files)
     if run.device.type == "cuda":
         available, where = torch.cuda.get_device_properties(run.device).total_memory, torch.cuda.get_device_name()
     else:
@@ -1702,12 +1704,12 @@ def heldout_pairs(cfg, m):
 
 def heldout_source(cfg):
     """(source, split) of the held-out data, evaluated or not (the sample prompts come from it too); (None,
-    None) without it. Default: Pick-a-Pic's validation_unique split, and so a local folder's whose names carry
-    splits (validation_unique, else validation, else none); --eval_data whole (train) where they carry none."""
+    None) without it. Default: the source's validation_unique split, else validation, else none (a hub dataset,
+    or a local folder whose names carry splits); --eval_data whole (train) where its names carry none."""
     source = cfg.eval_data or cfg.data
-    if source == "pickapic":
+    if source == "pickapic" and (cfg.eval_data or cfg.eval_split):  # asked for: a missing split stops the start
         return source, cfg.eval_split or "validation_unique"
-    splits = folder_splits(source)
+    splits = hub_data_files(cfg.data_id) if source == "pickapic" else folder_splits(source)
     named = next((s for s in ("validation_unique", "validation") if s in splits), None)
     if cfg.eval_data:
         return source, cfg.eval_split or named or "train"

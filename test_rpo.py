@@ -1108,6 +1108,26 @@ def test_a_folder_whose_names_carry_no_split_is_read_whole_without_held_out_pair
     assert rpo.heldout_source(cfg) == (None, None) and rpo.sample_prompts(cfg) == rpo.SAMPLE_PROMPTS
 
 
+def test_a_hub_dataset_without_a_validation_split_trains_without_held_out_pairs_unless_one_is_named(monkeypatch):
+    import datasets
+    splits = {"train": ["hf://datasets/someone/prefs@5555/data/train-00000.parquet"]}
+    builder = type("Builder", (), {"config": type("Config", (), {"data_files": splits})})
+    monkeypatch.setattr(datasets, "load_dataset_builder", lambda data_id: builder)
+
+    def heldout(*flags):
+        rpo.hub_data_files.cache_clear()
+        return rpo.heldout_source(rpo.parse_config(["--data", "pickapic", "--data_id", "someone/prefs", *flags]))
+    try:
+        assert heldout() == (None, None)  # as a local folder without one: the run starts, with no held-out metrics
+        assert heldout("--eval_split", "test") == ("pickapic", "test")  # named: a missing one stops the start
+        splits["validation"] = ["hf://datasets/someone/prefs@5555/data/validation-00000.parquet"]
+        assert heldout() == ("pickapic", "validation")
+        splits["validation_unique"] = ["hf://datasets/someone/prefs@5555/data/validation_unique-00000.parquet"]
+        assert heldout() == ("pickapic", "validation_unique")
+    finally:
+        rpo.hub_data_files.cache_clear()
+
+
 def test_a_split_the_folder_does_not_hold_is_one_line_naming_the_splits_it_holds(tmp_path):
     data = pickapic_copy(tmp_path / "d", "top", splits=("train", "test"))
     assert rpo.heldout_source(rpo.parse_config(["--data", data])) == (None, None)  # no validation split
@@ -1617,12 +1637,12 @@ def test_cached_and_uncached_training_give_the_same_losses_and_the_cache_holds_a
         repeated += len(usable) - len(distinct)
     assert repeated > 0  # the toy files repeat a few captions
     assert [r["loss"] for r in cached] == pytest.approx([r["loss"] for r in plain], rel=1e-5)
-    # a finished cache is only read
-    _, again = train(tmp_path / "again", *flags, "--cache", tmp_path / "cache")
-    assert [r["loss"] for r in again] == [r["loss"] for r in cached]
     if model == "tiny-sd3":  # its prompt states hold T5's: a run without T5 cannot use them
         with pytest.raises(SystemExit, match=r"built for other settings: no_t5 None \(now True\)"):
             train(tmp_path / "no_t5", *flags, "--no_t5", "--cache", tmp_path / "cache")
+    else:  # a finished cache is only read (whatever the model: one reader)
+        _, again = train(tmp_path / "again", *flags, "--cache", tmp_path / "cache")
+        assert [r["loss"] for r in again] == [r["loss"] for r in cached]
 
 
 def test_only_uncached_rpo_spends_training_time_on_pair_embeddings(tmp_path):
@@ -2698,7 +2718,8 @@ def test_a_cache_built_before_another_source_file_arrived_is_the_built_for_other
     ("--keep", 0, ">= 1"), ("--save_every", 0, ">= 1"), ("--batch", 0, ">= 1"), ("--grad_accum", -1, ">= 1"),
     ("--max_steps", 0, ">= 1"), ("--beta", "nan", "> 0"), ("--tau", 0, "> 0"), ("--lr", 0, "> 0"),
     ("--drop_prompt", 1.5, "0 to 1"), ("--save_every_minutes", -5, ">= 0"), ("--eval_draws", 0, ">= 1"),
-    ("--workers", -2, ">= 0"), ("--shuffle_buffer", 0, ">= 1"), ("--resolution", 36, "a multiple of 8")])
+    ("--workers", -2, ">= 0"), ("--shuffle_buffer", 0, ">= 1"), ("--resolution", 36, "a multiple of 8"),
+    ("--guidance", "nan", ">= 0")])
 def test_a_numeric_flag_out_of_its_range_is_one_line_before_any_work(tmp_path, flag, value, rule):
     with pytest.raises(SystemExit, match=f"^rpo.py: {flag} must be {re.escape(rule)}"):
         rpo.main(["--out", str(tmp_path / "run"), flag, str(value)])
