@@ -570,9 +570,9 @@ def trained_as(args, settings, script=SCRIPT):
     known = [s for s in settings if s]
     for key, name in (("model", "model"), ("pretrained", "base")):
         values = sorted({s[key] for s in known})
-        if getattr(args, name, None) is None and len(values) > 1:
-            fail(f"the runs differ in their {name} ({', '.join(values)}); pass --{name}", script)
         if getattr(args, name, None) is None and values:
+            if len(values) > 1:
+                fail(f"the runs differ in their {name} ({', '.join(values)}); pass --{name}", script)
             setattr(args, name, values[0])
     args.model = args.model or "tiny-drawn"
     for s in known:
@@ -717,14 +717,14 @@ def toy_world():
 
 def check_numbers(args, script=SCRIPT):
     """The counts and sizes a command was given (those it has), before any work."""
-    for name, least in (("batch", 1), ("per_prompt", 1), ("steps", 1), ("resolution", 8), ("n", 0)):
+    for name, rule in (("batch", ">= 1"), ("per_prompt", ">= 1"), ("steps", ">= 1"), ("resolution", ">= 8"),
+                       ("n", ">= 0")):
         value = getattr(args, name, None)
-        if value is not None and value < least:
-            fail(f"--{name} must be at least {least}, got {value}", script)
-    factor = 16 if rpo.FAMILY[args.model] in rpo.FLOW else 8  # as rpo.py: the VAE's 8, times 2 x 2 patches
-    if args.resolution and args.resolution % factor:
-        fail(f"--resolution must be a multiple of {factor} for --model {args.model}, got {args.resolution}",
-             script)
+        if value is not None and not rpo.in_range(value, rule):
+            fail(f"--{name} must be {rule}, got {value}", script)
+    step = rpo.resolution_step(args.model)
+    if args.resolution and args.resolution % step:
+        fail(f"--resolution must be a multiple of {step} for --model {args.model}, got {args.resolution}", script)
 
 
 def fill_defaults(args, cfg, settings):

@@ -272,6 +272,11 @@ def as_bool(text):
     return str(text).lower() in ("1", "true", "yes", "on")
 
 
+def resolution_step(model):
+    """What --resolution must be a multiple of: the VAE's 8, times the flow transformers' 2 x 2 patches."""
+    return 16 if FAMILY[model] in FLOW else 8
+
+
 def in_range(value, rule):
     if not math.isfinite(value):
         return False
@@ -307,10 +312,9 @@ def parse_config(argv=None):
         value = getattr(cfg, name)
         if value is not None and not in_range(value, rule):
             sys.exit(f"rpo.py: --{name} must be {rule.replace('..', ' to ')}, got {value}")
-    factor = 16 if FAMILY[cfg.model] in FLOW else 8  # the VAE's 8, times the transformers' 2 x 2 patches
-    if cfg.resolution % factor:
-        sys.exit(f"rpo.py: --resolution must be a multiple of {factor} for --model {cfg.model}, got "
-                 f"{cfg.resolution}")
+    if cfg.resolution % resolution_step(cfg.model):
+        sys.exit(f"rpo.py: --resolution must be a multiple of {resolution_step(cfg.model)} for --model "
+                 f"{cfg.model}, got {cfg.resolution}")
     if cfg.report_to != "none" and importlib.util.find_spec(cfg.report_to) is None:
         sys.exit(f"rpo.py: --report_to {cfg.report_to} needs the {cfg.report_to} package: pip install "
                  f"{cfg.report_to}, or pass --report_to none")

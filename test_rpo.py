@@ -3674,13 +3674,13 @@ def test_the_evaluations_draw_with_the_model_and_base_a_run_was_tuned_from_and_r
 
 
 @pytest.mark.parametrize("script, argv, message", [
-    ("eval_prefer.py", ["--batch", 0], "--batch must be at least 1, got 0"),
-    ("eval_prefer.py", ["--per_prompt", 0], "--per_prompt must be at least 1, got 0"),
-    ("eval_prefer.py", ["--steps", 0], "--steps must be at least 1, got 0"),
-    ("eval_prefer.py", ["--n", -3], "--n must be at least 0, got -3"),
+    ("eval_prefer.py", ["--batch", 0], "--batch must be >= 1, got 0"),
+    ("eval_prefer.py", ["--per_prompt", 0], "--per_prompt must be >= 1, got 0"),
+    ("eval_prefer.py", ["--steps", 0], "--steps must be >= 1, got 0"),
+    ("eval_prefer.py", ["--n", -3], "--n must be >= 0, got -3"),
     ("eval_prefer.py", ["--model", "tiny-sd3", "--resolution", 40],
      "--resolution must be a multiple of 16 for --model tiny-sd3, got 40"),
-    ("eval_style.py", ["score", "--batch", 0], "--batch must be at least 1, got 0"),
+    ("eval_style.py", ["score", "--batch", 0], "--batch must be >= 1, got 0"),
     ("eval_style.py", ["make-data", "--resolution", 36], "--resolution must be a multiple of 8 for --model "
                                                          "tiny-drawn, got 36")])
 def test_an_evaluations_count_or_size_out_of_range_is_one_line_before_any_work(script, argv, message, monkeypatch):
